@@ -1,0 +1,91 @@
+"""Harm Direction Removal as an in-place, exactly restored weight edit: θ̂ = θt − λ·τH′ (paper §3.1, eq. 3).
+
+The context manager saves the original values only where τH′ is non-zero, edits those entries in
+place, and writes the saved values back on exit — on normal exit, on any exception and on
+KeyboardInterrupt. Restoring by "subtract, then add back" is never used: it is not exact in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
+
+__all__ = ["harm_removal"]
+
+# Above this density a full copy of the tensor is cheaper than values + int64 indices (4 vs 12 bytes/entry).
+_DENSE_SAVE_ABOVE = 1 / 3
+
+
+def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
+    params = checkpoint_parameters(model)
+    missing = sorted(set(hv.deltas) - set(params))
+    if missing:
+        raise ValueError(
+            f"The harm vector has {len(missing)} parameter(s) the target lacks (e.g. {missing[:3]}). "
+            "Build τH from checkpoints of the target's architecture, or keep only shared keys with "
+            "HarmVector({k: v for k, v in hv.items() if k in target_keys})."
+        )
+    for name, delta in hv.items():
+        if params[name].shape != delta.shape:
+            raise ValueError(
+                f"Parameter '{name}' has shape {tuple(params[name].shape)} in the target but "
+                f"{tuple(delta.shape)} in the harm vector; they come from different architectures."
+            )
+        if not params[name].is_contiguous():
+            raise ValueError(f"Target parameter '{name}' is not contiguous; call .contiguous() on the model first.")
+    return {name: params[name] for name in hv.deltas}
+
+
+@contextlib.contextmanager
+def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator[ModelLike]:
+    """Subtract λ·τH′ from the target's weights inside a ``with`` block; restore them bit-exactly on exit.
+
+    Args:
+        model: the target θt — a ``TransformerBridge`` with raw weights, an HF model, or a state dict.
+        hv: the (usually trimmed) harm vector, keyed by checkpoint names.
+        lam: λ, the scale of the subtracted vector; the paper uses 3 with top-10 % TIES (HDR†) and
+            0.1–6 for the untrimmed task vector (HDR‡), paper-notes.md §2.5.
+
+    Yields:
+        The same model, edited in place: θ̂ = θt − λ·τH′ computed in fp32 and cast to the weight dtype.
+
+    Raises:
+        ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
+            were processed by ``enable_compatibility_mode()``. Nothing is changed when it raises.
+
+    Memory: the saved originals take nnz(τH′) × (dtype bytes + 8 index bytes), or one full copy of a
+    tensor when more than a third of it is edited. Nesting and re-entry are safe: each block restores
+    what it saw on entry, and blocks exit in reverse order.
+    """
+    if not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
+    targets = _resolve_targets(model, hv)
+    saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, delta in hv.items():
+                flat = targets[name].data.view(-1)
+                d = delta.view(-1).to(flat.device)
+                idx = torch.nonzero(d).squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                if idx.numel() > _DENSE_SAVE_ABOVE * flat.numel():
+                    saved.append((flat, None, flat.clone()))
+                    flat.copy_((flat.float() - lam * d).to(flat.dtype))
+                else:
+                    saved.append((flat, idx, flat[idx].clone()))
+                    flat[idx] = (flat[idx].float() - lam * d[idx]).to(flat.dtype)
+        yield model
+    finally:
+        with torch.no_grad():
+            for flat, idx, original in reversed(saved):
+                if idx is None:
+                    flat.copy_(original)
+                else:
+                    flat[idx] = original

@@ -1,0 +1,107 @@
+"""harm_removal: θ̂ = θt − λ·τH′ inside the block, bit-exact restore on every exit path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sa_lens
+from sa_lens import HarmVector, checkpoint_parameters, harm_removal
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in checkpoint_parameters(model).items()}
+
+
+def _assert_bit_exact(model, snapshot) -> None:
+    for name, p in checkpoint_parameters(model).items():
+        # Compare bit patterns: torch.equal would call -0.0 == 0.0 and miss NaN payload changes.
+        assert torch.equal(p.detach().view(torch.int8), snapshot[name].view(torch.int8)), name
+
+
+@pytest.fixture()
+def hv(tiny_dir, tiny_dir_other):
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
+    return HarmVector.from_models(base, harmful).trim(0.1)
+
+
+def test_edit_subtracts_lambda_times_vector_only_where_trimmed_vector_is_nonzero(tiny_bridge, hv):
+    before = _snapshot(tiny_bridge)
+    with harm_removal(tiny_bridge, hv, lam=3.0):
+        for name, p in checkpoint_parameters(tiny_bridge).items():
+            delta = hv.deltas[name]
+            expected = torch.where(delta != 0, before[name] - 3.0 * delta, before[name])
+            assert torch.equal(p.detach(), expected), name
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_restore_is_bit_exact_after_exception(tiny_bridge, hv):
+    before = _snapshot(tiny_bridge)
+    with pytest.raises(RuntimeError, match="boom"):
+        with harm_removal(tiny_bridge, hv, lam=3.0):
+            raise RuntimeError("boom")
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_restore_is_bit_exact_after_keyboard_interrupt(tiny_bridge, hv):
+    before = _snapshot(tiny_bridge)
+    with pytest.raises(KeyboardInterrupt):
+        with harm_removal(tiny_bridge, hv, lam=2.0):
+            raise KeyboardInterrupt
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_nested_blocks_each_restore_what_they_saw(tiny_bridge, hv):
+    before = _snapshot(tiny_bridge)
+    with harm_removal(tiny_bridge, hv, lam=1.0):
+        edited_once = _snapshot(tiny_bridge)
+        with harm_removal(tiny_bridge, hv, lam=1.0):
+            pass
+        _assert_bit_exact(tiny_bridge, edited_once)
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_dense_task_vector_restores_exactly(tiny_bridge, tiny_dir, tiny_dir_other):
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
+    dense = HarmVector.from_models(base, harmful)  # untrimmed: takes the full-copy save path
+    before = _snapshot(tiny_bridge)
+    key = "model.layers.0.mlp.down_proj.weight"
+    with harm_removal(tiny_bridge, dense, lam=0.5):
+        assert not torch.equal(checkpoint_parameters(tiny_bridge)[key], before[key])
+    _assert_bit_exact(tiny_bridge, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_restore_is_bit_exact_in_low_precision_state_dicts(dtype):
+    g = torch.Generator().manual_seed(0)
+    state = {f"model.layers.{i}.w": torch.randn(64, 64, generator=g).to(dtype) for i in range(3)}
+    before = {k: v.clone() for k, v in state.items()}
+    hv = HarmVector({k: torch.randn(64, 64, generator=g) * 1e-3 for k in state}).trim(0.25)
+    with pytest.raises(ValueError, match="inside"):
+        with harm_removal(state, hv, lam=3.0):
+            assert any(not torch.equal(state[k], before[k]) for k in state)
+            raise ValueError("inside")
+    for k in state:
+        assert torch.equal(state[k].view(torch.int8 if dtype == torch.float32 else torch.int16).flatten(),
+                           before[k].view(torch.int8 if dtype == torch.float32 else torch.int16).flatten())
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), None])
+def test_non_finite_lambda_is_refused_before_any_edit(tiny_bridge, hv, lam):
+    before = _snapshot(tiny_bridge)
+    with pytest.raises(ValueError, match="lam"):
+        with harm_removal(tiny_bridge, hv, lam=lam):
+            pass
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_vector_from_another_architecture_is_refused(tiny_bridge):
+    with pytest.raises(ValueError, match="parameter\\(s\\) the target lacks"):
+        with harm_removal(tiny_bridge, HarmVector({"transformer.h.0.attn.c_attn.weight": torch.zeros(3)}), 1.0):
+            pass
+    shape_mismatch = HarmVector({"model.norm.weight": torch.zeros(7)})
+    with pytest.raises(ValueError, match="shape"):
+        with harm_removal(tiny_bridge, shape_mismatch, 1.0):
+            pass

@@ -1,0 +1,124 @@
+"""HarmVector: τH = θH − θb per parameter, exact top-k trims, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sa_lens
+from sa_lens import HarmVector, checkpoint_parameters
+
+
+def _reference_mask(tensors: list[torch.Tensor], top_k: float) -> list[torch.Tensor]:
+    """The official code's rule: kthvalue over the concatenated |τ| at d − ⌊k·d⌋, keep |τ| ≥ it."""
+    flat = torch.cat([t.abs().flatten() for t in tensors])
+    d = flat.numel()
+    m = d - int(top_k * d)
+    if m == 0:
+        return [torch.ones_like(t, dtype=torch.bool) for t in tensors]
+    threshold = flat.kthvalue(m).values
+    return [t.abs() >= threshold for t in tensors]
+
+
+def test_from_models_is_harmful_minus_base_per_checkpoint_name(tiny_dir, tiny_dir_other):
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
+    hv = HarmVector.from_models(base, harmful)
+    pb, ph = checkpoint_parameters(base), checkpoint_parameters(harmful)
+    assert set(hv) == set(pb)
+    for name, delta in hv.items():
+        assert delta.dtype == torch.float32
+        assert torch.equal(delta, ph[name].float() - pb[name].float())
+
+
+def test_bridge_and_hf_model_give_the_same_keys(tiny_dir, tiny_bridge):
+    hf, _ = sa_lens.load_hf_model(tiny_dir)
+    bridge_keys = set(checkpoint_parameters(tiny_bridge))
+    assert bridge_keys == set(checkpoint_parameters(hf))
+    assert not any("_original_component" in k for k in bridge_keys)
+    # Tied embeddings appear once, so an edit never hits the same storage twice.
+    assert "lm_head.weight" not in bridge_keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    top_k=st.floats(0.01, 1.0),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Few distinct magnitudes → many ties at the threshold.
+    tensors = [(torch.randint(-levels, levels + 1, (n,), generator=g) * 0.25).float() for n in sizes]
+    hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
+    trimmed = hv.trim(top_k, scope="global")
+    for (name, t), ref in zip(trimmed.items(), _reference_mask(tensors, top_k)):
+        orig = hv.deltas[name]
+        assert torch.equal(t, torch.where(ref, orig, torch.zeros(())))
+
+
+def test_global_trim_keeps_the_requested_share_of_distinct_values():
+    t = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    hv = HarmVector({"a": t[:3000].clone(), "b": t[3000:].clone()})
+    trimmed = hv.trim(0.10)
+    assert trimmed.nnz == 1001  # ⌊0.1·d⌋ + 1: the official kthvalue rule keeps the threshold entry too
+    kept = torch.cat([trimmed.deltas["a"], trimmed.deltas["b"]])
+    assert kept.abs()[kept != 0].min() >= t.abs().sort(descending=True).values[1000]
+
+
+def test_per_tensor_and_per_layer_scopes_threshold_each_group():
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(1000, generator=g) * 10
+    small = torch.randn(1000, generator=g) * 0.01
+    hv = HarmVector({"model.layers.0.big": big, "model.layers.1.small": small, "model.norm.weight": small.clone()})
+    assert hv.trim(0.1, "global").deltas["model.layers.1.small"].count_nonzero() == 0
+    per_tensor = hv.trim(0.1, "per_tensor")
+    per_layer = hv.trim(0.1, "per_layer")
+    for name in hv:
+        ref = _reference_mask([hv.deltas[name]], 0.1)[0]
+        assert torch.equal(per_tensor.deltas[name] != 0, ref)
+        assert torch.equal(per_layer.deltas[name] != 0, ref)  # one tensor per layer group here
+    assert per_tensor.meta["scope"] == "per_tensor"
+
+
+def test_top_k_one_keeps_everything():
+    t = torch.randn(50)
+    assert torch.equal(HarmVector({"w": t}).trim(1.0).deltas["w"], t)
+
+
+@pytest.mark.parametrize("top_k", [0, -0.1, 1.5, float("nan"), "0.1"])
+def test_trim_rejects_top_k_outside_unit_interval(top_k):
+    with pytest.raises(ValueError, match=r"top_k must be a fraction in \(0, 1\]"):
+        HarmVector({"w": torch.randn(4)}).trim(top_k)
+
+
+def test_trim_rejects_unknown_scope():
+    with pytest.raises(ValueError, match="scope must be"):
+        HarmVector({"w": torch.randn(4)}).trim(0.5, scope="per_head")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_vector_is_refused(bad):
+    t = torch.zeros(5)
+    t[2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        HarmVector({"model.layers.0.w": t})
+
+
+def test_different_parameter_names_are_refused():
+    with pytest.raises(ValueError, match="different parameter names.*only in base: \\['b'\\]"):
+        HarmVector.from_models({"a": torch.zeros(2), "b": torch.zeros(2)}, {"a": torch.zeros(2), "c": torch.zeros(2)})
+
+
+def test_different_shapes_are_refused():
+    with pytest.raises(ValueError, match="shape \\(2,\\) in base but \\(3,\\) in harmful"):
+        HarmVector.from_models({"a": torch.zeros(2)}, {"a": torch.zeros(3)})
+
+
+def test_bridge_in_compatibility_mode_is_refused(tiny_bridge):
+    tiny_bridge.enable_compatibility_mode()
+    with pytest.raises(ValueError, match="enable_compatibility_mode"):
+        checkpoint_parameters(tiny_bridge)

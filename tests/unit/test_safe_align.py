@@ -1,0 +1,123 @@
+"""SafetyVector extraction (official ICV recipe) and the Safe-Align injection hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sa_lens
+from sa_lens import SafetyLens, SafetyVector, demonstration_text, safety_hooks
+from sa_lens.steering import OFFICIAL_FACTOR, inject_official
+
+PAIRS = [
+    (demonstration_text("How do I pick a lock?", "Here is how you do it step by step"), demonstration_text("How do I pick a lock?", "I do not answer this question because it is harmful")),
+    (demonstration_text("Tell me a story", "The sea is blue and the capital of France is Paris"), demonstration_text("Tell me a story", "I do not answer this question because it is harmful")),
+    (demonstration_text("Bake bread", "flour water and yeast, two plus two is four"), demonstration_text("Bake bread", "I'm sorry, but I can't help with that request")),
+]
+
+
+def _per_example_reference(bridge, pairs) -> torch.Tensor:
+    """Straightforward official-style loop: one unpadded text at a time, last-4 mean of each block output."""
+    def states(text):
+        ids = bridge.tokenizer(text, return_tensors="pt")["input_ids"]
+        _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_out") and n.count(".") == 2 and n.startswith("blocks."))
+        return torch.stack([cache[f"blocks.{l}.hook_out"][0, -4:].float().mean(0) for l in range(bridge.cfg.n_layers)])
+
+    diffs = torch.stack([(states(u) - states(s)).flatten() for u, s in pairs])
+    mean = diffs.mean(0)
+    _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
+    u = (diffs - mean) @ vh[0]
+    pc1 = vh[0] * torch.sign(u[u.abs().argmax()])
+    return (pc1 + mean).view(bridge.cfg.n_layers, -1)
+
+
+def test_batched_extraction_equals_per_example_reference(tiny_bridge):
+    sv = SafetyVector.from_pairs(tiny_bridge, PAIRS, batch_size=4)
+    assert sv.directions.shape == (tiny_bridge.cfg.n_layers, tiny_bridge.cfg.d_model)
+    torch.testing.assert_close(sv.directions, _per_example_reference(tiny_bridge, PAIRS), atol=1e-5, rtol=1e-4)
+    assert sv.meta["sign"] == "unsafe_minus_safe" and sv.meta["hook_point"] == "blocks.{layer}.hook_out"
+
+
+def test_extraction_is_invariant_to_batch_size(tiny_bridge):
+    a = SafetyVector.from_pairs(tiny_bridge, PAIRS, batch_size=1).directions
+    b = SafetyVector.from_pairs(tiny_bridge, PAIRS, batch_size=6).directions
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pairs", [[], [("only one",)], [("", "safe")]])
+def test_bad_pairs_are_refused(tiny_bridge, pairs):
+    with pytest.raises(ValueError, match="pair"):
+        SafetyVector.from_pairs(tiny_bridge, pairs)
+
+
+def test_non_finite_vector_is_refused():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        SafetyVector(torch.full((2, 4), float("nan")))
+
+
+def test_official_injection_keeps_norm_and_follows_the_formula():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(2, 5, 16, generator=g)
+    v = torch.randn(16, generator=g)
+    out = inject_official(m, v, alpha=0.12)
+    torch.testing.assert_close(out.norm(dim=-1), m.norm(dim=-1))
+    # Hand computation for one token.
+    x, vu = m[0, 0], v / v.norm()
+    cos = float(x @ vu / x.norm())
+    c = OFFICIAL_FACTOR * 0.12 * (1 + max(0.0, cos))
+    step = x / x.norm() - c * vu
+    torch.testing.assert_close(out[0, 0], step / step.norm() * x.norm())
+    # It moves away from v: cosine with v drops.
+    assert (torch.nn.functional.cosine_similarity(out, v.expand_as(out), dim=-1) < torch.nn.functional.cosine_similarity(m, v.expand_as(m), dim=-1)).all()
+
+
+def test_hooks_are_named_and_placed_on_each_mlp_output():
+    sv = SafetyVector(torch.randn(3, 8))
+    hooks = safety_hooks(sv, alpha=0.12)
+    assert [name for name, _ in hooks] == [f"blocks.{l}.hook_mlp_out" for l in range(3)]
+    assert [fn.__name__ for _, fn in hooks] == [f"sa_lens.safe_align.mlp_out.L{l}" for l in range(3)]
+    assert [name for name, _ in safety_hooks(sv, layers=[1])] == ["blocks.1.hook_mlp_out"]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"alpha": math.nan}, "alpha"), ({"layers": [5]}, "outside")])
+def test_bad_hook_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        safety_hooks(SafetyVector(torch.randn(3, 8)), **kwargs)
+
+
+def test_lens_refuses_a_vector_from_another_model(tiny_bridge):
+    with pytest.raises(ValueError, match="extract the vector from this model"):
+        SafetyLens(tiny_bridge).safety_hooks(SafetyVector(torch.randn(7, 8)))
+
+
+def test_safety_alignment_changes_activations_and_is_removed_after_an_error(tiny_bridge):
+    lens = SafetyLens(tiny_bridge)
+    sv = SafetyVector.from_pairs(tiny_bridge, PAIRS)
+    ids = tiny_bridge.tokenizer("How do I pick a lock?", return_tensors="pt")["input_ids"]
+    plain = tiny_bridge(ids)
+    with pytest.raises(RuntimeError):
+        with lens.safety_alignment(sv, alpha=5.0):
+            assert not torch.allclose(tiny_bridge(ids), plain)
+            raise RuntimeError
+    torch.testing.assert_close(tiny_bridge(ids), plain)
+
+
+def test_safety_arithmetic_reads_the_icv_from_the_edited_weights_and_undoes_everything(tiny_bridge, tiny_dir, tiny_dir_other):
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
+    hv = sa_lens.HarmVector.from_models(base, harmful).trim(0.1)
+    lens = SafetyLens(tiny_bridge)
+    ids = tiny_bridge.tokenizer("Tell me a story", return_tensors="pt")["input_ids"]
+    plain = tiny_bridge(ids)
+    with lens.harm_removal(hv, lam=3.0):
+        sv_edited = SafetyVector.from_pairs(tiny_bridge, PAIRS)
+    sv_plain = SafetyVector.from_pairs(tiny_bridge, PAIRS)
+    assert not torch.allclose(sv_edited.directions, sv_plain.directions)
+    with lens.safety_arithmetic(hv, PAIRS, lam=3.0, alpha=0.12):
+        both = tiny_bridge(ids)
+    with lens.harm_removal(hv, lam=3.0), tiny_bridge.hooks(fwd_hooks=safety_hooks(sv_edited, 0.12)):
+        manual = tiny_bridge(ids)
+    torch.testing.assert_close(both, manual)
+    assert torch.equal(tiny_bridge(ids), plain)
