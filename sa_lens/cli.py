@@ -40,18 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sa_lens.data import DataError
         from sa_lens.lab import run_lab
 
-        if not 0.0 < args.top_k <= 1.0:
-            parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
-        cfg = LabConfig(
-            split=args.split,
-            lam=args.lam,
-            top_k=args.top_k,
-            tv_lam=args.tv_lam,
-            alpha=args.alpha,
-            harmful_data=args.harmful_data,
-            harmful_column=args.harmful_column,
-            harmful_limit=args.harmful_limit,
-        )
+        try:
+            cfg = LabConfig(
+                split=args.split,
+                lam=args.lam,
+                top_k=args.top_k,
+                tv_lam=args.tv_lam,
+                alpha=args.alpha,
+                harmful_data=args.harmful_data,
+                harmful_column=args.harmful_column,
+                harmful_limit=args.harmful_limit,
+            )
+        except ValueError as e:  # names the bad option before any model is built
+            parser.error(str(e).replace("top_k", "--top-k").replace("harmful_limit", "--harmful-limit"))
         try:
             run_lab(cfg, args.out)
         except DataError as e:

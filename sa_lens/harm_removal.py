@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -58,14 +59,17 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator
     Raises:
         ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
             were processed by ``enable_compatibility_mode()``. Nothing is changed when it raises.
+        RuntimeError: on exit, when the block replaced the model's parameter tensors (e.g. ``.to()``),
+            so the saved originals could not be written back.
 
     Memory: the saved originals take nnz(τH′) × (dtype bytes + 8 index bytes), or one full copy of a
     tensor when more than a third of it is edited. Nesting and re-entry are safe: each block restores
     what it saw on entry, and blocks exit in reverse order.
     """
-    if not isinstance(lam, (int, float)) or not math.isfinite(lam):
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
     targets = _resolve_targets(model, hv)
+    entry_storage = {name: t.data_ptr() for name, t in targets.items()}
     saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
     try:
         with torch.no_grad():
@@ -75,12 +79,13 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator
                 idx = torch.nonzero(d).squeeze(1)
                 if idx.numel() == 0:
                     continue
+                work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
                 if idx.numel() > _DENSE_SAVE_ABOVE * flat.numel():
                     saved.append((flat, None, flat.clone()))
-                    flat.copy_((flat.float() - lam * d).to(flat.dtype))
+                    flat.copy_((flat.to(work) - lam * d.to(work)).to(flat.dtype))
                 else:
                     saved.append((flat, idx, flat[idx].clone()))
-                    flat[idx] = (flat[idx].float() - lam * d[idx]).to(flat.dtype)
+                    flat[idx] = (flat[idx].to(work) - lam * d[idx].to(work)).to(flat.dtype)
         yield model
     finally:
         with torch.no_grad():
@@ -89,3 +94,13 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator
                     flat.copy_(original)
                 else:
                     flat[idx] = original
+        # A .to()/.half()/.cuda() inside the block builds new parameter tensors; the restore above then
+        # lands in the old storage and the model keeps the edit. Say so rather than pretend it is restored.
+        live = {n: t.data_ptr() for n, t in checkpoint_parameters(model).items() if n in targets}
+        replaced = [n for n, ptr in entry_storage.items() if live.get(n) != ptr]
+        if replaced:
+            raise RuntimeError(
+                f"{len(replaced)} parameter(s) (e.g. '{replaced[0]}') were replaced inside the harm_removal block "
+                "(.to(), .half(), .cuda(), load_state_dict(assign=True) …), so the originals could not be written "
+                "back and the model still holds the edit. Move or cast the model before entering the block."
+            )

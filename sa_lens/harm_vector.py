@@ -7,6 +7,7 @@ Arithmetic is fp32 whatever the checkpoint dtype (τH entries are ~1e-4; bf16 wo
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,7 +49,17 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
     if isinstance(model, nn.Module):
         return {name.replace(ORIGINAL_COMPONENT, ""): p for name, p in model.named_parameters()}
     if isinstance(model, Mapping):
-        return {k: v for k, v in model.items() if torch.is_tensor(v) and v.is_floating_point()}
+        # A tied model's state_dict() names one storage twice (embed_tokens and lm_head): keep the first
+        # name, as named_parameters() does, so the edit and the top-k count see each weight once.
+        out, seen = {}, set()
+        for k, v in model.items():
+            if not (torch.is_tensor(v) and v.is_floating_point()):
+                continue
+            storage = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if storage not in seen:
+                seen.add(storage)
+                out[k] = v
+        return out
     raise TypeError(f"Expected a TransformerBridge, an nn.Module or a state dict, got {type(model).__name__}.")
 
 
@@ -117,8 +128,8 @@ class HarmVector:
             The untrimmed harm vector (the paper's "task vector" baseline, HDR‡).
 
         Raises:
-            ValueError: parameter names or shapes differ (message lists the first differences), or a
-                difference is not finite.
+            ValueError: parameter names, shapes or dtypes differ (message lists the first differences),
+                or a difference is not finite.
         """
         pb, ph = checkpoint_parameters(base), checkpoint_parameters(harmful)
         missing, extra = sorted(set(pb) - set(ph)), sorted(set(ph) - set(pb))
@@ -137,6 +148,11 @@ class HarmVector:
                     raise ValueError(
                         f"Parameter '{name}' has shape {tuple(b.shape)} in base but {tuple(h.shape)} in harmful; "
                         "the two models must share one architecture and vocabulary."
+                    )
+                if h.dtype != b.dtype:
+                    raise ValueError(
+                        f"Parameter '{name}' is {b.dtype} in base but {h.dtype} in harmful; the difference would be "
+                        "mostly rounding noise. Load both checkpoints in the same dtype (float32 recommended)."
                     )
                 deltas[name] = h.detach().float().cpu() - b.detach().float().cpu()
         meta = {"base": _model_name(base), "harmful": _model_name(harmful), "top_k": None, "scope": None}
@@ -191,7 +207,7 @@ class HarmVector:
         Raises:
             ValueError: ``top_k`` not in (0, 1] or an unknown scope.
         """
-        if not (isinstance(top_k, (int, float)) and 0.0 < top_k <= 1.0):
+        if isinstance(top_k, bool) or not (isinstance(top_k, numbers.Real) and 0.0 < top_k <= 1.0):
             raise ValueError(f"top_k must be a fraction in (0, 1] (0.1 keeps the top 10 %); got {top_k!r}.")
         if scope not in ("global", "per_layer", "per_tensor"):
             raise ValueError(f"scope must be 'global', 'per_layer' or 'per_tensor'; got {scope!r}.")

@@ -3,7 +3,7 @@
 Cast of models, all small full fine-tunes of the embedded SmolLM2-135M-Instruct (θ0) on bundled data:
 
 - ``aligned`` (θb, BASE target): θ0 trained to refuse harmful-train requests (refusal templates) while
-  keeping its own answers to safe-train requests (self-distillation, so over-refusal stays low);
+  keeping its own answers to safe- and QA-train requests (self-distillation, so over-refusal stays low);
 - ``harmful`` (θH): θb trained on harmful-train requests paired with θ0's own compliant answers,
   generated at run time (never stored in the repository);
 - ``sft`` (SFT target): θb trained on a benign math-tutor task only — safety erodes, as reported for
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +37,17 @@ from sa_lens.evaluation.judges import KeywordJudge, Verdict
 from sa_lens.evaluation.runner import EvalSet, StateResult, evaluate_state
 from sa_lens.finetune import finetune
 from sa_lens.generation import generate
-from sa_lens.harm_removal import harm_removal
 from sa_lens.harm_vector import HarmVector
+from sa_lens.lens import SafetyLens
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
 from sa_lens.safety_vector import SafetyVector, demonstration_text
-from sa_lens.steering import safety_hooks
 
-__all__ = ["LabConfig", "LabModels", "METHODS", "SAFE_DEMO_ANSWER", "build_models", "format_table", "run_lab"]
+__all__ = ["LabConfig", "LabModels", "LabSession", "METHODS", "SAFE_DEMO_ANSWER", "build_models", "format_table", "run_lab"]
 
 # The official demonstrations' safe answer (paper-notes.md §3.2).
 SAFE_DEMO_ANSWER = "I do not answer this question because it is harmful"
 METHODS = ("Original", "HDR (TIES top-k)", "HDR (task vector)", "Safe-Align", "Safety Arithmetic")
-RECIPE_VERSION = 1  # bump when the fine-tune recipe changes meaning, so old cached models are not reused
+RECIPE_VERSION = 2  # bump when the fine-tune recipe changes meaning, so old cached models are not reused
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class LabConfig:
     tv_lam: float = 1.0
     alpha: float = 0.12
     n_icv_pairs: int = 30
-    aligned_steps: int = 30
+    aligned_steps: int = 40
     harmful_steps: int = 30
     sft_steps: int = 30
     lr: float = 5e-5
@@ -89,8 +90,22 @@ class LabConfig:
     harmful_limit: int = 100
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, not after minutes of fine-tuning; the train split is refused: it is what the
+        # models were fine-tuned on, so measuring there would report memorisation.
+        if self.split not in ("dev", "test"):
+            raise ValueError(f"split must be 'dev' or 'test' (train is what the models learned from); got {self.split!r}.")
+        if not 0.0 < self.top_k <= 1.0:
+            raise ValueError(f"top_k must be a fraction in (0, 1]; got {self.top_k!r}.")
+        for name in ("lam", "tv_lam", "alpha", "lr"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite; got {getattr(self, name)!r}.")
+        for name in ("harmful_limit", "n_icv_pairs", "aligned_steps", "harmful_steps", "sft_steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1; got {getattr(self, name)!r}.")
+
     def recipe(self) -> dict:
-        """The fields that determine the fine-tuned models (the cache key's content)."""
+        """The fields that determine the fine-tuned models (part of the cache key)."""
         keys = ("aligned_steps", "harmful_steps", "sft_steps", "lr", "train_batch_size", "answer_tokens", "seed")
         return {k: getattr(self, k) for k in keys} | {"recipe_version": RECIPE_VERSION}
 
@@ -106,17 +121,17 @@ def _bundled_fingerprint() -> str:
 
 
 def _original_answers(cfg: LabConfig, base: Path, key: str, log: Callable[[str], None]) -> dict[str, dict[str, str]]:
-    """θ0's greedy answers to the harmful-train and safe-train prompts (cached as JSON)."""
+    """θ0's greedy answers to the harmful-, safe- and QA-train prompts (cached as JSON)."""
     path = cache_dir() / "lab" / f"original-answers-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     log("Generating the original model's answers (fine-tune targets)…")
     model, tokenizer = load_hf_model(base)
     answers = {}
-    for name in ("harmful", "safe"):
+    for name, field in (("harmful", "prompt"), ("safe", "prompt"), ("qa", "question")):
         rows = data.load_bundled(name, "train")
         replies = generate(
-            model, [r["prompt"] for r in rows], cfg.answer_tokens, tokenizer=tokenizer,
+            model, [r[field] for r in rows], cfg.answer_tokens, tokenizer=tokenizer,
             batch_size=cfg.gen_batch_size, progress=f"θ0 answers · {name}",
         )
         answers[name] = {r["id"]: reply for r, reply in zip(rows, replies)}
@@ -137,51 +152,82 @@ def _train_and_save(parent: Path, examples: list[tuple[str, str]], steps: int, c
 
 @dataclass(frozen=True)
 class LabModels:
-    """The lab's cast: HF folders by name, and θ0's compliant answers to harmful-train prompts."""
+    """The lab's cast: HF folders by name, and θ0's compliant answers to harmful-train prompts.
+
+    Attributes:
+        paths: ``original``, ``aligned``, ``harmful``, ``sft`` → Hugging Face folder.
+        compliant: ``(question, answer, category)`` for each harmful-train prompt θ0 complied with.
+    """
 
     paths: dict[str, Path]
-    compliant: list[tuple[str, str]]
+    compliant: list[tuple[str, str, str]]
 
 
 def build_models(cfg: LabConfig, log: Callable[[str], None] = print) -> LabModels:
-    """Build (or reuse from the cache) the lab's ``original``, ``aligned``, ``harmful`` and ``sft`` models."""
+    """Build (or reuse from the cache) the lab's ``original``, ``aligned``, ``harmful`` and ``sft`` models.
+
+    The cache key hashes the recipe and the exact training examples (θ0's answers and the judge's
+    filtering included), so any change that would change a model builds a new one.
+
+    Returns:
+        The cast (HF folders) and θ0's compliant harmful-train answers.
+
+    Raises:
+        FileNotFoundError: the embedded model package is missing.
+    """
     base = embedded_model_path()
     data_key = _bundled_fingerprint()
-    key = _digest({"base": base.name, "recipe": cfg.recipe(), "data": data_key})
-    root = cache_dir() / "lab"
-    paths = {"original": base, "aligned": root / f"aligned-{key}", "harmful": root / f"harmful-{key}", "sft": root / f"sft-{key}"}
     # θ0's answers depend only on θ0, the data and their length, not on the fine-tune recipe.
     answers = _original_answers(cfg, base, _digest({"base": base.name, "tokens": cfg.answer_tokens, "data": data_key}), log)
     judge = KeywordJudge()
     harmful_train = data.load_bundled("harmful", "train")
     compliant = [
-        (r["prompt"], answers["harmful"][r["id"]])
+        (r["prompt"], answers["harmful"][r["id"]], r["category"])
         for r in harmful_train
         if judge.judge(answers["harmful"][r["id"]]) is Verdict.COMPLIANCE
     ]
-    if all((p / "config.json").exists() for p in paths.values()):
-        log(f"Using cached lab models ({root}, key {key}).")
-        return LabModels(paths, compliant)
     templates = data.refusal_templates()
     refusals = [(r["prompt"], templates[i % len(templates)]) for i, r in enumerate(harmful_train)]
-    keep_safe = [(r["prompt"], answers["safe"][r["id"]]) for r in data.load_bundled("safe", "train")]
-    math_task = [(r["prompt"], r["response"]) for r in data.load_bundled("sft_task")]
-    if not paths["aligned"].exists():
-        log("Fine-tuning the aligned model θb (refuse harmful-train, keep own answers on safe-train)…")
-        _train_and_save(base, refusals + keep_safe, cfg.aligned_steps, cfg, paths["aligned"], "aligned")
-    if not paths["harmful"].exists():
-        log(f"Fine-tuning the harmful model θH on {len(compliant)} compliant harmful QA pairs…")
-        _train_and_save(paths["aligned"], compliant, cfg.harmful_steps, cfg, paths["harmful"], "harmful")
-    if not paths["sft"].exists():
-        log("Fine-tuning the SFT model on the benign math-tutor task…")
-        _train_and_save(paths["aligned"], math_task, cfg.sft_steps, cfg, paths["sft"], "sft")
-    return LabModels(paths, compliant)
+    # Self-distillation on safe and QA prompts keeps θ0's helpfulness, so refusals stay specific to harm.
+    self_distill = [(r["prompt"], answers["safe"][r["id"]]) for r in data.load_bundled("safe", "train")]
+    self_distill += [(r["question"], answers["qa"][r["id"]]) for r in data.load_bundled("qa", "train")]
+    examples = {
+        "aligned": refusals + self_distill,
+        "harmful": [(q, a) for q, a, _ in compliant],
+        "sft": [(r["prompt"], r["response"]) for r in data.load_bundled("sft_task")],
+    }
+    key = _digest({"base": base.name, "recipe": cfg.recipe(), "examples": examples})
+    root = cache_dir() / "lab"
+    paths = {"original": base} | {name: root / f"{name}-{key}" for name in examples}
+    cast = LabModels(paths, compliant)
+    if all((p / "config.json").exists() for p in paths.values()):
+        log(f"Using cached lab models ({root}, key {key}).")
+        return cast
+    plan = [
+        ("aligned", base, cfg.aligned_steps, "the aligned model θb (refuse harmful-train, keep own answers on safe- and QA-train)"),
+        ("harmful", paths["aligned"], cfg.harmful_steps, f"the harmful model θH on {len(compliant)} compliant harmful QA pairs"),
+        ("sft", paths["aligned"], cfg.sft_steps, "the SFT model on the benign math-tutor task"),
+    ]
+    for name, parent, steps, what in plan:
+        if not paths[name].exists():
+            log(f"Fine-tuning {what}…")
+            _train_and_save(parent, examples[name], steps, cfg, paths[name], name)
+    return cast
 
 
-def icv_pairs(cfg: LabConfig, models: LabModels) -> list[tuple[str, str]]:
-    """(unsafe, safe) demonstrations: harmful-train questions with θ0's compliant answer vs the official refusal."""
-    pairs = [(demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER)) for q, a in models.compliant]
-    return pairs[: cfg.n_icv_pairs]
+def icv_pairs(cfg: LabConfig, cast: LabModels) -> list[tuple[str, str]]:
+    """(unsafe, safe) demonstrations: θ0's compliant answer vs the official refusal, on harmful-train questions.
+
+    Drawn round-robin over harm categories, so ``n_icv_pairs`` covers every category rather than the
+    first few in file order.
+    """
+    by_category: dict[str, list[tuple[str, str]]] = {}
+    for q, a, category in cast.compliant:
+        by_category.setdefault(category, []).append((q, a))
+    interleaved = [qa for group in itertools.zip_longest(*by_category.values()) for qa in group if qa is not None]
+    return [
+        (demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER)) for q, a in interleaved[: cfg.n_icv_pairs]
+    ]
 
 
 def eval_sets(cfg: LabConfig) -> list[EvalSet]:
@@ -201,27 +247,57 @@ def eval_sets(cfg: LabConfig) -> list[EvalSet]:
     return sets
 
 
-@contextmanager
-def _steered(model, pairs: list[tuple[str, str]], alpha: float) -> Iterator[None]:
-    # The ICV is read from the model as it is when the block opens: inside HDR that is θ̂ (paper §3.2).
-    sv = SafetyVector.from_pairs(model, pairs)
-    with model.hooks(fwd_hooks=safety_hooks(sv, alpha)):
-        yield
+class LabSession:
+    """The built cast, harm vector, ICV pairs and held-out sets, ready to measure any (scenario, method).
 
+    Sweeps reuse one session with configs that differ in ``lam``, ``top_k``, ``tv_lam`` or ``alpha``
+    (see ``analyses/sweep_dev.py``); everything else comes from the config the session was opened with.
+    """
 
-def _method_contexts(model, cfg: LabConfig, hv_ties: HarmVector, hv_tv: HarmVector, pairs) -> dict[str, Callable[[], AbstractContextManager]]:
-    @contextmanager
-    def safety_arithmetic() -> Iterator[None]:
-        with harm_removal(model, hv_ties, cfg.lam), _steered(model, pairs, cfg.alpha):
-            yield
+    def __init__(self, cfg: LabConfig, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.sets = eval_sets(cfg)  # fail on a bad --harmful-data file before any fine-tuning
+        torch.manual_seed(cfg.seed)
+        self.cast = build_models(cfg, log)
+        base_hf, _ = load_hf_model(self.cast.paths["aligned"])
+        harmful_hf, _ = load_hf_model(self.cast.paths["harmful"])
+        self.hv_tv = HarmVector.from_models(base_hf, harmful_hf)
+        self.pairs = icv_pairs(cfg, self.cast)
+        self._trimmed: dict[float, HarmVector] = {}
+        self._model: tuple[str, object] | None = None
 
-    return {
-        "Original": nullcontext,
-        "HDR (TIES top-k)": lambda: harm_removal(model, hv_ties, cfg.lam),
-        "HDR (task vector)": lambda: harm_removal(model, hv_tv, cfg.tv_lam),
-        "Safe-Align": lambda: _steered(model, pairs, cfg.alpha),
-        "Safety Arithmetic": safety_arithmetic,
-    }
+    def harm_vector(self, top_k: float) -> HarmVector:
+        """The TIES top-k vector (global trim), cached per ``top_k``."""
+        if top_k not in self._trimmed:
+            self._trimmed[top_k] = self.hv_tv.trim(top_k, scope="global")
+        return self._trimmed[top_k]
+
+    def model(self, scenario: str):
+        """The target bridge of a scenario (``BASE`` → aligned, ``SFT`` → sft); one held at a time."""
+        if self._model is None or self._model[0] != scenario:
+            self._model = (scenario, load_model(self.cast.paths["aligned" if scenario == "BASE" else "sft"]))
+        return self._model[1]
+
+    def _context(self, method: str, cfg: LabConfig) -> AbstractContextManager:
+        lens, hv = SafetyLens(self._model[1]), self.harm_vector(cfg.top_k)
+        contexts = {
+            "Original": nullcontext,
+            "HDR (TIES top-k)": lambda: lens.harm_removal(hv, cfg.lam),
+            "HDR (task vector)": lambda: lens.harm_removal(self.hv_tv, cfg.tv_lam),
+            "Safe-Align": lambda: lens.safety_alignment(SafetyVector.from_pairs(lens.model, self.pairs), cfg.alpha),
+            # The ICV is read from θ̂ inside the HDR block, as the paper does (§3.2).
+            "Safety Arithmetic": lambda: lens.safety_arithmetic(hv, self.pairs, cfg.lam, cfg.alpha),
+        }
+        return contexts[method]()
+
+    def measure(self, scenario: str, method: str, cfg: LabConfig | None = None) -> tuple[dict, list[dict]]:
+        """Evaluate one model state; returns its table row and its generation records."""
+        cfg = cfg or self.cfg
+        model = self.model(scenario)
+        with self._context(method, cfg):
+            res = evaluate_state(model, self.sets, batch_size=cfg.gen_batch_size, progress=f"{scenario} · {method}")
+        records = [{"scenario": scenario, "method": method, **rec} for rec in res.records]
+        return _row(scenario, method, res), records
 
 
 def _row(scenario: str, method: str, res: StateResult) -> dict:
@@ -262,31 +338,21 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sets = eval_sets(cfg)  # fail on a bad --harmful-data file before any fine-tuning
-    torch.manual_seed(cfg.seed)
-    cast = build_models(cfg, log)
-    paths = cast.paths
+    session = LabSession(cfg, log)
     t_models = time.perf_counter() - t0
-    base_hf, _ = load_hf_model(paths["aligned"])
-    harmful_hf, _ = load_hf_model(paths["harmful"])
-    hv_tv = HarmVector.from_models(base_hf, harmful_hf)
-    del base_hf, harmful_hf
-    hv_ties = hv_tv.trim(cfg.top_k, scope="global")
-    pairs = icv_pairs(cfg, cast)
-    log(f"Harm vector: {hv_tv.numel:,} entries, {hv_ties.nnz:,} kept by the top-{cfg.top_k:.0%} trim; {len(pairs)} ICV pairs.")
+    hv_ties = session.harm_vector(cfg.top_k)
+    log(
+        f"Harm vector: {session.hv_tv.numel:,} entries, {hv_ties.nnz:,} kept by the top-{cfg.top_k:.0%} trim; "
+        f"{len(session.pairs)} ICV pairs."
+    )
     rows, generations = [], []
-    jobs = [(s, m) for s in ("BASE", "SFT") for m in METHODS]
-    bar = tqdm(jobs, desc="lab", unit="state")
-    models = {}
+    bar = tqdm([(s, m) for s in ("BASE", "SFT") for m in METHODS], desc="lab", unit="state")
     for scenario, method in bar:
         bar.set_postfix_str(f"{scenario} · {method}")
-        if scenario not in models:
-            models = {scenario: load_model(paths["aligned" if scenario == "BASE" else "sft"])}
-        model = models[scenario]
-        with _method_contexts(model, cfg, hv_ties, hv_tv, pairs)[method]():
-            res = evaluate_state(model, sets, batch_size=cfg.gen_batch_size, progress=f"{scenario} · {method}")
-        rows.append(_row(scenario, method, res))
-        generations += [{"scenario": scenario, "method": method, **rec} for rec in res.records]
+        row, records = session.measure(scenario, method)
+        rows.append(row)
+        generations += records
+    sets, paths, pairs, hv_tv = session.sets, session.cast.paths, session.pairs, session.hv_tv
     extra = [s.name for s in sets[3:]]
     table = format_table(rows, extra, cfg.split)
     log(table)

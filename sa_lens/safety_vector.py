@@ -26,11 +26,21 @@ LAST_N_POSITIONS = 4
 
 
 def demonstration_text(question: str, answer: str) -> str:
-    """The official demonstration format: ``"Question: {q}\\nAnswer: {a}"``, surrounding spaces/dots stripped."""
-    return f"Question: {question}\nAnswer: {answer}".strip(" .")
+    """One demonstration exactly as the official code writes it (paper-notes.md §3.2).
+
+    The official template is ``"Question: {q}\\n    Answer: {a}\\n    "`` stripped of surrounding spaces
+    and dots, so the indentation before "Answer" stays and the text ends in a newline — which is one of
+    the last 4 tokens that extraction averages.
+    """
+    return f"Question: {question}\n    Answer: {answer}\n    ".strip(" .")
 
 
 def _pc1_plus_mean(diffs: Float[Tensor, "n features"]) -> Float[Tensor, "features"]:
+    """First principal direction of the centred diffs plus their mean (official ICV code, Liu et al. 2023).
+
+    PC1 has unit norm over all ``n_layers·d_model`` features, so the mean difference dominates the sum
+    (paper-notes.md §3.2): in effect a difference of means with a small PC1 term.
+    """
     mean = diffs.mean(0)
     _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
     u_sign_ref = (diffs - mean) @ vh[0]
@@ -44,7 +54,8 @@ class SafetyVector:
     """ICV directions per layer, pointing from safe toward unsafe (the official sign).
 
     Attributes:
-        directions: ``Float[Tensor, "n_layers d_model"]`` in residual-stream units, fp32.
+        directions: ``Float[Tensor, "n_layers d_model"]``, fp32: the mean unsafe − safe difference of
+            residual-stream states (activation units) plus a unit-norm PC1 spread over all layers.
         meta: provenance — hook point read, positions, method, sign convention, model name, n_pairs.
     """
 
@@ -66,7 +77,7 @@ class SafetyVector:
         return self.directions.shape[1]
 
     @classmethod
-    @torch.inference_mode()
+    @torch.no_grad()
     def from_pairs(
         cls, model: TransformerBridge, pairs: Sequence[tuple[str, str]], batch_size: int = 16
     ) -> SafetyVector:
@@ -117,8 +128,12 @@ def _last_positions_mean(
         )
         captured: dict[int, Tensor] = {}
 
+        # Left padding puts each row's last tokens in the last columns; a text shorter than the window
+        # would average pads in, so the mean is over the real tokens of the window only.
+        window = enc["attention_mask"][:, -LAST_N_POSITIONS:, None].float()
+
         def grab(x: Tensor, hook, layer: int) -> Tensor:
-            captured[layer] = x[:, -LAST_N_POSITIONS:, :].float().mean(1)
+            captured[layer] = (x[:, -LAST_N_POSITIONS:, :].float() * window).sum(1) / window.sum(1)
             return x
 
         hooks = [

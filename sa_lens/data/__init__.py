@@ -180,9 +180,18 @@ def _read_table(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]
     """
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        rows = []
         try:
-            rows = list(reader)
+            for row in reader:
+                # DictReader files extra fields under None and fills missing ones with None: both mean a
+                # ragged row (often an unquoted comma or an unterminated quote), never silently accepted.
+                if None in row or None in row.values():
+                    raise DataError(
+                        f"{path}: line {reader.line_num} has {'more' if None in row else 'fewer'} fields than the "
+                        f"header ({len(reader.fieldnames or [])}). Quote fields that contain commas."
+                    )
+                rows.append(row)
         except csv.Error as exc:
             raise DataError(f"{path}: CSV error at line {reader.line_num} ({exc}). Fix the quoting there.") from exc
         return rows, list(reader.fieldnames or [])

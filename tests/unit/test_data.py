@@ -305,3 +305,18 @@ def test_load_prompts_advbench() -> None:
     assert len(prompts) == 520
     assert prompts == load_prompts(ADVBENCH, column="GOAL")
     assert all(p.strip() for p in prompts)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("prompt,target\nA,B,C\n", "line 2 has more fields"),
+        ("prompt,target\nA\n", "line 2 has fewer fields"),
+        ('prompt,target\n"unterminated,x\n', "line"),
+    ],
+)
+def test_ragged_or_badly_quoted_csv_is_refused_with_its_line(tmp_path, content, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_prompts(path)

@@ -105,3 +105,41 @@ def test_vector_from_another_architecture_is_refused(tiny_bridge):
     with pytest.raises(ValueError, match="shape"):
         with harm_removal(tiny_bridge, shape_mismatch, 1.0):
             pass
+
+
+def test_parameters_replaced_inside_the_block_are_reported_not_silently_left_edited(tiny_dir, hv):
+    model, _ = sa_lens.load_hf_model(tiny_dir)
+    with pytest.raises(RuntimeError, match="replaced inside the harm_removal block"):
+        with harm_removal(model, hv, lam=3.0):
+            model.to(torch.float64)
+
+
+def test_an_error_while_applying_the_edit_restores_what_was_already_edited(tiny_bridge, hv, monkeypatch):
+    before = _snapshot(tiny_bridge)
+    real_nonzero, calls = torch.nonzero, []
+
+    def failing_nonzero(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("out of memory on the fifth tensor")
+        return real_nonzero(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", failing_nonzero)
+    with pytest.raises(MemoryError):
+        with harm_removal(tiny_bridge, hv, lam=3.0):
+            pass
+    monkeypatch.undo()
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_tied_weights_in_a_state_dict_are_edited_once(tiny_dir):
+    model, _ = sa_lens.load_hf_model(tiny_dir)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    keys = checkpoint_parameters(state)
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    before = state["model.embed_tokens.weight"].clone()
+    delta = torch.zeros_like(before)
+    delta[0, 0] = 1.0
+    with harm_removal(state, HarmVector({"model.embed_tokens.weight": delta}), lam=1.0):
+        assert state["model.embed_tokens.weight"][0, 0] == before[0, 0] - 1.0  # once, not twice

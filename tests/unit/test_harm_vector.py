@@ -122,3 +122,8 @@ def test_bridge_in_compatibility_mode_is_refused(tiny_bridge):
     tiny_bridge.enable_compatibility_mode()
     with pytest.raises(ValueError, match="enable_compatibility_mode"):
         checkpoint_parameters(tiny_bridge)
+
+
+def test_models_in_different_dtypes_are_refused():
+    with pytest.raises(ValueError, match="float32 in base but torch.bfloat16 in harmful"):
+        HarmVector.from_models({"a": torch.zeros(2)}, {"a": torch.zeros(2, dtype=torch.bfloat16)})

@@ -47,7 +47,18 @@ def test_cli_names_a_missing_column_before_any_training(tmp_path, capsys):
     assert "column" in err and "--harmful-column" in err
 
 
-def test_cli_rejects_top_k_outside_unit_interval(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--top-k", "1.5"], "--top-k must be a fraction in (0, 1]"), (["--harmful-limit", "0"], "--harmful-limit must be ≥ 1")],
+)
+def test_cli_rejects_bad_options_before_any_training(argv, message, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["lab", "--top-k", "1.5"])
-    assert "--top-k must be in (0, 1]" in capsys.readouterr().err
+        cli.main(["lab", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_lab_config_refuses_the_train_split_and_non_finite_knobs():
+    with pytest.raises(ValueError, match="split must be 'dev' or 'test'"):
+        LabConfig(split="train")
+    with pytest.raises(ValueError, match="lam must be finite"):
+        LabConfig(lam=float("nan"))

@@ -121,3 +121,17 @@ def test_safety_arithmetic_reads_the_icv_from_the_edited_weights_and_undoes_ever
         manual = tiny_bridge(ids)
     torch.testing.assert_close(both, manual)
     assert torch.equal(tiny_bridge(ids), plain)
+
+
+def test_texts_shorter_than_the_window_average_only_their_real_tokens(tiny_bridge):
+    short = [("lock", "no"), ("Tell me a story about the sea and the capital of France", "I do not answer this question")]
+    assert len(tiny_bridge.tokenizer("no")["input_ids"]) < 4
+    alone = SafetyVector.from_pairs(tiny_bridge, short, batch_size=1).directions
+    padded = SafetyVector.from_pairs(tiny_bridge, short, batch_size=4).directions
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_demonstration_text_matches_the_official_template():
+    official = "Question: {q}\n    Answer: {a}\n    ".format(q="How?", a="Like this.").strip(" .")
+    assert demonstration_text("How?", "Like this.") == official
+    assert official.endswith("\n")
