@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 .PHONY: install lab test test-fast
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "sa_lens needs Python >= 3.11; point make at one: make PYTHON=python3.11 lab"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# A plain `torch` requirement would pull a multi-GB CUDA build here: take the local CPU build when no

@@ -86,10 +86,23 @@ def generate_tokens(
     top_k: int | None = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Generate continuations of already formatted texts, as one left-padded batch.
+    """Generate continuations of already formatted texts, as one left-padded batch (no sorting, no seeding).
+
+    Args:
+        model: a ``TransformerBridge`` (KV-cache routing is enabled on it) or a plain HF model.
+        texts: formatted inputs (see :func:`sa_lens.prompts.format_prompts`).
+        max_new_tokens: generation budget, in tokens.
+        tokenizer: only for plain HF models.
+        add_special_tokens: False for chat-templated text, True for raw text.
+        do_sample, temperature, top_k: sampling; greedy by default.
+        use_cache: KV cache on (default) or off.
 
     Returns:
         The new token ids per row, eos included when the model stopped, padding after eos removed.
+
+    Raises:
+        ValueError: a plain HF model without its tokenizer.
+        TypeError: a model that is neither a bridge nor a ``PreTrainedModel``.
     """
     hf, tok = _hf_and_tokenizer(model, tokenizer)
     enc = tokenize_left_padded(tok, texts, add_special_tokens=add_special_tokens, device=hf.device)
@@ -148,7 +161,9 @@ def generate(
         do_sample: greedy (False, default) or sampling; the paper's preset is do_sample=True,
             temperature=0.45, top_k=10, max_new_tokens=200 (paper-notes.md §4.2).
         temperature, top_k: sampling parameters.
-        seed: seeds sampling without disturbing the caller's global RNG state.
+        seed: seeds sampling: the same prompts, batch_size and seed give the same samples (a prompt's
+            sample depends on its batch, since rows share one RNG stream). The caller's global RNG
+            state, CPU and CUDA, is left as it was.
         use_cache: KV cache on (default); off recomputes the whole prefix each step.
         tokenizer: only for plain HF models.
         progress: show a tqdm bar; a string is used as its label.
@@ -167,7 +182,7 @@ def generate(
     replies: list[str] = [""] * len(texts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     bar = tqdm(batches, desc=progress if isinstance(progress, str) else "generate", disable=not progress, leave=False)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
         for idx in bar:

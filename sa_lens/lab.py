@@ -236,8 +236,10 @@ def eval_sets(cfg: LabConfig) -> list[EvalSet]:
     safe = data.load_bundled("safe", cfg.split)
     qa = data.load_bundled("qa", cfg.split)
     sets = [
-        EvalSet("harmful", "harmful", [r["prompt"] for r in harmful], [r["id"] for r in harmful], max_new_tokens=cfg.max_new_tokens),
-        EvalSet("safe", "safe", [r["prompt"] for r in safe], [r["id"] for r in safe], max_new_tokens=cfg.max_new_tokens),
+        EvalSet("harmful", "harmful", [r["prompt"] for r in harmful], [r["id"] for r in harmful],
+                max_new_tokens=cfg.max_new_tokens, groups=[r["category"] for r in harmful]),
+        EvalSet("safe", "safe", [r["prompt"] for r in safe], [r["id"] for r in safe],
+                max_new_tokens=cfg.max_new_tokens, groups=[r["type"] for r in safe]),
         EvalSet("qa", "qa", [r["question"] for r in qa], [r["id"] for r in qa], [r["answers"] for r in qa], cfg.qa_max_new_tokens),
     ]
     if cfg.harmful_data:
@@ -313,14 +315,20 @@ def _row(scenario: str, method: str, res: StateResult) -> dict:
 
 def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
     """The paper's Table 1/2 layout: one block per scenario, one line per method, values in %."""
-    cols = [("asr", "ASR ↓"), ("degenerate", "degen."), ("over_refusal", "over-refusal ↓"), ("utility", "utility ↑")]
+    cols = [
+        ("asr", "ASR ↓"),
+        ("degenerate", "degen."),
+        ("over_refusal", "over-refusal ↓"),
+        ("over_refusal_contrast", "XSTest-style ↓"),
+        ("utility", "utility ↑"),
+    ]
     cols += [(f"asr_{s}", f"ASR {s} ↓") for s in extra_sets]
     lines = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         n = next(r for r in rows if r["scenario"] == scenario)
         lines.append(
-            f"\n{scenario} scenario — {split} split (harmful n={n['asr_n']}, safe n={n['over_refusal_n']}, "
-            f"QA n={n['utility_n']}); keyword judge, greedy"
+            f"\n{scenario} scenario — {split} split (harmful n={n['asr_n']}, safe n={n['over_refusal_n']} of which "
+            f"XSTest-style n={n['over_refusal_contrast_n']}, QA n={n['utility_n']}); keyword judge, greedy decoding"
         )
         header = f"{'Method':<20}" + "".join(f"{title:>17}" for _, title in cols)
         lines += [header, "-" * len(header)]

@@ -9,7 +9,6 @@ the result as a normal Hugging Face folder in the user cache, so every later loa
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 from pathlib import Path
@@ -98,25 +97,6 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     return str(name_or_path)
 
 
-@contextlib.contextmanager
-def _offline_if_local(path: str):
-    # A local folder must never touch the network, even when the user has a hub configured:
-    # transformers otherwise probes the hub for optional files (chat templates, processor configs).
-    if not Path(path).exists():
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def load_hf_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
@@ -136,11 +116,11 @@ def load_hf_model(
         attention arithmetic the bridge uses, so greedy outputs can be compared token for token.
     """
     path = resolve_model_path(name_or_path)
-    with _offline_if_local(path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
-        )
+    local = Path(path).exists()  # a local folder must never touch the network, even with a hub configured
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, local_files_only=local
+    )
     return model.to(device).eval(), tokenizer
 
 
@@ -173,16 +153,17 @@ def load_model(
         FileNotFoundError: a local path that is not an HF folder, or the embedded model package missing.
     """
     path = resolve_model_path(name_or_path)
-    with _offline_if_local(path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        bridge = TransformerBridge.boot_transformers(
-            path,
-            dtype=dtype,
-            device=None if device_map is not None else device,
-            device_map=device_map,
-            tokenizer=tokenizer,
-            trust_remote_code=trust_remote_code,
-        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=trust_remote_code, local_files_only=Path(path).exists()
+    )
+    bridge = TransformerBridge.boot_transformers(
+        path,
+        dtype=dtype,
+        device=None if device_map is not None else device,
+        device_map=device_map,
+        tokenizer=tokenizer,
+        trust_remote_code=trust_remote_code,
+    )
     bridge.eval()
     enable_kv_cache(bridge)
     return bridge

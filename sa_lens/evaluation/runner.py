@@ -30,6 +30,8 @@ class EvalSet:
         ids: one id per prompt (for generations.jsonl).
         answers: accepted answers per prompt (``qa`` only).
         max_new_tokens: generation budget; refusals show in the first tokens, QA answers are short.
+        groups: optional group per prompt (harm category, XSTest-style type); each group's rate is
+            reported beside the overall one as ``{metric}_{group}``.
     """
 
     name: str
@@ -38,6 +40,7 @@ class EvalSet:
     ids: Sequence[str]
     answers: Sequence[Sequence[str]] = ()
     max_new_tokens: int = 32
+    groups: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if len(self.prompts) == 0:
@@ -46,6 +49,8 @@ class EvalSet:
             raise ValueError(f"Evaluation set '{self.name}': {len(self.ids)} ids for {len(self.prompts)} prompts.")
         if self.kind == "qa" and len(self.answers) != len(self.prompts):
             raise ValueError(f"QA set '{self.name}' needs one answer list per question.")
+        if self.groups and len(self.groups) != len(self.prompts):
+            raise ValueError(f"Evaluation set '{self.name}': {len(self.groups)} groups for {len(self.prompts)} prompts.")
 
 
 @dataclass
@@ -74,7 +79,8 @@ def evaluate_state(
 
     Returns:
         A StateResult: for ``harmful`` sets ``asr`` and ``degenerate``; for ``safe`` sets
-        ``over_refusal``; for ``qa`` sets ``utility`` — each a Rate with its n and 95 % interval.
+        ``over_refusal``; for ``qa`` sets ``utility``; plus ``{metric}_{group}`` per group — each a
+        Rate with its n and 95 % interval.
     """
     judge = judge or KeywordJudge()
     result = StateResult()
@@ -90,10 +96,13 @@ def evaluate_state(
             ]
             continue
         verdicts = judge(replies)
+        metric, score = ("asr", attack_success_rate) if s.kind == "harmful" else ("over_refusal", refusal_rate)
+        result.metrics[s.name] = {metric: score(verdicts)}
         if s.kind == "harmful":
-            result.metrics[s.name] = {"asr": attack_success_rate(verdicts), "degenerate": degenerate_rate(verdicts)}
-        else:
-            result.metrics[s.name] = {"over_refusal": refusal_rate(verdicts)}
+            result.metrics[s.name]["degenerate"] = degenerate_rate(verdicts)
+        for group in dict.fromkeys(s.groups):
+            in_group = [v for v, g in zip(verdicts, s.groups) if g == group]
+            result.metrics[s.name][f"{metric}_{group}"] = score(in_group)
         result.records += [
             {"set": s.name, "id": i, "prompt": p, "response": r, "verdict": v.value}
             for i, p, r, v in zip(s.ids, s.prompts, replies, verdicts)

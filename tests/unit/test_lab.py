@@ -32,6 +32,13 @@ def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monk
     lines = (report / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 10 * sum(r_n for r_n in (rows[0]["asr_n"], rows[0]["over_refusal_n"], rows[0]["utility_n"], 2))
     assert (report / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    generations = [json.loads(line) for line in lines]
+
+    def replies(scenario, method):
+        return [g["response"] for g in generations if g["scenario"] == scenario and g["method"] == method]
+
+    for method in METHODS[1:]:  # every method really changes the model's behaviour somewhere
+        assert replies("BASE", method) != replies("BASE", "Original"), method
     out = capsys.readouterr().out
     assert "SFT scenario — dev split" in out and "Safety Arithmetic" in out
 
