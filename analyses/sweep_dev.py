@@ -1,10 +1,11 @@
 """Choose the lab's defaults on the dev split: λ (TIES), top-k, λ (task vector) and α, one knob at a time.
 
-Usage: ``python analyses/sweep_dev.py [-o sweep_dev.json]`` (uses the cached lab models; builds them if
+Usage: ``python analyses/sweep_dev.py [-o analyses/results/sweep_dev.json]`` (uses the cached lab models; builds them if
 absent). Each grid point is one model state measured on the dev split in both scenarios. The selection
 rule is fixed before looking at the numbers: in the SFT scenario, the lowest ASR among settings whose
 over-refusal rises by at most 10 points and whose utility falls by at most 5 points against Original;
-ties go to the smaller edit. Never run this on the test split.
+ties go to the first setting in the grid; when no setting qualifies, the paper's value stays. Never run
+this on the test split.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def select(rows: list[dict], original: dict) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--out", default="sweep_dev.json")
+    parser.add_argument("-o", "--out", default="analyses/results/sweep_dev.json")
     args = parser.parse_args()
     base = LabConfig(split="dev")
     session = LabSession(base)

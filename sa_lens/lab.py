@@ -54,11 +54,19 @@ RECIPE_VERSION = 2  # bump when the fine-tune recipe changes meaning, so old cac
 class LabConfig:
     """Everything that determines a lab run. Defaults were chosen on the ``dev`` split only.
 
+    ``lam``, ``top_k``, ``tv_lam`` and ``alpha`` come from ``analyses/sweep_dev.py`` (output in
+    ``analyses/results/sweep_dev.json``) with a rule fixed before the sweep: in the SFT scenario, the
+    lowest ASR whose over-refusal rises ≤ 10 points and utility falls ≤ 5 points. At 135M scale the
+    paper's λ = 3 removes nearly all harmful compliance (dev ASR 72 % → 3 %) but makes the SFT model
+    refuse 65 % of safe prompts (from 5 %), so the rule picks λ = 0.5 (ASR 44 %, over-refusal 8 %).
+    No α met the rule (α ≥ 1 breaks generation, α = 0.5 costs 26 points of utility): α stays at the
+    paper's 0.12. Pass ``--lam 3 --tv-lam 2`` for the paper's / official code's values.
+
     Attributes:
         split: evaluation split, ``test`` (default) or ``dev`` (for choosing defaults).
-        lam: λ for HDR with the TIES top-k vector (paper: 3).
+        lam: λ for HDR with the TIES top-k vector (paper: 3; here 0.5, see above).
         top_k: fraction kept by the global trim (paper: 0.10).
-        tv_lam: λ for the untrimmed task-vector baseline (official code: 0.1 BASE, 2 SFT).
+        tv_lam: λ for the untrimmed task-vector baseline (official code: 0.1 BASE, 2 SFT; here 0.1).
         alpha: Safe-Align α (paper: 0.12).
         n_icv_pairs: demonstration pairs for the ICV (paper: ~30).
         aligned_steps, harmful_steps, sft_steps, lr, train_batch_size: the fine-tune recipe.
@@ -71,9 +79,9 @@ class LabConfig:
     """
 
     split: str = "test"
-    lam: float = 3.0
+    lam: float = 0.5
     top_k: float = 0.10
-    tv_lam: float = 1.0
+    tv_lam: float = 0.1
     alpha: float = 0.12
     n_icv_pairs: int = 30
     aligned_steps: int = 40
