@@ -1,7 +1,7 @@
 """sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
 
 from sa_lens.generation import enable_kv_cache, generate
-from sa_lens.harm_removal import harm_removal
+from sa_lens.harm_removal import apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
 from sa_lens.lens import SafetyLens
 from sa_lens.models import load_hf_model, load_model
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HarmVector",
+    "apply_harm_removal",
     "SafetyLens",
     "SafetyVector",
     "checkpoint_parameters",

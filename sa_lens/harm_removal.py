@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
 
-__all__ = ["harm_removal"]
+__all__ = ["apply_harm_removal", "harm_removal"]
 
 # Above this density a full copy of the tensor is cheaper than values + int64 indices (4 vs 12 bytes/entry).
 _DENSE_SAVE_ABOVE = 1 / 3
@@ -43,6 +43,50 @@ def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
     return {name: params[name] for name in hv.deltas}
 
 
+def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """Per parameter: its flat view, the flat τH′ on its device, and the edited indices (None = dense)."""
+    for name, delta in hv.items():
+        flat = targets[name].data.view(-1)
+        d = delta.view(-1).to(flat.device)
+        idx = torch.nonzero(d).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        yield flat, d, (None if idx.numel() > _DENSE_SAVE_ABOVE * flat.numel() else idx)
+
+
+def _subtract(flat: Tensor, d: Tensor, idx: Tensor | None, lam: float) -> None:
+    work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
+    if idx is None:
+        flat.copy_((flat.to(work) - lam * d.to(work)).to(flat.dtype))
+    else:
+        flat[idx] = (flat[idx].to(work) - lam * d[idx].to(work)).to(flat.dtype)
+
+
+def _check_lam(lam: float) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+        raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
+
+
+def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> ModelLike:
+    """Permanent HDR: θ̂ = θt − λ·τH′ written into the model's weights, nothing saved (paper §3.1, eq. 3).
+
+    For export (``model.save_pretrained`` on the edited model, or ``sa-lens apply``); use the
+    :func:`harm_removal` context manager to edit and restore in a session.
+
+    Returns:
+        The same model, edited.
+
+    Raises:
+        ValueError: as :func:`harm_removal`.
+    """
+    _check_lam(lam)
+    targets = _resolve_targets(model, hv)
+    with torch.no_grad():
+        for flat, d, idx in _edit_sites(targets, hv):
+            _subtract(flat, d, idx, lam)
+    return model
+
+
 @contextlib.contextmanager
 def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator[ModelLike]:
     """Subtract λ·τH′ from the target's weights inside a ``with`` block; restore them bit-exactly on exit.
@@ -66,26 +110,15 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator
     tensor when more than a third of it is edited. Nesting and re-entry are safe: each block restores
     what it saw on entry, and blocks exit in reverse order.
     """
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
-        raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
+    _check_lam(lam)
     targets = _resolve_targets(model, hv)
     entry_storage = {name: t.data_ptr() for name, t in targets.items()}
     saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
     try:
         with torch.no_grad():
-            for name, delta in hv.items():
-                flat = targets[name].data.view(-1)
-                d = delta.view(-1).to(flat.device)
-                idx = torch.nonzero(d).squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
-                if idx.numel() > _DENSE_SAVE_ABOVE * flat.numel():
-                    saved.append((flat, None, flat.clone()))
-                    flat.copy_((flat.to(work) - lam * d.to(work)).to(flat.dtype))
-                else:
-                    saved.append((flat, idx, flat[idx].clone()))
-                    flat[idx] = (flat[idx].to(work) - lam * d[idx].to(work)).to(flat.dtype)
+            for flat, d, idx in _edit_sites(targets, hv):
+                saved.append((flat, idx, flat[idx].clone()) if idx is not None else (flat, None, flat.clone()))
+                _subtract(flat, d, idx, lam)
         yield model
     finally:
         with torch.no_grad():

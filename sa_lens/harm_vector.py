@@ -7,9 +7,14 @@ Arithmetic is fp32 whatever the checkpoint dtype (τH entries are ~1e-4; bf16 wo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import numbers
+import os
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,11 +23,15 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
+from sa_lens.artifacts import load_tensors, save_tensors
+
 __all__ = ["HarmVector", "checkpoint_parameters"]
 
 ORIGINAL_COMPONENT = "._original_component"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32: every finite |x| is below it
+FILE_FORMAT = "sa_lens.harm_vector"
+_SPARSE_BELOW = 1 / 3  # density under which indices + values (12 bytes/entry) beat a dense fp32 tensor
 
 ModelLike = TransformerBridge | nn.Module | Mapping[str, Tensor]
 
@@ -223,3 +232,88 @@ class HarmVector:
             for n, t in zip(names, tensors):
                 trimmed[n] = torch.where(t.abs() >= threshold, t, torch.zeros((), dtype=t.dtype))
         return HarmVector(trimmed, {**self.meta, "top_k": float(top_k), "scope": scope})
+
+    def save(self, path: str | os.PathLike, lam: float | None = None) -> Path:
+        """Write the vector to ``path`` (safetensors) with a JSON sidecar beside it.
+
+        Tensors sparser than 1/3 are stored as flat int64 indices + fp32 values (``{name}.indices``,
+        ``{name}.values``), the rest densely. The sidecar records the base and harmful model names, a
+        hash of the parameter names and shapes, dtype, ``top_k``, scope, the suggested λ and the sa_lens
+        version.
+
+        Args:
+            path: a ``.safetensors`` path; the sidecar is the same path with ``.json``.
+            lam: the λ you suggest applying it with (recorded, not used).
+
+        Returns:
+            The safetensors path.
+        """
+        tensors, encoding = {}, {}
+        for name, t in self.deltas.items():
+            flat = t.reshape(-1)
+            idx = torch.nonzero(flat).squeeze(1)
+            if idx.numel() < _SPARSE_BELOW * flat.numel():
+                tensors[f"{name}.indices"], tensors[f"{name}.values"] = idx, flat[idx]
+                encoding[name] = "sparse"
+            else:
+                tensors[name], encoding[name] = t, "dense"
+        sidecar = {
+            "format": FILE_FORMAT,
+            "space": "raw checkpoint weights",
+            "meta": self.meta,
+            "lam_suggested": lam,
+            "dtype": "float32",
+            "names_sha256": _names_hash({n: t.shape for n, t in self.deltas.items()}),
+            "shapes": {n: list(t.shape) for n, t in self.deltas.items()},
+            "encoding": encoding,
+        }
+        return save_tensors(path, tensors, sidecar)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, target: ModelLike | None = None, restrict: bool = False) -> HarmVector:
+        """Read a vector written by :meth:`save`; with ``target``, check it fits that model.
+
+        Args:
+            path: the ``.safetensors`` file.
+            target: a bridge, HF model or state dict the vector will be applied to.
+            restrict: keep only the parameters the target has (with equal shapes) instead of refusing.
+
+        Returns:
+            The harm vector, dense in memory.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: corrupted or foreign file, a tensor missing from the file, or (without
+                ``restrict``) names/shapes that differ from ``target``'s.
+        """
+        tensors, sidecar = load_tensors(path, FILE_FORMAT)
+        deltas = {}
+        for name, shape in sidecar["shapes"].items():
+            keys = [f"{name}.indices", f"{name}.values"] if sidecar["encoding"][name] == "sparse" else [name]
+            if any(k not in tensors for k in keys):
+                raise ValueError(f"{path}: tensor '{keys[0]}' listed in the sidecar is missing; the file is corrupted.")
+            if sidecar["encoding"][name] == "sparse":
+                dense = torch.zeros(math.prod(shape), dtype=torch.float32)
+                dense[tensors[keys[0]]] = tensors[keys[1]]
+                deltas[name] = dense.view(shape)
+            else:
+                deltas[name] = tensors[name].view(shape)
+        hv = cls(deltas, dict(sidecar["meta"]))
+        if target is None:
+            return hv
+        params = checkpoint_parameters(target)
+        fits = {n for n, t in deltas.items() if n in params and params[n].shape == t.shape}
+        if len(fits) == len(deltas):
+            return hv
+        if not restrict:
+            bad = sorted(set(deltas) - fits)
+            raise ValueError(
+                f"{path}: {len(bad)} of {len(deltas)} parameters (e.g. '{bad[0]}') are missing from the target or "
+                "have another shape: the vector was built for another architecture. Pass restrict=True to keep "
+                "only the common part."
+            )
+        return cls({n: deltas[n] for n in deltas if n in fits}, {**hv.meta, "restricted_to_target": True})
+
+
+def _names_hash(shapes: Mapping[str, torch.Size]) -> str:
+    return hashlib.sha256(json.dumps({n: list(s) for n, s in sorted(shapes.items())}).encode()).hexdigest()

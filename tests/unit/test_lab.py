@@ -9,7 +9,8 @@ import pytest
 from sa_lens import cli, lab
 from sa_lens.lab import METHODS, LabConfig, run_lab
 
-TINY_RECIPE = dict(aligned_steps=1, harmful_steps=1, sft_steps=1, answer_tokens=6, max_new_tokens=4, qa_max_new_tokens=4, n_icv_pairs=4)
+# Strong edits, so one fine-tune step of a tiny model still changes its greedy output under every method.
+TINY_RECIPE = dict(lam=3.0, tv_lam=3.0, alpha=1.0, aligned_steps=1, harmful_steps=1, sft_steps=1, answer_tokens=6, max_new_tokens=4, qa_max_new_tokens=4, n_icv_pairs=4)
 
 
 def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monkeypatch, capsys):

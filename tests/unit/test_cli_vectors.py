@@ -1,0 +1,32 @@
+"""`sa-lens harm-vector` and `sa-lens apply` on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import sa_lens
+from sa_lens import HarmVector, checkpoint_parameters, cli
+
+
+def test_harm_vector_then_apply_writes_the_edited_checkpoint(tiny_dir, tiny_dir_other, tmp_path, capsys):
+    out = tmp_path / "hv.safetensors"
+    assert cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir_other), "--top-k", "0.1",
+                     "--lam", "3", "-o", str(out)]) == 0
+    assert json.loads((tmp_path / "hv.json").read_text())["meta"]["top_k"] == 0.1
+    assert cli.main(["apply", "--target", str(tiny_dir), "--harm-vector", str(out), "--lam", "2", "-o", str(tmp_path / "edited")]) == 0
+    assert "weights changed" in capsys.readouterr().out
+
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    edited, _ = sa_lens.load_hf_model(tmp_path / "edited")
+    hv = HarmVector.load(out)
+    pb, pe = checkpoint_parameters(base), checkpoint_parameters(edited)
+    for name, delta in hv.items():
+        assert torch.equal(pe[name], torch.where(delta != 0, pb[name] - 2.0 * delta, pb[name])), name
+
+
+def test_apply_with_a_vector_for_another_model_fails_with_the_fix(tiny_dir, tmp_path, capsys):
+    path = HarmVector({"transformer.h.0.w": torch.ones(3)}).save(tmp_path / "other.safetensors")
+    assert cli.main(["apply", "--target", str(tiny_dir), "--harm-vector", str(path), "-o", str(tmp_path / "o")]) == 2
+    assert "restrict=True" in capsys.readouterr().err
