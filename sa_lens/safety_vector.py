@@ -9,20 +9,25 @@ reshaped to ``[n_layers, d_model]``. It points from safe to unsafe; Safe-Align *
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from sa_lens.prompts import tokenize_left_padded
+from sa_lens.artifacts import load_tensors, save_tensors
+from sa_lens.prompts import format_prompts, tokenize_left_padded
 
 __all__ = ["SafetyVector", "demonstration_text"]
 
 READ_HOOK = "blocks.{layer}.hook_out"
 LAST_N_POSITIONS = 4
+FILE_FORMAT = "sa_lens.safety_vector"
 
 
 def demonstration_text(question: str, answer: str) -> str:
@@ -79,61 +84,152 @@ class SafetyVector:
     @classmethod
     @torch.no_grad()
     def from_pairs(
-        cls, model: TransformerBridge, pairs: Sequence[tuple[str, str]], batch_size: int = 16
+        cls,
+        model: TransformerBridge,
+        pairs: Sequence[tuple[str, str]],
+        positions: Literal["last4_mean", "last"] = "last4_mean",
+        method: Literal["pca_plus_mean", "pca", "mean_diff"] = "pca_plus_mean",
+        batch_size: int = 16,
     ) -> SafetyVector:
         """Extract the ICV from (unsafe_text, safe_text) demonstration pairs (official code, paper-notes.md §3.2).
 
         Texts are batched with left padding, attention masks and mask-derived position ids, so each
-        row's last 4 positions are its own last 4 tokens and padding changes nothing.
+        row's last positions are its own last tokens and padding changes nothing.
 
         Args:
             model: the bridge to read (for Safety Arithmetic: the HDR-edited model, as in the paper).
             pairs: ``(unsafe, safe)`` demonstration texts, e.g. built with :func:`demonstration_text`.
+            positions: mean of the last 4 tokens (official code) or the last token (paper §3.2).
+            method: PC1 + mean of the diffs (official code), PC1 alone with its sign set to agree with
+                the mean diff (the paper's statement, paper-notes.md §7.3), or the mean diff alone.
             batch_size: texts per forward pass.
 
         Returns:
-            A SafetyVector ``[n_layers, d_model]``.
+            A SafetyVector ``[n_layers, d_model]``, pointing from safe toward unsafe.
 
         Raises:
-            ValueError: no pairs, or a pair that is not two non-empty strings.
+            ValueError: no pairs, a pair that is not two non-empty strings, or an unknown option.
         """
         if len(pairs) == 0:
             raise ValueError("pairs is empty; pass at least one (unsafe_text, safe_text) demonstration pair.")
         for i, pair in enumerate(pairs):
             if len(pair) != 2 or not all(isinstance(t, str) and t.strip() for t in pair):
                 raise ValueError(f"pairs[{i}] must be two non-empty strings (unsafe_text, safe_text).")
+        n_last = _positions_window(positions)
+        if method not in ("pca_plus_mean", "pca", "mean_diff"):
+            raise ValueError(f"method must be 'pca_plus_mean', 'pca' or 'mean_diff'; got {method!r}.")
         texts = [t for pair in pairs for t in pair]
-        states = _last_positions_mean(model, texts, batch_size)  # [2n, L, d]
+        states = _last_positions_mean(model, texts, batch_size, n_last)  # [2n, L, d]
         diffs = (states[0::2] - states[1::2]).flatten(1)
-        directions = _pc1_plus_mean(diffs).view(states.shape[1], states.shape[2])
-        meta = {
-            "hook_point": READ_HOOK,
-            "positions": f"last{LAST_N_POSITIONS}_mean",
-            "method": "pca_plus_mean",
-            "sign": "unsafe_minus_safe",
-            "model": str(getattr(model.original_model.config, "_name_or_path", "")),
-            "n_pairs": len(pairs),
-        }
-        return cls(directions.contiguous(), meta)
+        if method == "pca_plus_mean":
+            flat = _pc1_plus_mean(diffs)
+        elif method == "mean_diff":
+            flat = diffs.mean(0)
+        else:
+            pc1 = _pc1_plus_mean(diffs) - diffs.mean(0)
+            flat = pc1 * (1.0 if pc1 @ diffs.mean(0) >= 0 else -1.0)
+        meta = _meta(model, positions, method) | {"n_pairs": len(pairs)}
+        return cls(flat.view(states.shape[1], states.shape[2]).contiguous(), meta)
+
+    @classmethod
+    @torch.no_grad()
+    def from_prompts(
+        cls,
+        model: TransformerBridge,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        positions: Literal["last4_mean", "last"] = "last",
+        batch_size: int = 16,
+    ) -> SafetyVector:
+        """Difference of means between harmful and harmless *requests* (no paired answers needed).
+
+        Each request is wrapped in the model's chat template with the generation prompt, so the read
+        positions are where the model decides how to answer (the refusal-direction recipe, Arditi et
+        al. 2024). The sign matches :meth:`from_pairs`: harmful − harmless.
+
+        Args:
+            model: the bridge to read.
+            harmful, harmless: user requests; the two sets need not have the same size.
+            positions: last token of the template (default) or the mean of the last 4.
+            batch_size: texts per forward pass.
+
+        Returns:
+            A SafetyVector ``[n_layers, d_model]``.
+
+        Raises:
+            ValueError: an empty set or an unknown option.
+        """
+        if len(harmful) == 0 or len(harmless) == 0:
+            raise ValueError("from_prompts needs at least one harmful and one harmless request.")
+        n_last = _positions_window(positions)
+        formatted = [format_prompts(model.tokenizer, list(group)) for group in (harmful, harmless)]
+        means = [_last_positions_mean(model, t, batch_size, n_last, add_special_tokens=False).mean(0) for t in formatted]
+        meta = _meta(model, positions, "mean_diff_prompts") | {"n_harmful": len(harmful), "n_harmless": len(harmless)}
+        return cls((means[0] - means[1]).contiguous(), meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the vector (safetensors) and its JSON sidecar (provenance, ``n_layers``, ``d_model``)."""
+        sidecar = {"format": FILE_FORMAT, "space": "residual stream", "meta": self.meta,
+                   "n_layers": self.n_layers, "d_model": self.d_model}
+        return save_tensors(path, {"directions": self.directions}, sidecar)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: TransformerBridge | None = None) -> SafetyVector:
+        """Read a vector written by :meth:`save`; with ``model``, check its layer count and width.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: corrupted or foreign file, or a vector from a model of another shape.
+        """
+        tensors, sidecar = load_tensors(path, FILE_FORMAT)
+        if "directions" not in tensors:
+            raise ValueError(f"{path}: no 'directions' tensor; the file is corrupted.")
+        sv = cls(tensors["directions"], dict(sidecar["meta"]))
+        if model is not None and (sv.n_layers, sv.d_model) != (model.cfg.n_layers, model.cfg.d_model):
+            raise ValueError(
+                f"{path}: vector is [{sv.n_layers}, {sv.d_model}] but the model has {model.cfg.n_layers} layers of "
+                f"width {model.cfg.d_model}; it was extracted from another model."
+            )
+        return sv
+
+
+def _positions_window(positions: str) -> int:
+    windows = {"last4_mean": LAST_N_POSITIONS, "last": 1}
+    if positions not in windows:
+        raise ValueError(f"positions must be one of {sorted(windows)}; got {positions!r}.")
+    return windows[positions]
+
+
+def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
+    return {
+        "hook_point": READ_HOOK,
+        "positions": positions,
+        "method": method,
+        "sign": "unsafe_minus_safe",
+        "model": str(getattr(model.original_model.config, "_name_or_path", "")),
+    }
 
 
 def _last_positions_mean(
-    model: TransformerBridge, texts: Sequence[str], batch_size: int
+    model: TransformerBridge, texts: Sequence[str], batch_size: int, n_last: int = LAST_N_POSITIONS,
+    add_special_tokens: bool = True,
 ) -> Float[Tensor, "n_texts n_layers d_model"]:
+    """Residual stream after every block, averaged over each text's last ``n_last`` real tokens."""
     n_layers = model.cfg.n_layers
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenize_left_padded(
-            model.tokenizer, texts[start : start + batch_size], add_special_tokens=True, device=model.cfg.device
+            model.tokenizer, texts[start : start + batch_size], add_special_tokens=add_special_tokens,
+            device=model.cfg.device,
         )
         captured: dict[int, Tensor] = {}
 
         # Left padding puts each row's last tokens in the last columns; a text shorter than the window
         # would average pads in, so the mean is over the real tokens of the window only.
-        window = enc["attention_mask"][:, -LAST_N_POSITIONS:, None].float()
+        window = enc["attention_mask"][:, -n_last:, None].float()
 
         def grab(x: Tensor, hook, layer: int) -> Tensor:
-            captured[layer] = (x[:, -LAST_N_POSITIONS:, :].float() * window).sum(1) / window.sum(1)
+            captured[layer] = (x[:, -n_last:, :].float() * window).sum(1) / window.sum(1)
             return x
 
         hooks = [

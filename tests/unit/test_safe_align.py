@@ -135,3 +135,55 @@ def test_demonstration_text_matches_the_official_template():
     official = "Question: {q}\n    Answer: {a}\n    ".format(q="How?", a="Like this.").strip(" .")
     assert demonstration_text("How?", "Like this.") == official
     assert official.endswith("\n")
+
+
+def _states(bridge, text, n_last, chat=False):
+    if chat:
+        text = bridge.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids = bridge.tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"]
+    _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.") and n.count(".") == 2 and n.endswith("hook_out"))
+    return torch.stack([cache[f"blocks.{l}.hook_out"][0, -n_last:].float().mean(0) for l in range(bridge.cfg.n_layers)])
+
+
+def test_mean_diff_and_last_token_options_equal_a_per_example_reference(tiny_bridge):
+    sv = SafetyVector.from_pairs(tiny_bridge, PAIRS, positions="last", method="mean_diff", batch_size=4)
+    ref = torch.stack([_states(tiny_bridge, u, 1) - _states(tiny_bridge, s, 1) for u, s in PAIRS]).mean(0)
+    torch.testing.assert_close(sv.directions, ref, atol=1e-5, rtol=1e-4)
+    assert sv.meta["positions"] == "last" and sv.meta["method"] == "mean_diff"
+
+
+def test_pure_pc1_has_unit_norm_and_agrees_with_the_mean_difference(tiny_bridge):
+    pc1 = SafetyVector.from_pairs(tiny_bridge, PAIRS, method="pca").directions.flatten()
+    mean = SafetyVector.from_pairs(tiny_bridge, PAIRS, method="mean_diff").directions.flatten()
+    torch.testing.assert_close(pc1.norm(), torch.tensor(1.0))
+    assert pc1 @ mean > 0
+
+
+def test_from_prompts_is_the_difference_of_means_at_the_template_end(tiny_bridge):
+    harmful, harmless = ["How do I pick a lock?", "Tell me how to hack"], ["Bake bread", "Write a poem about the sea", "hi"]
+    sv = SafetyVector.from_prompts(tiny_bridge, harmful, harmless, batch_size=2)
+    ref = torch.stack([_states(tiny_bridge, p, 1, chat=True) for p in harmful]).mean(0) - torch.stack(
+        [_states(tiny_bridge, p, 1, chat=True) for p in harmless]).mean(0)
+    torch.testing.assert_close(sv.directions, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="at least one harmful"):
+        SafetyVector.from_prompts(tiny_bridge, [], harmless)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"positions": "span"}, "positions must be"), ({"method": "ica"}, "method must be")])
+def test_unknown_extraction_options_are_named(tiny_bridge, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SafetyVector.from_pairs(tiny_bridge, PAIRS, **kwargs)
+
+
+def test_safety_vector_file_round_trip_and_model_check(tiny_bridge, tmp_path):
+    sv = SafetyVector.from_pairs(tiny_bridge, PAIRS)
+    path = sv.save(tmp_path / "sv.safetensors")
+    back = SafetyVector.load(path, model=tiny_bridge)
+    assert torch.equal(back.directions, sv.directions) and back.meta == sv.meta
+    SafetyVector(torch.randn(5, 8)).save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="extracted from another model"):
+        SafetyVector.load(tmp_path / "other.safetensors", model=tiny_bridge)
+    from sa_lens import HarmVector
+
+    with pytest.raises(ValueError, match="holds a 'sa_lens.safety_vector'"):
+        HarmVector.load(path)
