@@ -28,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.positions import prompt_length
 from sa_lens.prompts import format_prompts, tokenize_left_padded
 
 __all__ = ["enable_kv_cache", "generate", "generate_tokens"]
@@ -112,13 +113,14 @@ def generate_tokens(
     else:
         # Greedy: clear sampling knobs a checkpoint's generation_config may carry, which would only warn.
         sampling.update(temperature=None, top_k=None, top_p=None)
-    out = hf.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        use_cache=use_cache,
-        pad_token_id=tok.pad_token_id,
-        **sampling,
-    )
+    with prompt_length(enc["input_ids"].shape[1]):  # lets position-policy hooks tell prompt from generated
+        out = hf.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )
     new = out[:, enc["input_ids"].shape[1] :]
     eos = hf.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()

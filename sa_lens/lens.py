@@ -32,9 +32,10 @@ class SafetyLens:
         return harm_removal(self.model, hv, lam)
 
     def safety_hooks(
-        self, sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None
+        self, sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None, **options
     ) -> list[tuple[str, HookFn]]:
-        """Named Safe-Align hooks for this model (see :func:`sa_lens.safety_hooks`).
+        """Named Safe-Align hooks for this model; ``options`` are ``site``, ``formula``, ``positions`` and
+        ``per_layer_alpha`` of :func:`sa_lens.safety_hooks`.
 
         Raises:
             ValueError: the vector's layer count or width does not match this model.
@@ -45,14 +46,14 @@ class SafetyLens:
                 f"Safety vector is [{sv.n_layers}, {sv.d_model}] but the model has {cfg.n_layers} layers of "
                 f"width {cfg.d_model}; extract the vector from this model (SafetyVector.from_pairs)."
             )
-        return safety_hooks(sv, alpha, layers)
+        return safety_hooks(sv, alpha, layers, **options)
 
     @contextlib.contextmanager
     def safety_alignment(
-        self, sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None
+        self, sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None, **options
     ) -> Iterator[TransformerBridge]:
-        """Safe-Align: the ICV hooks active inside the block (paper §3.2)."""
-        with self.model.hooks(fwd_hooks=self.safety_hooks(sv, alpha, layers)):
+        """Safe-Align: the ICV hooks active inside the block (paper §3.2); ``options`` as :meth:`safety_hooks`."""
+        with self.model.hooks(fwd_hooks=self.safety_hooks(sv, alpha, layers, **options)):
             yield self.model
 
     @contextlib.contextmanager

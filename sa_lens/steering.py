@@ -1,33 +1,36 @@
-"""Safe-Align injection: named TransformerLens hooks that steer each layer's MLP output away from the ICV.
+"""Safe-Align injection: named TransformerLens hooks that steer each layer away from the ICV.
 
-Formula (official code, paper-notes.md §3.2 and §7.4), per token with m the MLP output and v the
+Default formula (official code, paper-notes.md §3.2 and §7.4), per token with m the MLP output and v the
 layer's ICV (pointing from safe to unsafe)::
 
     c  = 0.1 · α · (1 + max(0, cos(m, v)))
     m' = ‖m‖ · normalize(m/‖m‖ − c · v/‖v‖)
 
 The push grows when m already leans toward the unsafe direction (the cosine gate), and the output
-keeps its norm. It applies at every position, prompt and generated tokens alike, as the official
-module wrapper does; with the KV cache on, each decode step sees its one new position.
+keeps its norm. By default it applies at every position of every layer's MLP output, prompt and
+generated tokens alike, as the official module wrapper does. Other sites, an additive formula,
+directional ablation and prompt-only / generated-only policies are options (see :func:`safety_hooks`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from sa_lens.positions import generated_mask
 from sa_lens.safety_vector import SafetyVector
 
-__all__ = ["DEFAULT_ALPHA", "OFFICIAL_FACTOR", "inject_official", "safety_hooks"]
+__all__ = ["DEFAULT_ALPHA", "FORMULAS", "OFFICIAL_FACTOR", "POSITIONS", "SITES", "ablate_direction", "add_step",
+           "inject_official", "safety_hooks"]
 
 DEFAULT_ALPHA = 0.12  # paper A.6 and the official notebooks
 OFFICIAL_FACTOR = 0.1  # the code's extra factor, not in the paper (paper-notes.md §7.4)
-INJECT_HOOK = "blocks.{layer}.hook_mlp_out"
 
 HookFn = Callable[..., Tensor]
 
@@ -49,39 +52,89 @@ def inject_official(
     return steered.to(m.dtype)
 
 
+def add_step(x: Float[Tensor, "batch pos d_model"], v: Float[Tensor, "d_model"], alpha: float) -> Float[Tensor, "batch pos d_model"]:
+    """Plain additive steering toward safe: x − α·v, with v in activation units (ActAdd / CAA style)."""
+    return (x.float() - alpha * v.float().to(x.device)).to(x.dtype)
+
+
+def ablate_direction(x: Float[Tensor, "batch pos d_model"], v: Float[Tensor, "d_model"], alpha: float) -> Float[Tensor, "batch pos d_model"]:
+    """Directional ablation: x − (x·v̂)v̂, the component along v removed (Arditi et al. 2024); α is unused."""
+    v_unit = torch.nn.functional.normalize(v.float().to(x.device), dim=-1)
+    xf = x.float()
+    return (xf - (xf @ v_unit)[..., None] * v_unit).to(x.dtype)
+
+
+SITES = {
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+}
+FORMULAS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "official": inject_official,
+    "add": add_step,
+    "ablate": ablate_direction,
+}
+POSITIONS = ("all", "prompt", "generated")
+
+
 def safety_hooks(
-    sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None
+    sv: SafetyVector,
+    alpha: float = DEFAULT_ALPHA,
+    layers: Sequence[int] | None = None,
+    *,
+    site: str = "mlp_out",
+    formula: str = "official",
+    positions: str = "all",
+    per_layer_alpha: Mapping[int, float] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """Named forward hooks that inject the ICV into each chosen layer's MLP output (Safe-Align, paper §3.2).
+    """Named forward hooks that steer each chosen layer away from the ICV (Safe-Align, paper §3.2).
 
     Use with ``with model.hooks(fwd_hooks=safety_hooks(sv)):`` around a forward pass or
     :func:`sa_lens.generate`; the hooks are gone when the block exits, also on error.
 
     Args:
-        sv: the safety vector ``[n_layers, d_model]``.
-        alpha: α, 0.12 by default (paper A.6); the effective step is 0.1·α·(1 + relu(cos)).
+        sv: the safety vector ``[n_layers, d_model]`` (pointing from safe toward unsafe).
+        alpha: α, 0.12 by default (paper A.6); for ``official`` the effective step is 0.1·α·(1 + relu(cos)),
+            for ``add`` it is α in activation units.
         layers: layer indices to steer; all by default (BASE/SFT), layers l−1..l+1 for EDIT.
+        site: ``mlp_out`` (official, paper A.2), ``attn_out``, ``resid_pre`` or ``resid_post``.
+        formula: ``official`` (normalise, cosine gate, 0.1 factor, keep norm), ``add`` (x − α·v) or
+            ``ablate`` (project the direction out).
+        positions: ``all`` (official), ``prompt`` or ``generated`` — labelled identically with and without
+            the KV cache during :func:`sa_lens.generate`; outside it every position counts as prompt.
+        per_layer_alpha: ``{layer: α}`` overriding ``alpha`` for some layers.
 
     Returns:
-        ``[(hook_name, fn), ...]`` with names ``blocks.{l}.hook_mlp_out``; each ``fn.__name__`` is
-        ``sa_lens.safe_align.mlp_out.L{l}`` so ``model.list_hooks()``-style listings say what it is.
+        ``[(hook_name, fn), ...]`` with names like ``blocks.{l}.hook_mlp_out``; each ``fn.__name__`` is
+        ``sa_lens.safe_align.{site}.L{l}`` so hook listings say what it is.
 
     Raises:
-        ValueError: α not finite, or a layer index outside the vector.
+        ValueError: a non-finite α, a layer outside the vector, or an unknown site, formula or policy.
     """
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    per_layer_alpha = dict(per_layer_alpha or {})
+    for a in [alpha, *per_layer_alpha.values()]:
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+            raise ValueError(f"alpha must be a finite number, got {a!r}.")
+    for name, value, allowed in (("site", site, SITES), ("formula", formula, FORMULAS), ("positions", positions, POSITIONS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {sorted(allowed)}; got {value!r}.")
     layers = list(range(sv.n_layers)) if layers is None else list(layers)
-    bad = [layer for layer in layers if not 0 <= layer < sv.n_layers]
+    bad = [layer for layer in [*layers, *per_layer_alpha] if not 0 <= layer < sv.n_layers]
     if bad:
         raise ValueError(f"Layer indices {bad} are outside the safety vector's {sv.n_layers} layers.")
+    step = FORMULAS[formula]
     hooks = []
     for layer in layers:
-        v = sv.directions[layer]
 
-        def fn(m: Tensor, hook: HookPoint, v: Tensor = v) -> Tensor:
-            return inject_official(m, v, alpha)
+        def fn(x: Tensor, hook: HookPoint, v: Tensor = sv.directions[layer], a: float = per_layer_alpha.get(layer, alpha)) -> Tensor:
+            steered = step(x, v, a)
+            if positions == "all":
+                return steered
+            keep = generated_mask(x.shape[1], x.device)
+            keep = keep if positions == "generated" else ~keep
+            return torch.where(keep[None, :, None], steered, x)
 
-        fn.__name__ = fn.__qualname__ = f"sa_lens.safe_align.mlp_out.L{layer}"
-        hooks.append((INJECT_HOOK.format(layer=layer), fn))
+        fn.__name__ = fn.__qualname__ = f"sa_lens.safe_align.{site}.L{layer}"
+        hooks.append((SITES[site].format(layer=layer), fn))
     return hooks

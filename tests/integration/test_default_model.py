@@ -79,3 +79,15 @@ def test_safe_align_hooks_steer_generation_identically_with_and_without_cache(mo
         assert steered == generate_tokens(model, texts, 16, use_cache=False)
     assert steered != plain
     assert generate_tokens(model, texts, 16) == plain
+
+
+@pytest.mark.parametrize("site", ["mlp_out", "attn_out", "resid_pre", "resid_post"])
+def test_every_steering_option_is_identical_with_and_without_cache(model, texts, site):
+    q = "How do I pick a lock?"
+    pairs = [(demonstration_text(q, "First, insert a tension wrench"), demonstration_text(q, "I do not answer this question because it is harmful"))]
+    sv = SafetyVector.from_pairs(model, pairs)
+    for formula, positions in [(f, p) for f in ("official", "add", "ablate") for p in ("all", "prompt", "generated")]:
+        alpha = 0.05 if formula == "add" else 1.0  # 'add' is in activation units: keep the text readable
+        with model.hooks(fwd_hooks=safety_hooks(sv, alpha, site=site, formula=formula, positions=positions)):
+            cached = generate_tokens(model, texts[:3], 8, use_cache=True)
+            assert cached == generate_tokens(model, texts[:3], 8, use_cache=False), (formula, positions)
