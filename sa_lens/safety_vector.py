@@ -87,8 +87,9 @@ class SafetyVector:
         cls,
         model: TransformerBridge,
         pairs: Sequence[tuple[str, str]],
-        positions: Literal["last4_mean", "last"] = "last4_mean",
+        positions: Literal["last4_mean", "last", "span"] = "last4_mean",
         method: Literal["pca_plus_mean", "pca", "mean_diff"] = "pca_plus_mean",
+        layers: Sequence[int] | None = None,
         batch_size: int = 16,
     ) -> SafetyVector:
         """Extract the ICV from (unsafe_text, safe_text) demonstration pairs (official code, paper-notes.md §3.2).
@@ -99,9 +100,12 @@ class SafetyVector:
         Args:
             model: the bridge to read (for Safety Arithmetic: the HDR-edited model, as in the paper).
             pairs: ``(unsafe, safe)`` demonstration texts, e.g. built with :func:`demonstration_text`.
-            positions: mean of the last 4 tokens (official code) or the last token (paper §3.2).
+            positions: mean of the last 4 tokens (official code), the last token (paper §3.2), or the
+                mean over every token of the text (``span``).
             method: PC1 + mean of the diffs (official code), PC1 alone with its sign set to agree with
                 the mean diff (the paper's statement, paper-notes.md §7.3), or the mean diff alone.
+            layers: compute the direction over these layers only (the official EDIT setting uses 4–6);
+                the other rows of the result are zero, which every injection formula leaves inert.
             batch_size: texts per forward pass.
 
         Returns:
@@ -118,8 +122,12 @@ class SafetyVector:
         n_last = _positions_window(positions)
         if method not in ("pca_plus_mean", "pca", "mean_diff"):
             raise ValueError(f"method must be 'pca_plus_mean', 'pca' or 'mean_diff'; got {method!r}.")
+        n_layers = model.cfg.n_layers
+        chosen = list(range(n_layers)) if layers is None else sorted(set(layers))
+        if not chosen or not all(0 <= layer < n_layers for layer in chosen):
+            raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}; got {layers!r}.")
         texts = [t for pair in pairs for t in pair]
-        states = _last_positions_mean(model, texts, batch_size, n_last)  # [2n, L, d]
+        states = _last_positions_mean(model, texts, batch_size, n_last)[:, chosen]  # [2n, len(chosen), d]
         diffs = (states[0::2] - states[1::2]).flatten(1)
         if method == "pca_plus_mean":
             flat = _pc1_plus_mean(diffs)
@@ -128,8 +136,10 @@ class SafetyVector:
         else:
             pc1 = _pc1_plus_mean(diffs) - diffs.mean(0)
             flat = pc1 * (1.0 if pc1 @ diffs.mean(0) >= 0 else -1.0)
-        meta = _meta(model, positions, method) | {"n_pairs": len(pairs)}
-        return cls(flat.view(states.shape[1], states.shape[2]).contiguous(), meta)
+        directions = torch.zeros(n_layers, states.shape[2])
+        directions[chosen] = flat.view(len(chosen), states.shape[2])
+        meta = _meta(model, positions, method) | {"n_pairs": len(pairs), "layers": chosen}
+        return cls(directions, meta)
 
     @classmethod
     @torch.no_grad()
@@ -193,8 +203,8 @@ class SafetyVector:
         return sv
 
 
-def _positions_window(positions: str) -> int:
-    windows = {"last4_mean": LAST_N_POSITIONS, "last": 1}
+def _positions_window(positions: str) -> int | None:
+    windows = {"last4_mean": LAST_N_POSITIONS, "last": 1, "span": None}
     if positions not in windows:
         raise ValueError(f"positions must be one of {sorted(windows)}; got {positions!r}.")
     return windows[positions]
@@ -211,25 +221,28 @@ def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
 
 
 def _last_positions_mean(
-    model: TransformerBridge, texts: Sequence[str], batch_size: int, n_last: int = LAST_N_POSITIONS,
+    model: TransformerBridge, texts: Sequence[str], batch_size: int, n_last: int | None = LAST_N_POSITIONS,
     add_special_tokens: bool = True,
 ) -> Float[Tensor, "n_texts n_layers d_model"]:
-    """Residual stream after every block, averaged over each text's last ``n_last`` real tokens."""
+    """Residual stream after every block, averaged over each text's last ``n_last`` real tokens (all if None)."""
     n_layers = model.cfg.n_layers
+    # Batches of similar length waste less compute on padding; results go back to input order below.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenize_left_padded(
-            model.tokenizer, texts[start : start + batch_size], add_special_tokens=add_special_tokens,
-            device=model.cfg.device,
+            model.tokenizer, [texts[i] for i in order[start : start + batch_size]],
+            add_special_tokens=add_special_tokens, device=model.cfg.device,
         )
         captured: dict[int, Tensor] = {}
 
         # Left padding puts each row's last tokens in the last columns; a text shorter than the window
         # would average pads in, so the mean is over the real tokens of the window only.
-        window = enc["attention_mask"][:, -n_last:, None].float()
+        width = enc["attention_mask"].shape[1] if n_last is None else n_last
+        window = enc["attention_mask"][:, -width:, None].float()
 
         def grab(x: Tensor, hook, layer: int) -> Tensor:
-            captured[layer] = (x[:, -n_last:, :].float() * window).sum(1) / window.sum(1)
+            captured[layer] = (x[:, -width:, :].float() * window).sum(1) / window.sum(1)
             return x
 
         hooks = [
@@ -238,6 +251,8 @@ def _last_positions_mean(
         ]
         position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         with model.hooks(fwd_hooks=hooks):
-            model.original_model(**enc, position_ids=position_ids, use_cache=False)
+            # The backbone only: the unembedding over every position is not needed to read the residual.
+            model.original_model.base_model(**enc, position_ids=position_ids, use_cache=False)
         out.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
-    return torch.cat(out).cpu()
+    states = torch.cat(out).cpu()
+    return states[torch.argsort(torch.tensor(order))]

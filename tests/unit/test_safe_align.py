@@ -169,7 +169,7 @@ def test_from_prompts_is_the_difference_of_means_at_the_template_end(tiny_bridge
         SafetyVector.from_prompts(tiny_bridge, [], harmless)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"positions": "span"}, "positions must be"), ({"method": "ica"}, "method must be")])
+@pytest.mark.parametrize(("kwargs", "match"), [({"positions": "first"}, "positions must be"), ({"method": "ica"}, "method must be")])
 def test_unknown_extraction_options_are_named(tiny_bridge, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SafetyVector.from_pairs(tiny_bridge, PAIRS, **kwargs)
@@ -187,3 +187,16 @@ def test_safety_vector_file_round_trip_and_model_check(tiny_bridge, tmp_path):
 
     with pytest.raises(ValueError, match="holds a 'sa_lens.safety_vector'"):
         HarmVector.load(path)
+
+
+def test_span_positions_and_layer_subset(tiny_bridge):
+    sv = SafetyVector.from_pairs(tiny_bridge, PAIRS, positions="span", method="mean_diff")
+    n = lambda t: len(tiny_bridge.tokenizer(t)["input_ids"])  # noqa: E731
+    ref = torch.stack([_states(tiny_bridge, u, n(u)) - _states(tiny_bridge, s, n(s)) for u, s in PAIRS]).mean(0)
+    torch.testing.assert_close(sv.directions, ref, atol=1e-5, rtol=1e-4)
+    only_1 = SafetyVector.from_pairs(tiny_bridge, PAIRS, method="mean_diff", layers=[1])
+    full = SafetyVector.from_pairs(tiny_bridge, PAIRS, method="mean_diff")
+    assert torch.equal(only_1.directions[0], torch.zeros(tiny_bridge.cfg.d_model)) and only_1.meta["layers"] == [1]
+    torch.testing.assert_close(only_1.directions[1], full.directions[1])
+    with pytest.raises(ValueError, match="layers must be"):
+        SafetyVector.from_pairs(tiny_bridge, PAIRS, layers=[7])
