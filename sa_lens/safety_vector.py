@@ -40,18 +40,18 @@ def demonstration_text(question: str, answer: str) -> str:
     return f"Question: {question}\n    Answer: {answer}\n    ".strip(" .")
 
 
-def _pc1_plus_mean(diffs: Float[Tensor, "n features"]) -> Float[Tensor, "features"]:
-    """First principal direction of the centred diffs plus their mean (official ICV code, Liu et al. 2023).
+def _pc1(diffs: Float[Tensor, "n features"]) -> Float[Tensor, "features"]:
+    """Unit-norm first principal direction of the centred diffs, signed by ``svd_flip`` as the official
+    ICV code does (Liu et al. 2023): the largest-magnitude projection of a diff onto it is positive.
 
-    PC1 has unit norm over all ``n_layers·d_model`` features, so the mean difference dominates the sum
-    (paper-notes.md §3.2): in effect a difference of means with a small PC1 term.
+    ``pca_plus_mean`` adds the mean diff to it; since PC1 has unit norm over all ``n_layers·d_model``
+    features, the mean dominates that sum (paper-notes.md §3.2): in effect a difference of means.
     """
-    mean = diffs.mean(0)
-    _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
-    u_sign_ref = (diffs - mean) @ vh[0]
-    # svd_flip (u-based, as sklearn and the official ICV code): the largest |u| entry is made positive.
-    sign = torch.sign(u_sign_ref[u_sign_ref.abs().argmax()])
-    return vh[0] * (sign if sign != 0 else 1.0) + mean
+    centred = diffs - diffs.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    u = centred @ vh[0]
+    sign = torch.sign(u[u.abs().argmax()])
+    return vh[0] * (sign if sign != 0 else 1.0)
 
 
 @dataclass
@@ -129,13 +129,14 @@ class SafetyVector:
         texts = [t for pair in pairs for t in pair]
         states = _last_positions_mean(model, texts, batch_size, n_last)[:, chosen]  # [2n, len(chosen), d]
         diffs = (states[0::2] - states[1::2]).flatten(1)
+        mean = diffs.mean(0)
         if method == "pca_plus_mean":
-            flat = _pc1_plus_mean(diffs)
+            flat = _pc1(diffs) + mean
         elif method == "mean_diff":
-            flat = diffs.mean(0)
-        else:
-            pc1 = _pc1_plus_mean(diffs) - diffs.mean(0)
-            flat = pc1 * (1.0 if pc1 @ diffs.mean(0) >= 0 else -1.0)
+            flat = mean
+        else:  # the paper's pure PC1, its arbitrary SVD sign fixed to agree with the mean diff
+            pc1 = _pc1(diffs)
+            flat = pc1 if pc1 @ mean >= 0 else -pc1
         directions = torch.zeros(n_layers, states.shape[2])
         directions[chosen] = flat.view(len(chosen), states.shape[2])
         meta = _meta(model, positions, method) | {"n_pairs": len(pairs), "layers": chosen}
