@@ -8,13 +8,14 @@ which is what their users run; ``chat_template=False`` gives the paper's raw for
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 PAPER_PREFIX = "Only provide answer of the given question and do not provide anything else. "
 
-__all__ = ["PAPER_PREFIX", "format_prompts", "tokenize_left_padded"]
+__all__ = ["PAPER_PREFIX", "format_prompts", "tokenize_left_padded", "tokenize_padded"]
 
 
 def format_prompts(
@@ -77,9 +78,29 @@ def tokenize_left_padded(
     Returns:
         ``input_ids`` and ``attention_mask``, both ``Int[Tensor, "batch pos"]``.
     """
+    return tokenize_padded(tokenizer, texts, "left", add_special_tokens, device)
+
+
+def tokenize_padded(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    padding_side: Literal["left", "right"],
+    add_special_tokens: bool = False,
+    device: str | torch.device = "cpu",
+) -> BatchEncoding:
+    """Tokenize a batch padded on ``padding_side`` whatever the tokenizer's own setting says.
+
+    Generation needs left padding; reading activations works with either side as long as positions come
+    from the attention mask. Arguments and return as :func:`tokenize_left_padded`.
+
+    Raises:
+        ValueError: ``padding_side`` is neither "left" nor "right".
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(
-        list(texts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+        list(texts), return_tensors="pt", padding=True, padding_side=padding_side, add_special_tokens=add_special_tokens
     )
     return enc.to(device)

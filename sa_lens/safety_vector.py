@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
-from sa_lens.prompts import format_prompts, tokenize_left_padded
+from sa_lens.prompts import format_prompts, tokenize_padded
 
 __all__ = ["SafetyVector", "demonstration_text"]
 
@@ -223,7 +223,7 @@ def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
 
 def _last_positions_mean(
     model: TransformerBridge, texts: Sequence[str], batch_size: int, n_last: int | None = LAST_N_POSITIONS,
-    add_special_tokens: bool = True,
+    add_special_tokens: bool = True, padding_side: Literal["left", "right"] = "left",
 ) -> Float[Tensor, "n_texts n_layers d_model"]:
     """Residual stream after every block, averaged over each text's last ``n_last`` real tokens (all if None)."""
     n_layers = model.cfg.n_layers
@@ -231,19 +231,15 @@ def _last_positions_mean(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenize_left_padded(
-            model.tokenizer, [texts[i] for i in order[start : start + batch_size]],
+        enc = tokenize_padded(
+            model.tokenizer, [texts[i] for i in order[start : start + batch_size]], padding_side,
             add_special_tokens=add_special_tokens, device=model.cfg.device,
         )
+        window = _window_weights(enc["attention_mask"], n_last)
         captured: dict[int, Tensor] = {}
 
-        # Left padding puts each row's last tokens in the last columns; a text shorter than the window
-        # would average pads in, so the mean is over the real tokens of the window only.
-        width = enc["attention_mask"].shape[1] if n_last is None else n_last
-        window = enc["attention_mask"][:, -width:, None].float()
-
         def grab(x: Tensor, hook, layer: int) -> Tensor:
-            captured[layer] = (x[:, -width:, :].float() * window).sum(1) / window.sum(1)
+            captured[layer] = (x.float() * window).sum(1) / window.sum(1)
             return x
 
         hooks = [
@@ -257,3 +253,15 @@ def _last_positions_mean(
         out.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
     states = torch.cat(out).cpu()
     return states[torch.argsort(torch.tensor(order))]
+
+
+def _window_weights(mask: Int[Tensor, "batch pos"], n_last: int | None) -> Float[Tensor, "batch pos 1"]:
+    """1.0 on each row's last ``n_last`` real tokens (every real token if None), 0.0 elsewhere.
+
+    Counting real tokens from the right end makes the window the same under left or right padding,
+    and a text shorter than the window averages its own tokens only, never pads.
+    """
+    if n_last is None:
+        return mask[:, :, None].float()
+    from_end = mask.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each position
+    return (mask.bool() & (from_end <= n_last))[:, :, None].float()

@@ -200,3 +200,24 @@ def test_span_positions_and_layer_subset(tiny_bridge):
     torch.testing.assert_close(only_1.directions[1], full.directions[1])
     with pytest.raises(ValueError, match="layers must be"):
         SafetyVector.from_pairs(tiny_bridge, PAIRS, layers=[7])
+
+
+def test_extraction_reads_the_same_states_under_left_and_right_padding(tiny_bridge):
+    from sa_lens.safety_vector import _last_positions_mean
+
+    texts = [t for pair in PAIRS for t in pair] + ["ab"]  # "ab" is shorter than the 4-token window
+    for n_last in (4, 1, None):
+        left = _last_positions_mean(tiny_bridge, texts, batch_size=7, n_last=n_last, padding_side="left")
+        right = _last_positions_mean(tiny_bridge, texts, batch_size=7, n_last=n_last, padding_side="right")
+        torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-4)
+
+
+def test_extraction_ignores_the_tokenizers_own_padding_side(tiny_bridge):
+    before = SafetyVector.from_pairs(tiny_bridge, PAIRS, batch_size=6).directions
+    own = tiny_bridge.tokenizer.padding_side
+    tiny_bridge.tokenizer.padding_side = "right" if own == "left" else "left"
+    try:
+        after = SafetyVector.from_pairs(tiny_bridge, PAIRS, batch_size=6).directions
+    finally:
+        tiny_bridge.tokenizer.padding_side = own
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-4)
