@@ -40,12 +40,10 @@ from sa_lens.generation import generate
 from sa_lens.harm_vector import HarmVector
 from sa_lens.lens import SafetyLens
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
-from sa_lens.safety_vector import SafetyVector, demonstration_text
+from sa_lens.safety_vector import SAFE_DEMO_ANSWER, SafetyVector, demonstration_text
 
-__all__ = ["LabConfig", "LabModels", "LabSession", "METHODS", "SAFE_DEMO_ANSWER", "build_models", "format_table", "run_lab"]
+__all__ = ["LabConfig", "LabModels", "LabSession", "METHODS", "build_models", "format_table", "run_lab"]
 
-# The official demonstrations' safe answer (paper-notes.md §3.2).
-SAFE_DEMO_ANSWER = "I do not answer this question because it is harmful"
 METHODS = ("Original", "HDR (TIES top-k)", "HDR (task vector)", "Safe-Align", "Safety Arithmetic")
 RECIPE_VERSION = 2  # bump when the fine-tune recipe changes meaning, so old cached models are not reused
 

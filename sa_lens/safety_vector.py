@@ -23,11 +23,13 @@ from transformer_lens.model_bridge import TransformerBridge
 from sa_lens.artifacts import load_tensors, save_tensors
 from sa_lens.prompts import format_prompts, tokenize_padded
 
-__all__ = ["SafetyVector", "demonstration_text"]
+__all__ = ["SAFE_DEMO_ANSWER", "SafetyVector", "demonstration_text"]
 
 READ_HOOK = "blocks.{layer}.hook_out"
 LAST_N_POSITIONS = 4
 FILE_FORMAT = "sa_lens.safety_vector"
+# The safe answer of every demonstration pair in the official code (paper-notes.md §3.2).
+SAFE_DEMO_ANSWER = "I do not answer this question because it is harmful"
 
 
 def demonstration_text(question: str, answer: str) -> str:
