@@ -155,6 +155,7 @@ class PublicSource:
         macro: report the macro-average ASR over categories.
         default_split: the split used when none is given.
         splits: the valid splits.
+        folder: the folder name of its local copy under a data directory (default: the set's name).
     """
 
     name: str
@@ -169,6 +170,11 @@ class PublicSource:
     macro: bool = False
     default_split: str | None = None
     splits: tuple[str, ...] = field(default=())
+    folder: str = ""
+
+    def local_folder(self, data_dir: str | os.PathLike[str]) -> Path:
+        """Where this set's copy sits under a data directory laid out like ``../shared/data``."""
+        return Path(data_dir) / (self.folder or self.name)
 
 
 def _column(row_keys: Sequence[str], candidates: Sequence[str]) -> str | None:
@@ -208,11 +214,11 @@ PUBLIC_SETS: dict[str, PublicSource] = {
         ),
         PublicSource(
             "jbb-harmful", "harmful", ("JailbreakBench/JBB-Behaviors", "behaviors", "harmful"),
-            ("harmful-behaviors.csv",), prompt_columns=("goal",), id_columns=("index",),
+            ("harmful-behaviors.csv",), prompt_columns=("goal",), id_columns=("index",), folder="jbb-behaviors",
         ),
         PublicSource(
             "jbb-benign", "safe", ("JailbreakBench/JBB-Behaviors", "behaviors", "benign"),
-            ("benign-behaviors.csv",), prompt_columns=("goal",), id_columns=("index",),
+            ("benign-behaviors.csv",), prompt_columns=("goal",), id_columns=("index",), folder="jbb-behaviors",
         ),
         PublicSource(
             "xstest", "safe", ("walledai/XSTest", None, "test"), ("xstest_prompts.csv",),
@@ -220,7 +226,7 @@ PUBLIC_SETS: dict[str, PublicSource] = {
         ),
         PublicSource(
             "xstest-unsafe", "harmful", ("walledai/XSTest", None, "test"), ("xstest_prompts.csv",),
-            category_columns=("type",), id_columns=("id",), keep=_xstest_label("unsafe"),
+            category_columns=("type",), id_columns=("id",), keep=_xstest_label("unsafe"), folder="xstest",
         ),
         # DangerousQA ships as a JSON list of questions in declare-lab/red-instruct; no hub copy is known.
         PublicSource("dangerousqa", "harmful", None, ("dangerousqa.json", "harmful_questions/dangerousqa.json")),
@@ -243,8 +249,14 @@ PUBLIC_SETS: dict[str, PublicSource] = {
             prompt_columns=("forbidden_prompt", "prompt"),
         ),
         PublicSource("mmlu", "mc", ("cais/mmlu", "all", "test"), ("{split}",), default_split="test", splits=("test", "dev")),
-        PublicSource("truthfulqa-mc1", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"), ("mc_task.json",)),
-        PublicSource("truthfulqa-mc2", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"), ("mc_task.json",)),
+        PublicSource(
+            "truthfulqa-mc1", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"), ("mc_task.json",),
+            folder="truthfulqa",
+        ),
+        PublicSource(
+            "truthfulqa-mc2", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"), ("mc_task.json",),
+            folder="truthfulqa",
+        ),
     )
 }
 """Registry of public sets: name → where it lives and how its columns map."""

@@ -25,7 +25,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data import DataError
-from sa_lens.data.public import MCSet, PromptSet, load_public, resolve_names
+from sa_lens.data.public import PUBLIC_SETS, MCSet, PromptSet, load_public, resolve_names
 from sa_lens.evaluation.decoding import GenerationSettings, preset
 from sa_lens.evaluation.judge_registry import Judge, get_judge
 from sa_lens.evaluation.multiple_choice import score_items
@@ -65,7 +65,11 @@ class EvalReport:
 
 
 def load_sets(
-    datasets: Sequence[DataSpec], data_paths: Mapping[str, str] | None = None, limit: int | None = None, seed: int = 0
+    datasets: Sequence[DataSpec],
+    data_paths: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
 ) -> list[PromptSet | MCSet]:
     """Resolve data set specs: names (``advbench``; aliases ``jbb``, ``truthfulqa``), ``name=PATH``, or loaded sets.
 
@@ -75,6 +79,8 @@ def load_sets(
             is read from the hub.
         limit: keep a fixed random subset of this many items per set.
         seed: seed of that subset.
+        data_dir: a folder laid out like ``../shared/data`` (``advbench/``, ``jbb-behaviors/`` …), used for
+            names that have no path of their own; None reads those from the hub.
 
     Raises:
         DataError: see :func:`sa_lens.data.public.load_public`.
@@ -88,6 +94,8 @@ def load_sets(
         name, _, path = spec.partition("=")
         for resolved in resolve_names([name.strip()]):
             where = path.strip() or paths.get(resolved) or paths.get(name.strip().lower())
+            if not where and data_dir is not None and resolved in PUBLIC_SETS:
+                where = str(PUBLIC_SETS[resolved].local_folder(data_dir))
             out.append(load_public(resolved, where or None, limit=limit, seed=seed))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
@@ -109,6 +117,7 @@ def evaluate(
     settings: GenerationSettings | str = "greedy",
     out_dir: str | Path | None = None,
     data_paths: Mapping[str, str] | None = None,
+    data_dir: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -132,6 +141,7 @@ def evaluate(
         out_dir: report folder: ``results.jsonl`` (appended per batch, resumed on rerun), ``results.json``,
             ``summary.md``, ``comparison.md``. None keeps everything in memory.
         data_paths: name → local copy for names given without ``=PATH``.
+        data_dir: a folder laid out like ``../shared/data`` for the other names (see :func:`load_sets`).
         limit: a fixed random subset of this many items per data set (seeded by ``seed``).
         batch_size: prompts (or questions) per batch; also the unit of loss on a crash.
         tokenizer: only for a plain HF model.
@@ -155,7 +165,7 @@ def evaluate(
     settings = preset(settings) if isinstance(settings, str) else settings
     harm_judge = get_judge(judge)
     refusal_judge = over_refusal_judge or OverRefusalJudge()
-    sets = load_sets(datasets, data_paths, limit, seed)
+    sets = load_sets(datasets, data_paths, limit, seed, data_dir)
     states = dict(states or {"Original": contextlib.nullcontext})
     out = Path(out_dir) if out_dir is not None else None
     store = ResultStore(out / "results.jsonl" if out else None)

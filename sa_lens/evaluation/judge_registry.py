@@ -10,9 +10,13 @@ from typing import Any, Protocol
 
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
 
-__all__ = ["JUDGES", "Judge", "get_judge"]
+__all__ = ["JUDGES", "Judge", "JudgeUnavailableError", "get_judge"]
 
 JUDGES: tuple[str, ...] = ("keyword", "llm", "llama-guard", "harmbench-classifier")
+
+
+class JudgeUnavailableError(RuntimeError):
+    """A judge cannot be used at all (endpoint unreachable after retries, or it rejects the request)."""
 
 
 class Judge(Protocol):
