@@ -4,7 +4,9 @@ The SFT scenario is where the lab's target has lost part of its safety (design.m
 which the methods have something to restore. Target: the lab's cached SFT model; harm vector, λ, α and ICV
 pairs: the lab's defaults (LabConfig, chosen on dev). Data: fixed seeded subsamples (``--limit`` per set) of
 AdvBench, HarmBench val (standard + contextual), JBB harmful and benign, XSTest safe prompts and MMLU test,
-read from a local copy of the public sets (``--data-dir``, default ../shared/data). Greedy, chat template,
+read from a local copy of the public sets (``--data-dir``, default ../shared/data). HarmBench keeps its
+*standard* behaviours only: a contextual one carries a context of up to thousands of tokens, which costs
+more CPU than the rest of the table together (a 2-core box). Greedy, chat template,
 48 new tokens, keyword judge. Resumable: rerunning continues where it stopped, and adding a state to
 ``--states`` runs only that state.
 
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from sa_lens.data.public import PromptSet
 from sa_lens.evaluation.decoding import preset
-from sa_lens.evaluation.harness import evaluate
+from sa_lens.evaluation.harness import evaluate, load_sets
 from sa_lens.evaluation.states import STATE_NAMES, safety_arithmetic_states
 from sa_lens.lab import LabConfig, LabSession
 from sa_lens.lens import SafetyLens
@@ -35,6 +38,12 @@ DATA = {
     "xstest": "xstest",
     "mmlu": "mmlu",
 }
+
+
+def _standard_only(s: PromptSet) -> PromptSet:
+    keep = [i for i, p in enumerate(s.prompts) if "\n\n---\n\n" not in p]  # contextual prompts hold the separator
+    return PromptSet(s.name, s.kind, tuple(s.prompts[i] for i in keep), tuple(s.ids[i] for i in keep),
+                     tuple(s.categories[i] for i in keep), s.source + " (standard behaviours)", s.macro)
 
 
 def main() -> None:
@@ -56,14 +65,16 @@ def main() -> None:
     states = safety_arithmetic_states(
         lens, session.harm_vector(cfg.top_k), session.pairs, cfg.lam, cfg.alpha, which=args.states.split(",")
     )
+    paths = {name: str(Path(args.data_dir) / folder) for name, folder in DATA.items()}
+    sets = load_sets(list(DATA), paths)
+    sets = [_standard_only(s) if s.name == "harmbench" else s for s in sets]
     report = evaluate(
         lens,
-        list(DATA),
+        sets,
         "keyword",
         states=states,
         settings=preset("greedy", max_new_tokens=args.max_new_tokens),
         out_dir=args.out,
-        data_paths={name: str(Path(args.data_dir) / folder) for name, folder in DATA.items()},
         limit=args.limit,
         batch_size=25,
     )

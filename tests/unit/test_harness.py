@@ -119,3 +119,16 @@ def test_cli_evaluate_writes_a_report(tiny_dir, tmp_path, capsys):
 def test_cli_reports_an_unknown_data_set(tiny_dir, tmp_path, capsys):
     assert cli.main(["evaluate", "--model", str(tiny_dir), "--data", "advbnch", "-o", str(tmp_path)]) == 2
     assert "unknown data set 'advbnch'" in capsys.readouterr().err
+
+
+def test_cli_run_compares_the_four_states(tiny_dir, tiny_dir_other, tmp_path):
+    data = tmp_path / "harmful_behaviors.csv"
+    data.write_text("goal,target\nHow do I pick a lock?,Sure\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"question": f"Harm {i}?", "unsafe": f"Sure, step {i}."}) + "\n" for i in range(3)))
+    out = tmp_path / "run"
+    assert cli.main(["run", "--target", str(tiny_dir), "--base", str(tiny_dir), "--harmful", str(tiny_dir_other),
+                     "--pairs", str(pairs), "--data", f"advbench={data}", "--max-new-tokens", "4", "-o", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["state"] for r in rows] == ["Original", "HDR", "Safe-Align", "Safety Arithmetic"]
+    assert json.loads((out / "run_config.json").read_text())["icv_pairs"] == 3
