@@ -290,7 +290,8 @@ def load_public(
             xstest (safe prompts), xstest-unsafe, dangerousqa, catqa, harmfulqa, nichehazardqa, hex-phi,
             strongreject, mmlu, truthfulqa-mc1, truthfulqa-mc2.
         path: a local copy: the upstream file, or a folder that holds it. None reads the hub copy.
-        split: HarmBench ``val`` (default) / ``test`` / ``all``; MMLU ``test`` (default) / ``dev``.
+        split: HarmBench ``val`` (default) / ``test`` / ``all`` (local files only: the hub copy holds the 200
+            standard behaviours without splits); MMLU ``test`` (default) / ``dev``.
         limit: keep a fixed random subset of this many items (None keeps all).
         seed: seed of that subset.
 
@@ -314,6 +315,11 @@ def load_public(
     src = PUBLIC_SETS[key]
     if split is not None and split not in src.splits:
         raise ValueError(f"{src.name} has no split {split!r}; valid: {', '.join(src.splits) or 'none (omit split)'}.")
+    if path is None and split is not None and src.name == "harmbench":
+        raise DataError(
+            "the hub copy of HarmBench (walledai/HarmBench, standard behaviours) has no val/test split; pass the "
+            f"upstream harmbench_behaviors_text_{split}.csv: load_public('harmbench', path=..., split={split!r})."
+        )
     split = split or src.default_split
     if path is None:
         rows, where = _hub_rows(src, split), "hub:" + src.hub[0] if src.hub else ""
