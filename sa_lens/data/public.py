@@ -35,6 +35,8 @@ __all__ = [
     "PUBLIC_SETS",
     "PromptSet",
     "PublicSource",
+    "QASet",
+    "load_bundled_set",
     "load_public",
     "load_public_file",
     "resolve_names",
@@ -128,6 +130,62 @@ class MCSet:
     def subsample(self, n: int | None, seed: int = 0) -> "MCSet":
         """A fixed random subset of ``n`` questions in file order."""
         return replace(self, items=tuple(self.items[i] for i in _sample(len(self), n, seed)))
+
+
+@dataclass(frozen=True)
+class QASet:
+    """Short-answer questions scored by exact match (the bundled QA set; SQuAD-style containment).
+
+    Attributes:
+        name: the set's name in reports.
+        prompts: the questions.
+        ids: one id per question.
+        answers: accepted answers per question.
+        source: where it was read from.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+    ids: tuple[str, ...]
+    answers: tuple[tuple[str, ...], ...]
+    source: str
+    kind: Literal["qa"] = "qa"
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subsample(self, n: int | None, seed: int = 0) -> "QASet":
+        """A fixed random subset of ``n`` questions in file order."""
+        keep = _sample(len(self), n, seed)
+        return replace(
+            self,
+            prompts=tuple(self.prompts[i] for i in keep),
+            ids=tuple(self.ids[i] for i in keep),
+            answers=tuple(self.answers[i] for i in keep),
+        )
+
+
+def load_bundled_set(name: str, split: str = "test") -> PromptSet | QASet:
+    """A bundled, project-written set as an evaluation set: ``harmful`` (ASR), ``safe`` (over-refusal), ``qa``.
+
+    Args:
+        name: ``harmful``, ``safe`` or ``qa`` (see :mod:`sa_lens.data`).
+        split: ``train``, ``dev`` or ``test`` (default; the lab tunes on dev only).
+
+    Raises:
+        ValueError: an unknown name or split.
+    """
+    from sa_lens.data import load_bundled
+
+    if name not in ("harmful", "safe", "qa"):
+        raise ValueError(f"bundled evaluation sets are harmful, safe and qa; got {name!r}.")
+    rows = load_bundled(name, split)
+    where = f"bundled:{name}/{split}"
+    if name == "qa":
+        return QASet("bundled-qa", tuple(r["question"] for r in rows), tuple(r["id"] for r in rows),
+                     tuple(tuple(r["answers"]) for r in rows), where)
+    cats = tuple(r["category"] if name == "harmful" else r["type"] for r in rows)
+    return PromptSet(f"bundled-{name}", name, tuple(r["prompt"] for r in rows), tuple(r["id"] for r in rows), cats, where)  # type: ignore[arg-type]
 
 
 def _sample(size: int, n: int | None, seed: int) -> list[int]:

@@ -25,9 +25,10 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data import DataError
-from sa_lens.data.public import PUBLIC_SETS, MCSet, PromptSet, load_public, resolve_names
+from sa_lens.data.public import PUBLIC_SETS, MCSet, PromptSet, QASet, load_bundled_set, load_public, resolve_names
 from sa_lens.evaluation.decoding import GenerationSettings, preset
 from sa_lens.evaluation.judge_registry import Judge, get_judge
+from sa_lens.evaluation.metrics import exact_match
 from sa_lens.evaluation.multiple_choice import score_items
 from sa_lens.evaluation.over_refusal import OverRefusalJudge
 from sa_lens.evaluation.report import comparison_table, summarize, summary_table
@@ -38,7 +39,8 @@ from sa_lens.lens import SafetyLens
 __all__ = ["EvalReport", "evaluate", "load_sets"]
 
 StateFactory = Callable[[], AbstractContextManager]
-DataSpec = str | PromptSet | MCSet
+DataSpec = str | PromptSet | MCSet | QASet
+EvalSet = PromptSet | MCSet | QASet
 
 
 @dataclass
@@ -70,8 +72,9 @@ def load_sets(
     limit: int | None = None,
     seed: int = 0,
     data_dir: str | Path | None = None,
-) -> list[PromptSet | MCSet]:
-    """Resolve data set specs: names (``advbench``; aliases ``jbb``, ``truthfulqa``), ``name=PATH``, or loaded sets.
+) -> list[EvalSet]:
+    """Resolve data set specs: names (``advbench``; aliases ``jbb``, ``truthfulqa``; ``bundled-harmful``,
+    ``bundled-safe``, ``bundled-qa`` for the test split of the bundled sets), ``name=PATH``, or loaded sets.
 
     Args:
         datasets: the specs.
@@ -85,13 +88,16 @@ def load_sets(
     Raises:
         DataError: see :func:`sa_lens.data.public.load_public`.
     """
-    out: list[PromptSet | MCSet] = []
+    out: list[EvalSet] = []
     paths = {k.lower(): v for k, v in (data_paths or {}).items()}
     for spec in datasets:
         if not isinstance(spec, str):
             out.append(spec.subsample(limit, seed))
             continue
         name, _, path = spec.partition("=")
+        if name.strip().lower().startswith("bundled-"):
+            out.append(load_bundled_set(name.strip().lower().removeprefix("bundled-")).subsample(limit, seed))
+            continue
         for resolved in resolve_names([name.strip()]):
             where = path.strip() or paths.get(resolved) or paths.get(name.strip().lower())
             if not where and data_dir is not None and resolved in PUBLIC_SETS:
@@ -131,8 +137,9 @@ def evaluate(
 
     Args:
         model_or_lens: a ``TransformerBridge``, a :class:`SafetyLens`, or a plain HF model (with ``tokenizer``).
-        datasets: names (``advbench``, ``harmbench``, ``jbb``, ``xstest``, ``mmlu``, ``truthfulqa`` …),
-            ``name=PATH`` strings, or loaded :class:`PromptSet` / :class:`MCSet` objects.
+        datasets: names (``advbench``, ``harmbench``, ``jbb``, ``xstest``, ``mmlu``, ``truthfulqa``,
+            ``bundled-qa`` …), ``name=PATH`` strings, or loaded :class:`PromptSet` / :class:`MCSet` /
+            :class:`QASet` objects.
         judge: the harm judge: ``keyword``, ``llm``, ``llama-guard``, ``harmbench-classifier`` or an object
             with ``name`` and ``judge_batch(prompts, responses)``.
         states: state name → factory of a context manager that puts the model in that state (e.g.
@@ -171,9 +178,11 @@ def evaluate(
     store = ResultStore(out / "results.jsonl" if out else None)
     model_id = _model_id(model)
 
-    def config_of(s: PromptSet | MCSet) -> str:
+    def config_of(s: EvalSet) -> str:
         if s.kind == "mc":
             return f"{model_id}|mc-{s.scoring}"
+        if s.kind == "qa":
+            return f"{model_id}|{settings.digest()}|exact-match"
         judge_name = harm_judge.name if s.kind == "harmful" else refusal_judge.name
         return f"{model_id}|{settings.digest()}|{judge_name}"
 
@@ -226,7 +235,7 @@ def evaluate(
 def _run_batch(
     model: Any,
     tokenizer: PreTrainedTokenizerBase | None,
-    s: PromptSet | MCSet,
+    s: EvalSet,
     idx: list[int],
     batch_index: int,
     settings: GenerationSettings,
@@ -247,6 +256,12 @@ def _run_batch(
         model, prompts, batch_size=len(prompts), seed=settings.seed + batch_index, tokenizer=tokenizer,
         **settings.generate_kwargs(),
     )
+    if isinstance(s, QASet):
+        return [
+            {"dataset": s.name, "kind": "qa", "id": s.ids[i], "category": "", "prompt": p, "response": r,
+             "score": float(exact_match(r, s.answers[i]))}
+            for i, p, r in zip(idx, prompts, replies)
+        ]
     judge = harm_judge if s.kind == "harmful" else refusal_judge
     verdicts = judge.judge_batch(prompts, replies)
     return [

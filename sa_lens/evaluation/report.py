@@ -2,7 +2,7 @@
 
 Headline metric per kind of set (paper-notes.md §4.3-4.5): harmful → ASR (macro over categories where the
 paper reports it so: HarmfulQA, NicheHazardQA), safe → over-refusal (XSTest full + partial refusal),
-multiple choice → accuracy (MMLU, TruthfulQA MC1) or the MC2 score. Every value carries its seeded
+multiple choice → accuracy (MMLU, TruthfulQA MC1) or the MC2 score, short-answer QA → exact match. Every value carries its seeded
 bootstrap 95 % interval, its n (judged items; FAILED judgements left out) and the FAILED count.
 """
 
@@ -15,7 +15,7 @@ from sa_lens.evaluation.metrics import Rate
 
 __all__ = ["comparison_table", "summarize", "summary_table"]
 
-_ARROW = {"asr": "↓", "asr_macro": "↓", "over_refusal": "↓", "accuracy": "↑", "mc2": "↑"}
+_ARROW = {"asr": "↓", "asr_macro": "↓", "over_refusal": "↓", "accuracy": "↑", "mc2": "↑", "exact_match": "↑"}
 
 
 def _metric(name: str, r: Rate) -> dict:
@@ -27,7 +27,7 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
 
     Args:
         records: evaluation records (fields ``state``, ``dataset``, ``kind``, ``category`` and ``verdict``,
-            or ``score`` for multiple choice; ``macro`` marks sets reported as macro-averages).
+            or ``score`` for multiple choice and QA; ``macro`` marks sets reported as macro-averages).
         n_boot: bootstrap resamples.
         seed: bootstrap seed (same records and seed → same intervals).
 
@@ -42,8 +42,8 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
     for (state, dataset), recs in groups.items():
         kind = recs[0]["kind"]
         row: dict = {"state": state, "dataset": dataset, "kind": kind}
-        if kind == "mc":
-            name = "mc2" if recs[0]["scoring"] == "mc2" else "accuracy"
+        if kind in ("mc", "qa"):
+            name = "exact_match" if kind == "qa" else "mc2" if recs[0]["scoring"] == "mc2" else "accuracy"
             row |= _metric(name, bootstrap_mean([r["score"] for r in recs], n_boot, seed))
             row |= {"headline": name, "failed": 0}
             rows.append(row)
@@ -101,7 +101,7 @@ def comparison_table(rows: Sequence[dict]) -> str:
 
     Harm sets first (ASR ↓), then over-refusal sets (↓), then utility (↑), each in first-seen order.
     """
-    order = {"harmful": 0, "safe": 1, "mc": 2}
+    order = {"harmful": 0, "safe": 1, "mc": 2, "qa": 3}
     datasets = sorted(dict.fromkeys(r["dataset"] for r in rows), key=lambda d: order[next(r["kind"] for r in rows if r["dataset"] == d)])
     by = {(r["state"], r["dataset"]): r for r in rows}
     heads = []

@@ -132,3 +132,11 @@ def test_cli_run_compares_the_four_states(tiny_dir, tiny_dir_other, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["state"] for r in rows] == ["Original", "HDR", "Safe-Align", "Safety Arithmetic"]
     assert json.loads((out / "run_config.json").read_text())["icv_pairs"] == 3
+
+
+def test_bundled_sets_by_name_with_exact_match_utility(tiny_bridge, tmp_path):
+    report = evaluate(tiny_bridge, ["bundled-qa", "bundled-safe"], settings=preset("greedy", max_new_tokens=4),
+                      limit=3, progress=False)
+    qa = report.rows[0]
+    assert (qa["dataset"], qa["headline"], qa["exact_match_n"]) == ("bundled-qa", "exact_match", 3)
+    assert report.rows[1]["kind"] == "safe"
