@@ -73,13 +73,7 @@ class PromptSet:
 
     def subsample(self, n: int | None, seed: int = 0) -> "PromptSet":
         """A fixed random subset of ``n`` items in file order (all items when ``n`` is None or ≥ len)."""
-        keep = _sample(len(self), n, seed)
-        return replace(
-            self,
-            prompts=tuple(self.prompts[i] for i in keep),
-            ids=tuple(self.ids[i] for i in keep),
-            categories=tuple(self.categories[i] for i in keep),
-        )
+        return _take(self, _sample(len(self), n, seed), ("prompts", "ids", "categories"))
 
 
 @dataclass(frozen=True)
@@ -129,7 +123,7 @@ class MCSet:
 
     def subsample(self, n: int | None, seed: int = 0) -> "MCSet":
         """A fixed random subset of ``n`` questions in file order."""
-        return replace(self, items=tuple(self.items[i] for i in _sample(len(self), n, seed)))
+        return _take(self, _sample(len(self), n, seed), ("items",))
 
 
 @dataclass(frozen=True)
@@ -156,13 +150,7 @@ class QASet:
 
     def subsample(self, n: int | None, seed: int = 0) -> "QASet":
         """A fixed random subset of ``n`` questions in file order."""
-        keep = _sample(len(self), n, seed)
-        return replace(
-            self,
-            prompts=tuple(self.prompts[i] for i in keep),
-            ids=tuple(self.ids[i] for i in keep),
-            answers=tuple(self.answers[i] for i in keep),
-        )
+        return _take(self, _sample(len(self), n, seed), ("prompts", "ids", "answers"))
 
 
 def load_bundled_set(name: str, split: str = "test") -> PromptSet | QASet:
@@ -186,6 +174,11 @@ def load_bundled_set(name: str, split: str = "test") -> PromptSet | QASet:
                      tuple(tuple(r["answers"]) for r in rows), where)
     cats = tuple(r["category"] if name == "harmful" else r["type"] for r in rows)
     return PromptSet(f"bundled-{name}", name, tuple(r["prompt"] for r in rows), tuple(r["id"] for r in rows), cats, where)  # type: ignore[arg-type]
+
+
+def _take(obj: Any, keep: list[int], fields: Sequence[str]) -> Any:
+    """A copy of a frozen set object keeping the rows ``keep`` of each per-item tuple field."""
+    return replace(obj, **{f: tuple(getattr(obj, f)[i] for i in keep) for f in fields})
 
 
 def _sample(size: int, n: int | None, seed: int) -> list[int]:
