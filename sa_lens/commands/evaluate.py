@@ -11,6 +11,7 @@ from sa_lens.evaluation.judge_registry import JUDGES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """Options both commands share: data, judge, decoding, report folder."""
     p.add_argument("--data", required=True, help="comma-separated sets: advbench, harmbench, jbb (harmful+benign), "
                    "xstest, mmlu, truthfulqa, … or name=PATH for a local copy")
     p.add_argument("--data-dir", help="folder laid out like shared/data (advbench/, jbb-behaviors/, xstest/ …) for "
@@ -30,6 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``evaluate`` and ``run`` to the ``sa-lens`` subcommands."""
     p = sub.add_parser("evaluate", help="ASR / over-refusal / utility of one model on public or own data sets.")
     p.add_argument("--model", help="hub id or local HF folder (default: the embedded SmolLM2-135M-Instruct)")
     _common(p)

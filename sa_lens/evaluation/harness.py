@@ -224,6 +224,7 @@ def evaluate(
         "limit": limit,
         "seed": seed,
         "n_boot": n_boot,
+        "items_run": sum(len(p[3]) for p in plan),
     }
     report = EvalReport(rows, wanted, summary_table(rows), comparison_table(rows), out, 0.0, config)
     report.seconds = round(time.perf_counter() - t0, 1)
@@ -244,7 +245,7 @@ def _run_batch(
 ) -> list[dict]:
     if isinstance(s, MCSet):
         items = [s.items[i] for i in idx]
-        scores = score_items(model, s, items, tokenizer, batch_size=len(items) * 4)
+        scores = score_items(model, s, items, tokenizer, batch_size=len(items))
         return [
             {"dataset": s.name, "kind": "mc", "scoring": s.scoring, "id": it.id, "category": it.category,
              "prompt": it.question, "score": sc}

@@ -33,7 +33,8 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
 
     Returns:
         Dicts with ``state``, ``dataset``, ``kind``, ``headline`` (the metric's name), ``failed`` and, per
-        metric, ``{m}``, ``{m}_ci95`` = [low, high] and ``{m}_n``; values are fractions in [0, 1].
+        metric, ``{m}``, ``{m}_ci95`` = [low, high] and ``{m}_n``; values are fractions in [0, 1]. Sets with
+        categories also get ``by_category``: category → {value (ASR or over-refusal), n}.
     """
     groups: dict[tuple[str, str], list[dict]] = {}
     for rec in records:
@@ -68,6 +69,13 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
             row |= _metric("partial_refusal", bootstrap_mean([v == "partial_refusal" for v in verdicts], n_boot, seed))
             row["headline"] = "over_refusal"
         row |= _metric("degenerate", bootstrap_mean([v == "degenerate" for v in verdicts], n_boot, seed))
+        if len(set(cats)) > 1:
+            # Per-category rates: the paper's per-topic tables (HarmfulQA Table 14) and XSTest's prompt types.
+            hit = ("compliance",) if kind == "harmful" else ("full_refusal", "partial_refusal")
+            row["by_category"] = {
+                c: {"value": sum(v in hit for v, k in zip(verdicts, cats) if k == c) / cats.count(c), "n": cats.count(c)}
+                for c in dict.fromkeys(cats)
+            }
         rows.append(row)
     return rows
 

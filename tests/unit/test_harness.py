@@ -140,3 +140,23 @@ def test_bundled_sets_by_name_with_exact_match_utility(tiny_bridge, tmp_path):
     qa = report.rows[0]
     assert (qa["dataset"], qa["headline"], qa["exact_match_n"]) == ("bundled-qa", "exact_match", 3)
     assert report.rows[1]["kind"] == "safe"
+
+
+def test_llm_judge_failures_reach_the_report_as_failed(tiny_bridge, tmp_path, monkeypatch):
+    httpx = pytest.importorskip("httpx")
+    from sa_lens.evaluation.llm_judge import LLMJudge
+
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(200, json={"choices": [{"message": {"content": "[B]" if len(calls) % 2 else "unsure"}}]})
+
+    judge = LLMJudge(api_key_env=None, base_url="http://judge.local/v1", transport=httpx.MockTransport(handler),
+                     max_workers=1)
+    report = evaluate(tiny_bridge, [HARMFUL], judge, out_dir=tmp_path, settings=SAMPLED, progress=False)
+    row = report.rows[0]
+    assert row["failed"] == 3 and row["asr_n"] == 4 and row["asr"] == 1.0
+    assert "| 3 |" in report.summary.splitlines()[-1]
+    assert {r["verdict"] for r in report.records} == {"compliance", "failed"}
+    assert row["by_category"]["a"]["n"] + row["by_category"]["b"]["n"] + row["by_category"]["c"]["n"] == 4
