@@ -87,7 +87,10 @@ def main() -> None:
         "seconds_this_call": round(time.perf_counter() - t0, 1),
         "items_generated_this_call": report.config["items_run"],
     }
-    (Path(args.out) / "run.json").write_text(json.dumps(meta, indent=2))
+    run_file = Path(args.out) / "run.json"
+    earlier = json.loads(run_file.read_text()) if run_file.exists() else {}
+    meta = {"first_full_run": earlier["first_full_run"]} | meta if "first_full_run" in earlier else meta
+    run_file.write_text(json.dumps(meta, indent=2))
     print(report.summary, "\n", report.comparison, f"\n{meta['seconds_this_call']} s")
 
 

@@ -4,7 +4,7 @@ For each model state (original, inside HDR, with Safe-Align hooks, both — any 
 set is run in fixed batches: generate (decoding preset, prompt format), judge (the harm judge on harmful
 sets, the XSTest-style over-refusal judge on safe sets) or score options by log-likelihood (multiple
 choice), and append the batch's records to ``results.jsonl``. A rerun skips every item whose key
-(state, data set, item id, configuration hash) is already there; batches and their sampling seeds are
+(state, data set, item id, configuration: model, state fingerprint, decoding, judge) is already there; batches and their sampling seeds are
 fixed by position, so an interrupted and resumed run gives the same records as an uninterrupted one.
 Source: paper-notes.md §4 (protocol), design.md §3 (judging rules).
 """
@@ -12,6 +12,7 @@ Source: paper-notes.md §4 (protocol), design.md §3 (judging rules).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,7 +38,7 @@ from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.generation import generate
 from sa_lens.lens import SafetyLens
 
-__all__ = ["EvalReport", "evaluate", "load_sets"]
+__all__ = ["EvalReport", "evaluate", "load_sets", "state_fingerprint"]
 
 StateFactory = Callable[[], AbstractContextManager]
 DataSpec = str | PromptSet | MCSet | QASet
@@ -109,6 +111,24 @@ def load_sets(
     return out
 
 
+def state_fingerprint(model: Any) -> str:
+    """A short hash of what makes one model state differ from another.
+
+    Weights (HDR edits them in place; per parameter, the float64 sum and sum of squares) and the names of
+    the hook points that carry hooks (Safe-Align). Two hook sets at the same hook points (e.g. two α values)
+    look alike: give such states different names. Sums are deterministic on one machine and device; a resume
+    elsewhere may redo items rather than reuse them.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double()
+            h.update(f"{name}:{x.sum().item():.17g}:{(x * x).sum().item():.17g};".encode())
+    hooked = sorted(n for n, hp in getattr(model, "hook_dict", {}).items() if getattr(hp, "fwd_hooks", None))
+    h.update(",".join(hooked).encode())
+    return h.hexdigest()[:12]
+
+
 def _model_id(model: Any) -> str:
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     return str(getattr(cfg, "model_name", None) or getattr(cfg, "_name_or_path", None) or type(model).__name__)
@@ -178,41 +198,35 @@ def evaluate(
     store = ResultStore(out / "results.jsonl" if out else None)
     model_id = _model_id(model)
 
-    def config_of(s: EvalSet) -> str:
+    def config_of(s: EvalSet, fingerprint: str) -> str:
         if s.kind == "mc":
-            return f"{model_id}|mc-{s.scoring}"
+            return f"{model_id}|{fingerprint}|mc-{s.scoring}"
         if s.kind == "qa":
-            return f"{model_id}|{settings.digest()}|exact-match"
+            return f"{model_id}|{fingerprint}|{settings.digest()}|exact-match"
         judge_name = harm_judge.name if s.kind == "harmful" else refusal_judge.name
-        return f"{model_id}|{settings.digest()}|{judge_name}"
+        return f"{model_id}|{fingerprint}|{settings.digest()}|{judge_name}"
 
-    plan = []  # (state, set, batch index, item indices) still to run
-    for state in states:
-        for s in sets:
-            cfg = config_of(s)
-            for b, start in enumerate(range(0, len(s), batch_size)):
-                idx = list(range(start, min(start + batch_size, len(s))))
-                if not all(store.done(record_key(state, s.name, s.ids[i], cfg), retry_failed) for i in idx):
-                    plan.append((state, s, b, idx))
-    bar = tqdm(total=sum(len(p[3]) for p in plan), desc="evaluate", unit="item", disable=not progress)
-    by_state: dict[str, list] = {}
-    for item in plan:
-        by_state.setdefault(item[0], []).append(item)
-    for state, work in by_state.items():
-        with states[state]():
-            for _, s, b, idx in work:
+    bar = tqdm(total=len(states) * sum(len(s) for s in sets), desc="evaluate", unit="item", disable=not progress)
+    wanted, items_run, fingerprints = [], 0, {}
+    for state, enter in states.items():
+        with enter():
+            # Keys carry the state's fingerprint, so records of another state under the same name are never reused.
+            fingerprints[state] = fp = state_fingerprint(model)
+            for s in sets:
+                cfg = config_of(s, fp)
                 bar.set_postfix_str(f"{state} · {s.name}")
-                cfg = config_of(s)
-                recs = _run_batch(model, tokenizer, s, idx, b, settings, harm_judge, refusal_judge)
-                for rec in recs:
-                    rec |= {"key": record_key(state, s.name, rec["id"], cfg), "state": state, "config": cfg}
-                store.append(r for r in recs if not store.done(r["key"], retry_failed))
-                bar.update(len(idx))
+                for b, start in enumerate(range(0, len(s), batch_size)):
+                    idx = list(range(start, min(start + batch_size, len(s))))
+                    if not all(store.done(record_key(state, s.name, s.ids[i], cfg), retry_failed) for i in idx):
+                        recs = _run_batch(model, tokenizer, s, idx, b, settings, harm_judge, refusal_judge)
+                        for rec in recs:
+                            rec |= {"key": record_key(state, s.name, rec["id"], cfg), "state": state, "config": cfg}
+                        store.append(r for r in recs if not store.done(r["key"], retry_failed))
+                        items_run += len(idx)
+                    bar.update(len(idx))
+                wanted += [store.records[record_key(state, s.name, i, cfg)] for i in s.ids]
     bar.close()
 
-    wanted = [
-        store.records[record_key(st, s.name, i, config_of(s))] for st in states for s in sets for i in s.ids
-    ]
     rows = summarize(wanted, n_boot, seed)
     config = {
         "model": model_id,
@@ -224,7 +238,8 @@ def evaluate(
         "limit": limit,
         "seed": seed,
         "n_boot": n_boot,
-        "items_run": sum(len(p[3]) for p in plan),
+        "items_run": items_run,
+        "state_fingerprints": fingerprints,
     }
     report = EvalReport(rows, wanted, summary_table(rows), comparison_table(rows), out, 0.0, config)
     report.seconds = round(time.perf_counter() - t0, 1)

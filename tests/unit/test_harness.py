@@ -6,6 +6,7 @@ import contextlib
 import json
 
 import pytest
+import torch
 
 from sa_lens import cli
 from sa_lens.data.public import MCItem, MCSet, PromptSet
@@ -160,3 +161,26 @@ def test_llm_judge_failures_reach_the_report_as_failed(tiny_bridge, tmp_path, mo
     assert "| 3 |" in report.summary.splitlines()[-1]
     assert {r["verdict"] for r in report.records} == {"compliance", "failed"}
     assert row["by_category"]["a"]["n"] + row["by_category"]["b"]["n"] + row["by_category"]["c"]["n"] == 4
+
+
+def test_another_model_state_under_the_same_name_is_not_reused(tiny_bridge, tmp_path):
+    @contextlib.contextmanager
+    def edited():  # an in-place weight edit, as HDR does, restored on exit
+        p = next(tiny_bridge.parameters())
+        saved = p.detach().clone()
+        with torch.no_grad():
+            p.mul_(1.5)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                p.copy_(saved)
+
+    def hooked():
+        return tiny_bridge.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: x)])
+
+    kw = dict(out_dir=tmp_path, settings=SAMPLED, progress=False)
+    for state in (contextlib.nullcontext, edited, hooked, contextlib.nullcontext):
+        last = evaluate(tiny_bridge, [SAFE], states={"S": state}, **kw)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3 * 5  # the last call reused the first's
+    assert last.config["items_run"] == 0
