@@ -3,9 +3,10 @@
 For each model state (original, inside HDR, with Safe-Align hooks, both — any context manager), each data
 set is run in fixed batches: generate (decoding preset, prompt format), judge (the harm judge on harmful
 sets, the XSTest-style over-refusal judge on safe sets) or score options by log-likelihood (multiple
-choice), and append the batch's records to ``results.jsonl``. A rerun skips every item whose key
-(state, data set, item id, configuration: model, state fingerprint, decoding, judge) is already there; batches and their sampling seeds are
-fixed by position, so an interrupted and resumed run gives the same records as an uninterrupted one.
+choice), and append the batch's records to ``results.jsonl``. A rerun skips every item whose key (state,
+data set, item id, configuration: model, state fingerprint, decoding, judge) is already there; batches and
+their sampling seeds are fixed by position, so an interrupted and resumed run gives the same records as an
+uninterrupted one.
 Source: paper-notes.md §4 (protocol), design.md §3 (judging rules).
 """
 

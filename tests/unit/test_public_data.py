@@ -134,3 +134,12 @@ def test_macro_sets_are_marked(tmp_path):
 def test_aliases_expand():
     assert resolve_names(["JBB", "truthfulqa", "advbench"]) == ["jbb-harmful", "jbb-benign", "truthfulqa-mc1",
                                                                 "truthfulqa-mc2", "advbench"]
+
+
+@needs_shared
+def test_data_dir_resolves_aliases_to_their_folders():
+    from sa_lens.evaluation.harness import load_sets
+
+    sets = load_sets(["jbb", "truthfulqa", "xstest-unsafe"], data_dir=SHARED, limit=5)
+    assert [s.name for s in sets] == ["jbb-harmful", "jbb-benign", "truthfulqa-mc1", "truthfulqa-mc2", "xstest-unsafe"]
+    assert all(len(s) == 5 for s in sets)
