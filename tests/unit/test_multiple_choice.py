@@ -40,3 +40,13 @@ def test_mmlu_prompt_lists_options_and_asks_for_a_letter():
     item = MCItem("0", "2+2?", ("3", "4"), (0, 1))
     ctx, conts = mc_prompt(item, "letter", shots=[item])
     assert ctx.count("A. 3\nB. 4\nAnswer:") == 2 and " B\n\n" in ctx and conts == [" A", " B"]
+
+
+def test_plain_hugging_face_model_scores_like_its_bridge(tiny_bridge, tiny_dir):
+    import sa_lens
+
+    hf, _ = sa_lens.load_hf_model(tiny_dir)
+    ctxs, conts = ["Q: sky?\nA:", "Q: bread?\nA:"], [" blue", " flour and water"]
+    # The bridge's tokenizer adds a BOS that the checkpoint's own tokenizer does not, so both get the bridge's.
+    assert torch.allclose(continuation_logprobs(hf, ctxs, conts, tokenizer=tiny_bridge.tokenizer),
+                          continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
