@@ -164,7 +164,9 @@ def evaluate(
         judge: the harm judge: ``keyword``, ``llm``, ``llama-guard``, ``harmbench-classifier`` or an object
             with ``name`` and ``judge_batch(prompts, responses)``.
         states: state name → factory of a context manager that puts the model in that state (e.g.
-            ``lambda: lens.harm_removal(hv, 3.0)``); default ``{"Original": nullcontext}``.
+            ``lambda: lens.harm_removal(hv, 3.0)``); default ``{"Original": nullcontext}`` — when calling
+            inside an HDR or Safe-Align block yourself, name the state (``states={"HDR": nullcontext}``) so the
+            report does not call it Original.
         settings: a :class:`GenerationSettings` or a preset name (``greedy``, ``paper``).
         out_dir: report folder: ``results.jsonl`` (appended per batch, resumed on rerun), ``results.json``,
             ``summary.md``, ``comparison.md``. None keeps everything in memory.

@@ -147,6 +147,16 @@ class LLMJudge:
             "Check base_url / $OPENAI_BASE_URL and the network; results written so far are kept, rerun to resume."
         )
 
+    def close(self) -> None:
+        """Close the HTTP connection pool (also done by leaving a ``with LLMJudge(...) as judge:`` block)."""
+        self._client.close()
+
+    def __enter__(self) -> "LLMJudge":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def judge_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """Judge each (harmful question, answer) pair; FAILED where no verdict could be had.
 

@@ -91,3 +91,10 @@ def test_key_comes_only_from_the_environment(monkeypatch):
         LLMJudge()
     assert "api_key" not in LLMJudge.__init__.__code__.co_varnames
     LLMJudge(api_key_env=None)  # a local endpoint without auth
+
+
+def test_judge_closes_its_connections_as_a_context_manager(monkeypatch):
+    judge, _ = _judge(lambda r: _reply("[A]"), monkeypatch)
+    with judge as j:
+        assert j.judge_batch(["q"], ["a"]) == [Verdict.REFUSAL]
+    assert judge._client.is_closed
