@@ -1,5 +1,6 @@
 """sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
 
+from sa_lens.evaluation.harness import evaluate
 from sa_lens.generation import enable_kv_cache, generate
 from sa_lens.harm_removal import apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
@@ -18,6 +19,7 @@ __all__ = [
     "checkpoint_parameters",
     "demonstration_text",
     "enable_kv_cache",
+    "evaluate",
     "generate",
     "harm_removal",
     "load_hf_model",

@@ -6,13 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sa_lens.commands import lab, safety_vector, vectors
+from sa_lens.commands import evaluate, lab, safety_vector, vectors
 from sa_lens.data import DataError
+from sa_lens.evaluation.judge_registry import JudgeUnavailableError
 
 __all__ = ["main"]
 
 # Order is the order of `sa-lens --help`: the main job first, then the stages alone.
-_COMMANDS = (lab, vectors, safety_vector)
+_COMMANDS = (lab, evaluate, vectors, safety_vector)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args, parser)
-    except (ValueError, FileNotFoundError, DataError) as e:
+    except (ValueError, FileNotFoundError, DataError, JudgeUnavailableError) as e:
         print(f"sa-lens {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -205,6 +205,9 @@ def _read_table(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]
                 f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}). "
                 "Fix the file, or save one object per line as .jsonl."
             ) from exc
+        # A bare list of strings (DangerousQA's own JSON) is one prompt per entry.
+        if isinstance(rows, list) and rows and all(isinstance(r, str) for r in rows):
+            rows = [{"prompt": r} for r in rows]
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(
                 f"{path}: expected a JSON list of objects such as "
@@ -215,7 +218,7 @@ def _read_table(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]
 
 
 def load_records(path: str | os.PathLike[str], column: str | None = None) -> list[dict[str, Any]]:
-    """Read prompt records from a local CSV, JSON (list of objects) or JSONL file.
+    """Read prompt records from a local CSV, JSON (list of objects, or of strings) or JSONL file.
 
     Every returned record keeps all the row's original fields (for example a ``category``
     column) and gains a ``"prompt"`` key holding the text of the chosen column.
@@ -276,7 +279,7 @@ def load_records(path: str | os.PathLike[str], column: str | None = None) -> lis
 
 
 def load_prompts(path: str | os.PathLike[str], column: str | None = None) -> list[str]:
-    """Read prompts from a local CSV, JSON (list of objects) or JSONL file.
+    """Read prompts from a local CSV, JSON (list of objects, or of strings) or JSONL file.
 
     Args:
         path: The file to read; its suffix (``.csv``, ``.json`` or ``.jsonl``) picks the format.

@@ -1,7 +1,11 @@
-"""Scoring model continuations: a keyword refusal judge and rates with Wilson intervals."""
+"""Scoring model continuations: judges (keyword, LLM, classifiers, over-refusal), metrics, the resumable harness."""
 
 from __future__ import annotations
 
+from sa_lens.evaluation.bootstrap import bootstrap_mean, macro_mean
+from sa_lens.evaluation.decoding import PRESETS, GenerationSettings, preset
+from sa_lens.evaluation.harness import EvalReport, evaluate, load_sets
+from sa_lens.evaluation.judge_registry import JUDGES, get_judge
 from sa_lens.evaluation.judges import DEFAULT_REFUSAL_PHRASES, KeywordJudge, Verdict
 from sa_lens.evaluation.metrics import (
     Rate,
@@ -9,21 +13,39 @@ from sa_lens.evaluation.metrics import (
     attack_success_rate,
     degenerate_rate,
     exact_match,
+    failed_count,
     normalize_answer,
     rate,
     refusal_rate,
 )
+from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
+from sa_lens.evaluation.states import STATE_NAMES, safety_arithmetic_states
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
+    "JUDGES",
+    "PRESETS",
+    "STATE_NAMES",
+    "EvalReport",
+    "GenerationSettings",
     "KeywordJudge",
+    "OverRefusalJudge",
     "Rate",
+    "RefusalClass",
     "Verdict",
     "accuracy",
     "attack_success_rate",
+    "bootstrap_mean",
     "degenerate_rate",
+    "evaluate",
     "exact_match",
+    "failed_count",
+    "get_judge",
+    "load_sets",
+    "macro_mean",
     "normalize_answer",
+    "preset",
+    "safety_arithmetic_states",
     "rate",
     "refusal_rate",
 ]

@@ -247,9 +247,14 @@ def test_error_malformed_json(tmp_path: Path) -> None:
 
 
 def test_error_json_not_list_of_objects(tmp_path: Path) -> None:
-    path = _write(tmp_path / "strings.json", '["a", "b"]')
+    path = _write(tmp_path / "mixed.json", '[{"prompt": "a"}, 3]')
     with pytest.raises(DataError, match="list of objects"):
         load_prompts(path)
+
+
+def test_json_list_of_strings_is_one_prompt_each(tmp_path: Path) -> None:
+    # DangerousQA's upstream file is a bare JSON list of questions.
+    assert load_prompts(_write(tmp_path / "strings.json", '["a", "b"]')) == ["a", "b"]
 
 
 def test_error_no_usable_column(tmp_path: Path) -> None:

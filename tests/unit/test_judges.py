@@ -122,7 +122,8 @@ def test_labelled_examples(judge: KeywordJudge, text: str, expected: Verdict) ->
 
 def test_table_is_large_and_covers_every_verdict() -> None:
     assert len(LABELLED) >= 60
-    assert {verdict for _, verdict in LABELLED} == set(Verdict)
+    # FAILED is only ever produced by judges that can fail (LLM endpoints, classifiers), never by keywords.
+    assert {verdict for _, verdict in LABELLED} == set(Verdict) - {Verdict.FAILED}
 
 
 def test_judge_sees_only_the_continuation() -> None:

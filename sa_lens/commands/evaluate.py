@@ -1,0 +1,133 @@
+"""``sa-lens evaluate`` (one model, data sets, a judge → report folder) and ``sa-lens run`` (Safety Arithmetic
+on your own target/base/harmful models: Original vs HDR vs Safe-Align vs both, same report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sa_lens.evaluation.judge_registry import JUDGES
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    """Options both commands share: data, judge, decoding, report folder."""
+    p.add_argument("--data", required=True, help="comma-separated sets: advbench, harmbench, jbb (harmful+benign), "
+                   "xstest, mmlu, truthfulqa, … or name=PATH for a local copy")
+    p.add_argument("--data-dir", help="folder laid out like shared/data (advbench/, jbb-behaviors/, xstest/ …) for "
+                   "names without =PATH; omitted: read them from the Hugging Face hub")
+    p.add_argument("--judge", choices=JUDGES, default="keyword", help="harm judge (default: %(default)s)")
+    p.add_argument("--judge-model", help="llm judge: model name at the endpoint (default gpt-4); classifiers: hub id or folder")
+    p.add_argument("--judge-url", help="llm judge: OpenAI-compatible base URL (default $OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--preset", choices=("greedy", "paper"), default="greedy",
+                   help="decoding: greedy (chat template, 64 tokens) or paper (raw prefix, T=0.45, top-k 10, 200 tokens)")
+    p.add_argument("--prompt-format", choices=("chat", "raw"), help="override the preset's prompt format")
+    p.add_argument("--system-prompt", help="system message (chat format only)")
+    p.add_argument("--max-new-tokens", type=int, help="override the preset's generation budget")
+    p.add_argument("--seed", type=int, default=0, help="sampling and subsample seed (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="fixed random subset of N items per set")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: %(default)s)")
+    p.add_argument("-o", "--out", default="sa_lens_eval", help="report folder; rerunning resumes (default: %(default)s)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``evaluate`` and ``run`` to the ``sa-lens`` subcommands."""
+    p = sub.add_parser("evaluate", help="ASR / over-refusal / utility of one model on public or own data sets.")
+    p.add_argument("--model", help="hub id or local HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    _common(p)
+    p.set_defaults(run=_run_evaluate)
+
+    p = sub.add_parser("run", help="Safety Arithmetic on your models: Original vs HDR vs Safe-Align vs both.")
+    p.add_argument("--target", required=True, help="θt: the model to make safe (hub id or folder)")
+    p.add_argument("--base", required=True, help="θb: the base θH was fine-tuned from")
+    p.add_argument("--harmful", required=True, help="θH: θb fine-tuned on harmful QA")
+    p.add_argument("--pairs", help="ICV demonstrations: CSV/JSON/JSONL with columns question, unsafe (a harmful answer) "
+                   "and optional safe; default: θH's answers to the bundled harmful-train requests")
+    p.add_argument("--lam", type=float, default=3.0, help="λ of HDR (default: %(default)s, the paper's)")
+    p.add_argument("--top-k", type=float, default=0.10, help="fraction of τH kept (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.12, help="Safe-Align α (default: %(default)s)")
+    _common(p)
+    p.set_defaults(run=_run_safety_arithmetic)
+
+
+def _judge(args: argparse.Namespace):
+    from sa_lens.evaluation.judge_registry import get_judge
+
+    options = {}
+    if args.judge == "llm":
+        options = {k: v for k, v in (("model", args.judge_model), ("base_url", args.judge_url)) if v}
+    elif args.judge != "keyword" and args.judge_model:
+        options = {"model": args.judge_model}
+    return get_judge(args.judge, **options)
+
+
+def _evaluate(model, args: argparse.Namespace, states=None) -> int:
+    from sa_lens.evaluation.decoding import preset
+    from sa_lens.evaluation.harness import evaluate
+
+    overrides = {k: v for k, v in (("prompt_format", args.prompt_format), ("system_prompt", args.system_prompt),
+                                    ("max_new_tokens", args.max_new_tokens)) if v is not None}
+    if "system_prompt" in overrides and args.prompt_format is None:
+        overrides["prompt_format"] = "chat"
+    settings = preset(args.preset, seed=args.seed, **overrides)
+    report = evaluate(
+        model, [d for d in args.data.split(",") if d], _judge(args), states=states, settings=settings,
+        out_dir=args.out, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+    )
+    print(report.summary, "", report.comparison, "", f"Report in {Path(args.out).resolve()} ({report.seconds:.0f} s).", sep="\n")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from sa_lens.models import load_model
+
+    return _evaluate(load_model(args.model), args)
+
+
+def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]:
+    from sa_lens.data import load_bundled, load_records
+    from sa_lens.evaluation.judges import KeywordJudge, Verdict
+    from sa_lens.generation import generate
+    from sa_lens.lab import SAFE_DEMO_ANSWER
+    from sa_lens.models import load_hf_model
+    from sa_lens.safety_vector import demonstration_text
+
+    if args.pairs:
+        rows = load_records(args.pairs, "question")
+        missing = [i + 1 for i, r in enumerate(rows) if not str(r.get("unsafe") or "").strip()]
+        if missing:
+            raise ValueError(f"{args.pairs}: rows {missing[:5]} have no 'unsafe' answer; each pair needs one.")
+        return [(demonstration_text(r["prompt"], r["unsafe"]), demonstration_text(r["prompt"], r.get("safe") or SAFE_DEMO_ANSWER))
+                for r in rows]
+    # Default as in the lab: θH's own answers where it complied, against the official safe answer.
+    model, tok = load_hf_model(harmful_path)
+    questions = [r["prompt"] for r in load_bundled("harmful", "train")]
+    answers = generate(model, questions, 64, tokenizer=tok, progress="θH answers for the ICV")
+    judge = KeywordJudge()
+    pairs = [(demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER))
+             for q, a in zip(questions, answers) if judge.judge(a) is Verdict.COMPLIANCE][:30]
+    if not pairs:
+        raise ValueError("θH refused every bundled harmful request, so no ICV pairs; pass --pairs.")
+    return pairs
+
+
+def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from sa_lens.evaluation.states import safety_arithmetic_states
+    from sa_lens.harm_vector import HarmVector
+    from sa_lens.lens import SafetyLens
+    from sa_lens.models import load_hf_model, load_model
+
+    if not 0.0 < args.top_k <= 1.0:
+        parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
+    base, _ = load_hf_model(args.base)
+    harmful, _ = load_hf_model(args.harmful)
+    hv = HarmVector.from_models(base, harmful).trim(args.top_k)
+    del base, harmful
+    pairs = _pairs(args, args.harmful)
+    lens = SafetyLens(load_model(args.target))
+    states = safety_arithmetic_states(lens, hv, pairs, args.lam, args.alpha)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "run_config.json").write_text(json.dumps(
+        {"target": args.target, "base": args.base, "harmful": args.harmful, "lam": args.lam, "top_k": args.top_k,
+         "alpha": args.alpha, "icv_pairs": len(pairs), "pairs_file": args.pairs}, indent=2))
+    return _evaluate(lens, args, states)

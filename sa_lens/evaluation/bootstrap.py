@@ -1,0 +1,87 @@
+"""Seeded percentile-bootstrap 95 % intervals for item means and macro-averages over categories.
+
+Every headline number of an evaluation (ASR, macro ASR, over-refusal, multiple-choice accuracy, MC2
+score) is a mean of per-item scores in [0, 1]; the bootstrap gives one interval recipe for all of them,
+including the macro-average over categories that the paper reports for HarmfulQA and NicheHazardQA
+(paper-notes.md §4.1), for which no closed form like Wilson's exists. Resampling is stratified by
+category for the macro-average, so every resample keeps every category.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sa_lens.evaluation.metrics import Rate
+
+__all__ = ["bootstrap_mean", "macro_mean"]
+
+
+def _check(values: Sequence[float], n_boot: int) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError("the bootstrap needs a non-empty 1-d sequence of per-item scores.")
+    if not np.all((x >= 0) & (x <= 1)):
+        raise ValueError("per-item scores must lie in [0, 1] (flags or probabilities).")
+    if n_boot < 100:
+        raise ValueError(f"n_boot must be ≥ 100 for a 95 % percentile interval, got {n_boot}.")
+    return x
+
+
+def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Rate:
+    """Mean of per-item scores with a seeded percentile-bootstrap 95 % interval.
+
+    Args:
+        values: one score per item in [0, 1] (a flag such as "complied", or a probability such as MC2's).
+        n_boot: bootstrap resamples (≥ 100).
+        seed: seed of the resampling; the same inputs and seed give the same interval.
+
+    Returns:
+        A :class:`Rate`: value = the mean, [low, high] = the 2.5th and 97.5th percentiles of the resampled
+        means (widened to include the mean), n = number of items.
+
+    Raises:
+        ValueError: empty input, a score outside [0, 1], or n_boot < 100.
+    """
+    x = _check(values, n_boot)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return _rate(float(x.mean()), means, x.size)
+
+
+def macro_mean(values: Sequence[float], groups: Sequence[str], n_boot: int = 2000, seed: int = 0) -> Rate:
+    """Unweighted mean over categories of the per-category mean score, with a stratified bootstrap interval.
+
+    The paper's HarmfulQA and NicheHazardQA ASR (paper-notes.md §4.1: 31.553 is the macro, not the micro
+    31.19 over items). Resampling draws items with replacement within each category.
+
+    Args:
+        values: one score per item in [0, 1].
+        groups: the category of each item.
+        n_boot: bootstrap resamples (≥ 100).
+        seed: seed of the resampling.
+
+    Returns:
+        A :class:`Rate` whose n is the number of items (the number of categories is ``len(set(groups))``).
+
+    Raises:
+        ValueError: as :func:`bootstrap_mean`, or ``groups`` not aligned with ``values``.
+    """
+    x = _check(values, n_boot)
+    if len(groups) != x.size:
+        raise ValueError(f"{len(groups)} groups for {x.size} values; give one category per item.")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(groups, dtype=object)
+    per_group, boot = [], []
+    for g in dict.fromkeys(groups):
+        xg = x[labels == g]
+        per_group.append(xg.mean())
+        boot.append(xg[rng.integers(0, xg.size, size=(n_boot, xg.size))].mean(axis=1))
+    return _rate(float(np.mean(per_group)), np.mean(boot, axis=0), x.size)
+
+
+def _rate(value: float, resampled: np.ndarray, n: int) -> Rate:
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    # Percentiles can miss the point estimate by float error (all-equal scores); keep low ≤ value ≤ high.
+    return Rate(value=value, n=n, low=float(min(low, value)), high=float(max(high, value)))

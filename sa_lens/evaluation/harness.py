@@ -1,0 +1,301 @@
+"""``sa_lens.evaluate``: one harness for ASR, over-refusal and utility, for any model state, resumable.
+
+For each model state (original, inside HDR, with Safe-Align hooks, both — any context manager), each data
+set is run in fixed batches: generate (decoding preset, prompt format), judge (the harm judge on harmful
+sets, the XSTest-style over-refusal judge on safe sets) or score options by log-likelihood (multiple
+choice), and append the batch's records to ``results.jsonl``. A rerun skips every item whose key (state,
+data set, item id, configuration: model, state fingerprint, decoding, judge) is already there; batches and
+their sampling seeds are fixed by position, so an interrupted and resumed run gives the same records as an
+uninterrupted one.
+Source: paper-notes.md §4 (protocol), design.md §3 (judging rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sa_lens.data import DataError
+from sa_lens.data.public import PUBLIC_SETS, MCSet, PromptSet, QASet, load_bundled_set, load_public, resolve_names
+from sa_lens.evaluation.decoding import GenerationSettings, preset
+from sa_lens.evaluation.judge_registry import Judge, get_judge
+from sa_lens.evaluation.metrics import exact_match
+from sa_lens.evaluation.multiple_choice import score_items
+from sa_lens.evaluation.over_refusal import OverRefusalJudge
+from sa_lens.evaluation.report import comparison_table, summarize, summary_table
+from sa_lens.evaluation.store import ResultStore, record_key
+from sa_lens.generation import generate
+from sa_lens.lens import SafetyLens
+
+__all__ = ["EvalReport", "evaluate", "load_sets", "state_fingerprint"]
+
+StateFactory = Callable[[], AbstractContextManager]
+DataSpec = str | PromptSet | MCSet | QASet
+EvalSet = PromptSet | MCSet | QASet
+
+
+@dataclass
+class EvalReport:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        rows: one dict per (state, data set): headline metric, bootstrap 95 % interval, n, failures
+            (see :func:`sa_lens.evaluation.report.summarize`); values are fractions in [0, 1].
+        records: every per-item record (prompt, response, verdict or score).
+        summary: Markdown table of ``rows``.
+        comparison: Markdown table in the paper's layout (states × data sets, %).
+        out_dir: the report folder, or None when nothing was written.
+        seconds: wall time of this call.
+    """
+
+    rows: list[dict]
+    records: list[dict]
+    summary: str
+    comparison: str
+    out_dir: Path | None = None
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def load_sets(
+    datasets: Sequence[DataSpec],
+    data_paths: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+) -> list[EvalSet]:
+    """Resolve data set specs: names (``advbench``; aliases ``jbb``, ``truthfulqa``; ``bundled-harmful``,
+    ``bundled-safe``, ``bundled-qa`` for the test split of the bundled sets), ``name=PATH``, or loaded sets.
+
+    Args:
+        datasets: the specs.
+        data_paths: name → local file or folder for names given without ``=PATH``; a name missing here
+            is read from the hub.
+        limit: keep a fixed random subset of this many items per set.
+        seed: seed of that subset.
+        data_dir: a folder laid out like ``../shared/data`` (``advbench/``, ``jbb-behaviors/`` …), used for
+            names that have no path of their own; None reads those from the hub.
+
+    Raises:
+        DataError: see :func:`sa_lens.data.public.load_public`.
+    """
+    out: list[EvalSet] = []
+    paths = {k.lower(): v for k, v in (data_paths or {}).items()}
+    for spec in datasets:
+        if not isinstance(spec, str):
+            out.append(spec.subsample(limit, seed))
+            continue
+        name, _, path = spec.partition("=")
+        if name.strip().lower().startswith("bundled-"):
+            out.append(load_bundled_set(name.strip().lower().removeprefix("bundled-")).subsample(limit, seed))
+            continue
+        for resolved in resolve_names([name.strip()]):
+            where = path.strip() or paths.get(resolved) or paths.get(name.strip().lower())
+            if not where and data_dir is not None and resolved in PUBLIC_SETS:
+                where = str(PUBLIC_SETS[resolved].local_folder(data_dir))
+            out.append(load_public(resolved, where or None, limit=limit, seed=seed))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise DataError(f"data set names repeat ({', '.join(names)}); each set needs its own name in the report.")
+    return out
+
+
+def state_fingerprint(model: Any) -> str:
+    """A short hash of what makes one model state differ from another.
+
+    Weights (HDR edits them in place; per parameter, the float64 sum and sum of squares) and the names of
+    the hook points that carry hooks (Safe-Align). Two hook sets at the same hook points (e.g. two α values)
+    look alike: give such states different names. Sums are deterministic on one machine and device; a resume
+    elsewhere may redo items rather than reuse them.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double()
+            h.update(f"{name}:{x.sum().item():.17g}:{(x * x).sum().item():.17g};".encode())
+    hooked = sorted(n for n, hp in getattr(model, "hook_dict", {}).items() if getattr(hp, "fwd_hooks", None))
+    h.update(",".join(hooked).encode())
+    return h.hexdigest()[:12]
+
+
+def _model_id(model: Any) -> str:
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    return str(getattr(cfg, "model_name", None) or getattr(cfg, "_name_or_path", None) or type(model).__name__)
+
+
+def evaluate(
+    model_or_lens: TransformerBridge | SafetyLens | PreTrainedModel,
+    datasets: Sequence[DataSpec],
+    judge: str | Judge = "keyword",
+    *,
+    states: Mapping[str, StateFactory] | None = None,
+    settings: GenerationSettings | str = "greedy",
+    out_dir: str | Path | None = None,
+    data_paths: Mapping[str, str] | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    over_refusal_judge: OverRefusalJudge | None = None,
+    retry_failed: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> EvalReport:
+    """Measure ASR, over-refusal and utility of one or more model states on public or own data sets.
+
+    Args:
+        model_or_lens: a ``TransformerBridge``, a :class:`SafetyLens`, or a plain HF model (with ``tokenizer``).
+        datasets: names (``advbench``, ``harmbench``, ``jbb``, ``xstest``, ``mmlu``, ``truthfulqa``,
+            ``bundled-qa`` …), ``name=PATH`` strings, or loaded :class:`PromptSet` / :class:`MCSet` /
+            :class:`QASet` objects.
+        judge: the harm judge: ``keyword``, ``llm``, ``llama-guard``, ``harmbench-classifier`` or an object
+            with ``name`` and ``judge_batch(prompts, responses)``.
+        states: state name → factory of a context manager that puts the model in that state (e.g.
+            ``lambda: lens.harm_removal(hv, 3.0)``); default ``{"Original": nullcontext}`` — when calling
+            inside an HDR or Safe-Align block yourself, name the state (``states={"HDR": nullcontext}``) so the
+            report does not call it Original.
+        settings: a :class:`GenerationSettings` or a preset name (``greedy``, ``paper``).
+        out_dir: report folder: ``results.jsonl`` (appended per batch, resumed on rerun), ``results.json``,
+            ``summary.md``, ``comparison.md``. None keeps everything in memory.
+        data_paths: name → local copy for names given without ``=PATH``.
+        data_dir: a folder laid out like ``../shared/data`` for the other names (see :func:`load_sets`).
+        limit: a fixed random subset of this many items per data set (seeded by ``seed``).
+        batch_size: prompts (or questions) per batch; also the unit of loss on a crash.
+        tokenizer: only for a plain HF model.
+        over_refusal_judge: the judge for safe sets (default: XSTest classes by keyword rules).
+        retry_failed: on resume, redo items whose judgement FAILED.
+        n_boot: bootstrap resamples for the 95 % intervals.
+        seed: subset and bootstrap seed (sampling seeds come from ``settings.seed``).
+        progress: show a progress bar with ETA.
+
+    Returns:
+        An :class:`EvalReport`.
+
+    Raises:
+        DataError: a data set cannot be loaded (unknown name, unreachable hub, malformed file …).
+        ValueError: an unknown judge or preset, or batch_size < 1.
+    """
+    t0 = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+    model = model_or_lens.model if isinstance(model_or_lens, SafetyLens) else model_or_lens
+    settings = preset(settings) if isinstance(settings, str) else settings
+    harm_judge = get_judge(judge)
+    refusal_judge = over_refusal_judge or OverRefusalJudge()
+    sets = load_sets(datasets, data_paths, limit, seed, data_dir)
+    states = dict(states or {"Original": contextlib.nullcontext})
+    out = Path(out_dir) if out_dir is not None else None
+    store = ResultStore(out / "results.jsonl" if out else None)
+    model_id = _model_id(model)
+
+    def config_of(s: EvalSet, fingerprint: str) -> str:
+        if s.kind == "mc":
+            return f"{model_id}|{fingerprint}|mc-{s.scoring}"
+        if s.kind == "qa":
+            return f"{model_id}|{fingerprint}|{settings.digest()}|exact-match"
+        judge_name = harm_judge.name if s.kind == "harmful" else refusal_judge.name
+        return f"{model_id}|{fingerprint}|{settings.digest()}|{judge_name}"
+
+    bar = tqdm(total=len(states) * sum(len(s) for s in sets), desc="evaluate", unit="item", disable=not progress)
+    wanted, items_run, fingerprints = [], 0, {}
+    for state, enter in states.items():
+        with enter():
+            # Keys carry the state's fingerprint, so records of another state under the same name are never reused.
+            fingerprints[state] = fp = state_fingerprint(model)
+            for s in sets:
+                cfg = config_of(s, fp)
+                bar.set_postfix_str(f"{state} · {s.name}")
+                for b, start in enumerate(range(0, len(s), batch_size)):
+                    idx = list(range(start, min(start + batch_size, len(s))))
+                    if not all(store.done(record_key(state, s.name, s.ids[i], cfg), retry_failed) for i in idx):
+                        recs = _run_batch(model, tokenizer, s, idx, b, settings, harm_judge, refusal_judge)
+                        for rec in recs:
+                            rec |= {"key": record_key(state, s.name, rec["id"], cfg), "state": state, "config": cfg}
+                        store.append(r for r in recs if not store.done(r["key"], retry_failed))
+                        items_run += len(idx)
+                    bar.update(len(idx))
+                wanted += [store.records[record_key(state, s.name, i, cfg)] for i in s.ids]
+    bar.close()
+
+    rows = summarize(wanted, n_boot, seed)
+    config = {
+        "model": model_id,
+        "judge": harm_judge.name,
+        "over_refusal_judge": refusal_judge.name,
+        "settings": settings.__dict__,
+        "states": list(states),
+        "datasets": {s.name: {"kind": s.kind, "n": len(s), "source": s.source} for s in sets},
+        "limit": limit,
+        "seed": seed,
+        "n_boot": n_boot,
+        "items_run": items_run,
+        "state_fingerprints": fingerprints,
+    }
+    report = EvalReport(rows, wanted, summary_table(rows), comparison_table(rows), out, 0.0, config)
+    report.seconds = round(time.perf_counter() - t0, 1)
+    if out is not None:
+        _write(report)
+    return report
+
+
+def _run_batch(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    s: EvalSet,
+    idx: list[int],
+    batch_index: int,
+    settings: GenerationSettings,
+    harm_judge: Judge,
+    refusal_judge: OverRefusalJudge,
+) -> list[dict]:
+    if isinstance(s, MCSet):
+        items = [s.items[i] for i in idx]
+        scores = score_items(model, s, items, tokenizer, batch_size=len(items))
+        return [
+            {"dataset": s.name, "kind": "mc", "scoring": s.scoring, "id": it.id, "category": it.category,
+             "prompt": it.question, "score": sc}
+            for it, sc in zip(items, scores)
+        ]
+    prompts = [s.prompts[i] for i in idx]
+    # One seed per batch position: a resumed run samples each batch exactly as the first run did.
+    replies = generate(
+        model, prompts, batch_size=len(prompts), seed=settings.seed + batch_index, tokenizer=tokenizer,
+        **settings.generate_kwargs(),
+    )
+    if isinstance(s, QASet):
+        return [
+            {"dataset": s.name, "kind": "qa", "id": s.ids[i], "category": "", "prompt": p, "response": r,
+             "score": float(exact_match(r, s.answers[i]))}
+            for i, p, r in zip(idx, prompts, replies)
+        ]
+    judge = harm_judge if s.kind == "harmful" else refusal_judge
+    verdicts = judge.judge_batch(prompts, replies)
+    return [
+        {"dataset": s.name, "kind": s.kind, "macro": s.macro, "id": s.ids[i], "category": s.categories[i],
+         "prompt": p, "response": r, "verdict": getattr(v, "value", v), "judge": judge.name}
+        for i, p, r, v in zip(idx, prompts, replies, verdicts)
+    ]
+
+
+def _write(report: EvalReport) -> None:
+    out = report.out_dir
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"config": report.config, "rows": report.rows, "seconds": report.seconds}, indent=2, default=str)
+    )
+    (out / "summary.md").write_text(report.summary + "\n")
+    (out / "comparison.md").write_text(report.comparison + "\n")

@@ -1,0 +1,164 @@
+"""Utility by multiple-choice log-likelihood: MMLU (answer letter) and TruthfulQA MC1 / MC2.
+
+The paper reports MMLU and TruthfulQA for BASE models with numbers matching lm-eval-harness conventions
+(paper-notes.md §4.5); this module scores them the same way without generating: the model reads a
+context and each option is ranked by the summed log-probability of its tokens. Runs through the
+bridge's underlying HF module, so HDR edits and Safe-Align hooks active around the call apply.
+Zero-shot (the paper's MMLU is 5-shot; ``shots`` lets a caller pass dev examples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sa_lens.data.public import MCItem, MCSet
+from sa_lens.generation import enable_kv_cache
+
+__all__ = ["continuation_logprobs", "mc_prompt", "score_items"]
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def mc_prompt(item: MCItem, scoring: str, shots: Sequence[MCItem] = ()) -> tuple[str, list[str]]:
+    """The context and the continuations to score for one question.
+
+    MMLU (``letter``): the lm-eval-harness prompt ("question / A. … / Answer:") and the continuations
+    " A" … " D". TruthfulQA (``mc1``/``mc2``): "Q: question\\nA:" and each option with a leading space.
+
+    Args:
+        item: the question.
+        scoring: ``letter``, ``mc1`` or ``mc2``.
+        shots: solved examples put before the question (letter scoring only).
+
+    Returns:
+        ``(context, continuations)``, one continuation per option.
+    """
+    if scoring == "letter":
+        def block(it: MCItem, answered: bool) -> str:
+            lines = [it.question.strip()] + [f"{LETTERS[k]}. {c}" for k, c in enumerate(it.choices)]
+            answer = f" {LETTERS[it.labels.index(1)]}\n\n" if answered else ""
+            return "\n".join(lines) + "\nAnswer:" + answer
+
+        context = "".join(block(s, True) for s in shots) + block(item, False)
+        return context, [f" {LETTERS[k]}" for k in range(len(item.choices))]
+    return f"Q: {item.question.strip()}\nA:", [f" {c.strip()}" for c in item.choices]
+
+
+def _hf(model: TransformerBridge | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None):
+    if isinstance(model, TransformerBridge):
+        enable_kv_cache(model)
+        return model.original_model, tokenizer or model.tokenizer
+    if tokenizer is None:
+        raise ValueError("A plain Hugging Face model needs its tokenizer: tokenizer=...")
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: TransformerBridge | PreTrainedModel,
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    batch_size: int = 32,
+) -> Float[Tensor, " n"]:
+    """Summed log-probability (nats) of each continuation's tokens given its context.
+
+    Context and continuation are tokenized apart and concatenated (lm-eval-harness), so the option's
+    tokens are the same whatever the context ends with. Rows are right-padded in batches; padding sits
+    after the last scored token, so it cannot change the scores.
+
+    Args:
+        model: a bridge (hooks and edits active around the call apply) or a plain HF model.
+        contexts: one context per row.
+        continuations: one continuation per row (non-empty).
+        tokenizer: only for plain HF models.
+        batch_size: rows per forward pass.
+
+    Returns:
+        ``[n]`` float32 log-probabilities, in input order.
+
+    Raises:
+        ValueError: misaligned inputs or an empty continuation.
+    """
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations.")
+    hf, tok = _hf(model, tokenizer)
+    ctx_ids = [tok(c, add_special_tokens=True)["input_ids"] for c in contexts]
+    cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    if any(len(c) == 0 for c in cont_ids):
+        raise ValueError("an empty continuation has no tokens to score.")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # The input is context + continuation minus its last token (that token is only predicted). Options
+    # of one token therefore share one input — MMLU's four letters cost one forward pass, not four.
+    inputs = [tuple(ctx_ids[i] + cont_ids[i][:-1]) for i in range(len(contexts))]
+    unique = list(dict.fromkeys(inputs))
+    rows_of: dict[tuple[int, ...], list[int]] = {}
+    for i, seq in enumerate(inputs):
+        rows_of.setdefault(seq, []).append(i)
+    out = torch.empty(len(contexts))
+    # Longest first: the first batch shows an out-of-memory error at once, not at the end.
+    unique.sort(key=len, reverse=True)
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, seq in enumerate(batch):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        logits = hf(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device)).logits
+        for r, seq in enumerate(batch):
+            for i in rows_of[seq]:
+                n_ctx, n_cont = len(ctx_ids[i]), len(cont_ids[i])
+                # Token t is predicted at position t-1; softmax only over the positions scored.
+                logp = torch.log_softmax(logits[r, n_ctx - 1 : n_ctx + n_cont - 1].float(), dim=-1).cpu()
+                out[i] = logp[torch.arange(n_cont), torch.tensor(cont_ids[i])].sum()
+    return out
+
+
+def score_items(
+    model: TransformerBridge | PreTrainedModel,
+    mcset: MCSet,
+    items: Sequence[MCItem],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    batch_size: int = 32,
+    shots: Sequence[MCItem] = (),
+) -> list[float]:
+    """Per-question score in [0, 1]: 1/0 correctness (letter, MC1) or the MC2 true-probability mass.
+
+    MC2 = Σ_true p_i / Σ_all p_i with p_i = exp(log-likelihood of option i) (TruthfulQA, Lin et al. 2022).
+
+    Args:
+        model: bridge or HF model.
+        mcset: the set (for its scoring rule).
+        items: the questions to score (a batch of ``mcset.items``).
+        tokenizer: only for plain HF models.
+        batch_size: rows (question × option) per forward pass.
+        shots: solved examples for letter scoring.
+
+    Returns:
+        One score per item.
+    """
+    contexts, conts, owner = [], [], []
+    for k, item in enumerate(items):
+        ctx, options = mc_prompt(item, mcset.scoring, shots)
+        contexts += [ctx] * len(options)
+        conts += options
+        owner += [k] * len(options)
+    ll = continuation_logprobs(model, contexts, conts, tokenizer, batch_size)
+    scores = []
+    for k, item in enumerate(items):
+        lk = ll[[i for i, o in enumerate(owner) if o == k]]
+        labels = torch.tensor(item.labels, dtype=torch.bool)
+        if mcset.scoring == "mc2":
+            p = torch.softmax(lk.double(), dim=0)
+            scores.append(float(p[labels].sum()))
+        else:
+            scores.append(float(labels[int(lk.argmax())]))
+    return scores

@@ -1,0 +1,66 @@
+"""Append-only JSONL results with resume: one record per (state, data set, item, configuration).
+
+Each batch's records are written in one call and flushed to disk before the next batch starts, so a
+crash or Ctrl-C loses at most the batch in flight. A torn last line (the process died mid-write) is
+ignored on reading, and that item is simply redone. When an item occurs twice (a FAILED judgement
+redone on a later run), the last record wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["ResultStore", "record_key"]
+
+
+def record_key(state: str, dataset: str, item_id: str, config: str) -> str:
+    """The resume key: a record is reused only when all four parts match."""
+    return f"{state}\x1f{dataset}\x1f{item_id}\x1f{config}"
+
+
+class ResultStore:
+    """Records of one evaluation folder, keyed by :func:`record_key`; in memory only when ``path`` is None."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.records: dict[str, dict] = {}
+        if self.path is not None and self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        assert self.path is not None
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if lineno >= len(lines) - 1:  # the torn tail of an interrupted write: redo that item
+                    continue
+                raise ValueError(
+                    f"{self.path}: line {lineno} is not valid JSON ({exc.msg}); the results file was edited "
+                    "or corrupted. Delete that line (its item is then redone) and rerun."
+                ) from exc
+            self.records[rec["key"]] = rec
+
+    def done(self, key: str, retry_failed: bool = True) -> bool:
+        """Whether ``key`` has a record (a FAILED judgement counts as not done when ``retry_failed``)."""
+        rec = self.records.get(key)
+        return rec is not None and not (retry_failed and rec.get("verdict") == "failed")
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Store records (each with a ``key``) and, with a path, append them to the file durably."""
+        records = list(records)
+        for rec in records:
+            self.records[rec["key"]] = rec
+        if self.path is None or not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,28 @@
+"""sa_lens.evaluate on the embedded SmolLM2-135M-Instruct with the public copies under ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import sa_lens
+from sa_lens.evaluation.decoding import preset
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SHARED.is_dir(), reason=f"public data copies not found at {SHARED}"),
+]
+
+
+def test_paper_preset_run_is_reproducible_and_resumes(tmp_path):
+    model = sa_lens.load_model()
+    kw = dict(settings=preset("paper", max_new_tokens=12), data_dir=SHARED, limit=4, batch_size=4, progress=False)
+    first = sa_lens.evaluate(model, ["advbench", "xstest", "mmlu"], out_dir=tmp_path / "a", **kw)
+    again = sa_lens.evaluate(model, ["advbench", "xstest", "mmlu"], out_dir=tmp_path / "b", **kw)
+    assert [r["response"] for r in first.records if "response" in r] == [r["response"] for r in again.records if "response" in r]
+    assert [r["dataset"] for r in first.rows] == ["advbench", "xstest", "mmlu"]
+    assert all(r[f"{r['headline']}_n"] == 4 for r in first.rows)
+    assert first.config["settings"]["prompt_format"] == "raw"

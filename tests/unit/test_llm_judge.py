@@ -1,0 +1,100 @@
+"""LLM judge over an OpenAI-compatible endpoint, against httpx.MockTransport (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from sa_lens.evaluation.judge_registry import JudgeUnavailableError
+from sa_lens.evaluation.judges import Verdict
+from sa_lens.evaluation.llm_judge import LLMJudge, parse_verdict
+
+
+def _reply(text: str) -> httpx.Response:
+    return httpx.Response(200, json={"choices": [{"message": {"content": text}}]})
+
+
+def _judge(handler, monkeypatch, **kw) -> tuple[LLMJudge, list[float]]:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    waits: list[float] = []
+    judge = LLMJudge(base_url="http://judge.local/v1", transport=httpx.MockTransport(handler), sleep=waits.append,
+                     max_workers=1, **kw)
+    return judge, waits
+
+
+def test_verdicts_follow_the_paper_protocol(monkeypatch):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((request.headers["authorization"], body["messages"][1]["content"]))
+        return _reply("The answer gives steps. [B]" if "steps" in body["messages"][1]["content"] else "Refuses. [A]")
+
+    judge, _ = _judge(handler, monkeypatch)
+    assert judge.judge_batch(["How to x?", "How to y?"], ["Here are the steps", "I can't"]) == [Verdict.COMPLIANCE, Verdict.REFUSAL]
+    auth, prompt = seen[0]
+    assert auth == "Bearer sk-test"
+    assert "How to x?" in prompt and "Here are the steps" in prompt and '"[A]"' in prompt and '"[B]"' in prompt
+
+
+def test_last_verdict_wins_and_missing_verdict_fails():
+    assert parse_verdict("[A] would be wrong here, so: [[B]]") is Verdict.COMPLIANCE
+    assert parse_verdict("I cannot judge this.") is Verdict.FAILED
+
+
+def test_unparseable_reply_is_failed_not_safe(monkeypatch):
+    judge, _ = _judge(lambda r: _reply("no verdict"), monkeypatch)
+    assert judge.judge_batch(["q"], ["a"]) == [Verdict.FAILED]
+    assert "no [A]/[B]" in judge.errors[0][1]
+
+
+def test_retries_with_exponential_backoff_then_succeeds(monkeypatch):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(503) if len(calls) < 3 else _reply("[A]")
+
+    judge, waits = _judge(handler, monkeypatch, backoff_s=0.5)
+    assert judge.judge_batch(["q"], ["a"]) == [Verdict.REFUSAL]
+    assert waits == [0.5, 1.0]
+
+
+def test_http_errors_after_retries_are_failed(monkeypatch):
+    judge, waits = _judge(lambda r: httpx.Response(429), monkeypatch, max_retries=3)
+    assert judge.judge_batch(["q"], ["a"]) == [Verdict.FAILED]
+    assert waits == [1.0, 2.0, 4.0]
+
+
+def test_unreachable_endpoint_raises_a_clear_error_after_retries(monkeypatch):
+    def handler(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    judge, waits = _judge(handler, monkeypatch, max_retries=2)
+    with pytest.raises(JudgeUnavailableError, match=r"could not be reached after 3 attempts.*rerun to resume"):
+        judge.judge_batch(["q"], ["a"])
+    assert len(waits) == 2
+
+
+def test_rejected_key_stops_at_once(monkeypatch):
+    judge, waits = _judge(lambda r: httpx.Response(401, text="bad key"), monkeypatch)
+    with pytest.raises(JudgeUnavailableError, match="HTTP 401"):
+        judge.judge_batch(["q"], ["a"])
+    assert waits == []
+
+
+def test_key_comes_only_from_the_environment(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$OPENAI_API_KEY"):
+        LLMJudge()
+    assert "api_key" not in LLMJudge.__init__.__code__.co_varnames
+    LLMJudge(api_key_env=None)  # a local endpoint without auth
+
+
+def test_judge_closes_its_connections_as_a_context_manager(monkeypatch):
+    judge, _ = _judge(lambda r: _reply("[A]"), monkeypatch)
+    with judge as j:
+        assert j.judge_batch(["q"], ["a"]) == [Verdict.REFUSAL]
+    assert judge._client.is_closed

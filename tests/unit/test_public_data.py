@@ -1,0 +1,145 @@
+"""Public benchmark loaders: by name from local copies (../shared/data), errors that say what to fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sa_lens.data import DataError
+from sa_lens.data.public import PUBLIC_SETS, load_public, load_public_file, resolve_names
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"public data copies not found at {SHARED}")
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("name", "n", "kind"),
+    [("advbench", 520, "harmful"), ("harmbench", 60, "harmful"), ("jbb-harmful", 100, "harmful"),
+     ("jbb-benign", 100, "safe"), ("xstest", 250, "safe"), ("xstest-unsafe", 200, "harmful")],
+)
+def test_shared_copies_load_by_name_with_upstream_counts(name, n, kind):
+    s = load_public(name, PUBLIC_SETS[name].local_folder(SHARED))
+    assert (len(s), s.kind) == (n, kind)
+    assert len(set(s.ids)) == n and all(p.strip() for p in s.prompts)
+
+
+@needs_shared
+def test_categories_are_kept_and_xstest_types_split_safe_from_unsafe():
+    xs = load_public("xstest", SHARED / "xstest")
+    assert "homonyms" in xs.categories and not any(c.startswith("contrast_") for c in xs.categories)
+    jbb = load_public("jbb-harmful", SHARED / "jbb-behaviors")
+    assert len(set(jbb.categories)) == 10
+
+
+@needs_shared
+def test_harmbench_drops_copyright_and_prefixes_context():
+    hb = load_public("harmbench", SHARED / "harmbench", split="val")
+    assert "copyright" not in hb.categories
+    assert sum("\n\n---\n\n" in p for p in hb.prompts) == 19  # the contextual behaviours of val
+    assert len(load_public("harmbench", SHARED / "harmbench", split="test")) == 240
+
+
+@needs_shared
+def test_multiple_choice_sets_have_one_true_option_where_they_must():
+    mmlu = load_public("mmlu", SHARED / "mmlu", limit=200)
+    assert len(mmlu) == 200 and all(sum(i.labels) == 1 and len(i.choices) == 4 for i in mmlu.items)
+    mc1 = load_public("truthfulqa-mc1", SHARED / "truthfulqa")
+    mc2 = load_public("truthfulqa-mc2", SHARED / "truthfulqa")
+    assert len(mc1) == len(mc2) == 790
+    assert all(sum(i.labels) == 1 for i in mc1.items) and any(sum(i.labels) > 1 for i in mc2.items)
+
+
+@needs_shared
+def test_xstest_passed_as_a_harmful_set_is_refused():
+    with pytest.raises(DataError, match="labelled 'safe'.*xstest"):
+        load_public("advbench", SHARED / "xstest" / "xstest_prompts.csv")
+
+
+@needs_shared
+def test_benign_file_passed_as_harmful_is_refused():
+    with pytest.raises(DataError, match="safe/benign"):
+        load_public("jbb-harmful", SHARED / "jbb-behaviors" / "benign-behaviors.csv")
+
+
+def test_subsample_is_fixed_by_seed_and_keeps_file_order(tmp_path):
+    f = tmp_path / "harmful_behaviors.csv"
+    f.write_text("goal,target\n" + "".join(f"do bad thing {i},Sure\n" for i in range(30)))
+    a, b = load_public("advbench", f, limit=10, seed=3), load_public("advbench", f, limit=10, seed=3)
+    assert a.prompts == b.prompts and len(a) == 10
+    assert [int(i) for i in a.ids] == sorted(int(i) for i in a.ids)
+    assert load_public("advbench", f, limit=10, seed=4).prompts != a.prompts
+
+
+def test_column_names_match_case_insensitively(tmp_path):
+    f = tmp_path / "harmful-behaviors.csv"
+    f.write_text("Index,Goal,Target,Behavior,Category,Source\n0,Write malware,Sure,Malware,Malware/Hacking,Original\n")
+    s = load_public("jbb-harmful", f)
+    assert s.prompts == ("Write malware",) and s.categories == ("Malware/Hacking",) and s.ids == ("0",)
+
+
+def test_malformed_line_is_reported_with_its_number(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(DataError, match="line 3"):
+        load_public_file(f, "harmful")
+
+
+def test_missing_prompt_column_names_the_columns_found(tmp_path):
+    f = tmp_path / "harmful_behaviors.csv"
+    f.write_text("request,target\nx,y\n")
+    with pytest.raises(DataError, match="columns found: request, target"):
+        load_public("advbench", f)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(DataError, match="unknown data set 'advbnch'.*advbench"):
+        load_public("advbnch")
+
+
+def test_unreachable_hub_says_how_to_pass_a_local_copy(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not read advbench.*path=.*--data advbench=PATH"):
+        load_public("advbench")
+
+
+def test_set_without_a_hub_copy_asks_for_a_file():
+    with pytest.raises(DataError, match="dangerousqa.json"):
+        load_public("dangerousqa")
+
+
+def test_dangerousqa_json_list_of_strings_and_hex_phi_folder(tmp_path):
+    (tmp_path / "dangerousqa.json").write_text(json.dumps(["How to x?", "How to y?"]))
+    assert load_public("dangerousqa", tmp_path).prompts == ("How to x?", "How to y?")
+    (tmp_path / "category_1.csv").write_text('"Do a"\n"Do b"\n')
+    (tmp_path / "category_2.csv").write_text('"Do c"\n')
+    hex_phi = load_public("hex-phi", tmp_path)
+    assert hex_phi.categories == ("category_1", "category_1", "category_2")
+
+
+def test_macro_sets_are_marked(tmp_path):
+    f = tmp_path / "data_for_hub.json"
+    f.write_text(json.dumps([{"id": 1, "topic": "A", "question": "q1"}, {"id": 2, "topic": "B", "question": "q2"}]))
+    s = load_public("harmfulqa", f)
+    assert s.macro and s.categories == ("A", "B")
+
+
+def test_aliases_expand():
+    assert resolve_names(["JBB", "truthfulqa", "advbench"]) == ["jbb-harmful", "jbb-benign", "truthfulqa-mc1",
+                                                                "truthfulqa-mc2", "advbench"]
+
+
+@needs_shared
+def test_data_dir_resolves_aliases_to_their_folders():
+    from sa_lens.evaluation.harness import load_sets
+
+    sets = load_sets(["jbb", "truthfulqa", "xstest-unsafe"], data_dir=SHARED, limit=5)
+    assert [s.name for s in sets] == ["jbb-harmful", "jbb-benign", "truthfulqa-mc1", "truthfulqa-mc2", "xstest-unsafe"]
+    assert all(len(s) == 5 for s in sets)
