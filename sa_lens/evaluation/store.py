@@ -2,7 +2,7 @@
 
 Each batch's records are written in one call and flushed to disk before the next batch starts, so a
 crash or Ctrl-C loses at most the batch in flight. A torn last line (the process died mid-write) is
-ignored on reading, and that item is simply redone. When an item occurs twice (a FAILED judgement
+cut off the file on reading, so the next append starts on a line of its own, and that item is simply redone. When an item occurs twice (a FAILED judgement
 redone on a later run), the last record wins.
 """
 
@@ -32,20 +32,37 @@ class ResultStore:
 
     def _read(self) -> None:
         assert self.path is not None
-        lines = self.path.read_text(encoding="utf-8").split("\n")
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                if lineno >= len(lines) - 1:  # the torn tail of an interrupted write: redo that item
+                if lineno == len(lines):  # the torn tail of an interrupted write (no newline yet): redo that item
+                    self._cut_torn_tail(text)
                     continue
                 raise ValueError(
                     f"{self.path}: line {lineno} is not valid JSON ({exc.msg}); the results file was edited "
                     "or corrupted. Delete that line (its item is then redone) and rerun."
                 ) from exc
             self.records[rec["key"]] = rec
+
+    def _cut_torn_tail(self, text: str) -> None:
+        # Appending after a torn line would glue the next record onto it and corrupt both: cut it off.
+        assert self.path is not None
+        keep = len(text[: text.rfind("\n") + 1].encode("utf-8"))
+        with self.path.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _ends_with_newline(self) -> bool:
+        assert self.path is not None
+        with self.path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def done(self, key: str, retry_failed: bool = True) -> bool:
         """Whether ``key`` has a record (a FAILED judgement counts as not done when ``retry_failed``)."""
@@ -60,7 +77,9 @@ class ResultStore:
         if self.path is None or not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A last line that is whole but lacks its newline (the write stopped just before it) gets one first.
+        lead = "\n" if self.path.exists() and self.path.stat().st_size and not self._ends_with_newline() else ""
         with self.path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+            f.write(lead + "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
             f.flush()
             os.fsync(f.fileno())

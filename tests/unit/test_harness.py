@@ -184,3 +184,18 @@ def test_another_model_state_under_the_same_name_is_not_reused(tiny_bridge, tmp_
         last = evaluate(tiny_bridge, [SAFE], states={"S": state}, **kw)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3 * 5  # the last call reused the first's
     assert last.config["items_run"] == 0
+
+
+def test_a_torn_tail_does_not_corrupt_the_records_appended_after_it(tmp_path):
+    from sa_lens.evaluation.store import ResultStore
+
+    path = tmp_path / "results.jsonl"
+    ResultStore(path).append([{"key": "a", "v": 1}, {"key": "b", "v": 2}])
+    path.write_text(path.read_text()[:-6])  # died in the middle of writing "b"
+    resumed = ResultStore(path)
+    assert set(resumed.records) == {"a"}
+    resumed.append([{"key": "b", "v": 2}, {"key": "c", "v": 3}])  # the rerun redoes "b" and goes on
+    assert set(ResultStore(path).records) == {"a", "b", "c"}  # a third run reads every record back
+    path.write_text(path.read_text()[:-1])  # died just before the last newline: the line is whole
+    ResultStore(path).append([{"key": "d", "v": 4}])
+    assert set(ResultStore(path).records) == {"a", "b", "c", "d"}
