@@ -4,7 +4,8 @@ For each model state (original, inside HDR, with Safe-Align hooks, both — any 
 set is run in fixed batches: generate (decoding preset, prompt format), judge (the harm judge on harmful
 sets, the XSTest-style over-refusal judge on safe sets) or score options by log-likelihood (multiple
 choice), and append the batch's records to ``results.jsonl``. A rerun skips every item whose key (state,
-data set, item id, configuration: model, state fingerprint, decoding, judge) is already there; batches and
+data set, item id, configuration: model, state fingerprint, decoding, judge) is already there with the same
+item content (a digest of the prompt, or of the question, options and labels); batches and
 their sampling seeds are fixed by position, so an interrupted and resumed run gives the same records as an
 uninterrupted one.
 Source: paper-notes.md §4 (protocol), design.md §3 (judging rules).
@@ -89,7 +90,8 @@ def load_sets(
             names that have no path of their own; None reads those from the hub.
 
     Raises:
-        DataError: see :func:`sa_lens.data.public.load_public`.
+        DataError: see :func:`sa_lens.data.public.load_public`; also two sets of one name, or item ids that
+            repeat within a set (results are keyed by id).
     """
     out: list[EvalSet] = []
     paths = {k.lower(): v for k, v in (data_paths or {}).items()}
@@ -109,7 +111,40 @@ def load_sets(
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise DataError(f"data set names repeat ({', '.join(names)}); each set needs its own name in the report.")
+    for s in out:
+        seen: set[str] = set()
+        twice = [i for i in s.ids if i in seen or seen.add(i)]
+        if twice:
+            raise DataError(
+                f"item ids repeat in {s.name} ({', '.join(map(repr, twice[:5]))}); results are keyed by id, so "
+                "each item needs its own."
+            )
     return out
+
+
+def _item_digest(s: EvalSet, i: int) -> str:
+    """A short hash of what item ``i`` asks (prompt; MC question, options and labels; QA answers)."""
+    if isinstance(s, MCSet):
+        it = s.items[i]
+        content: list = [it.question, list(it.choices), list(it.labels)]
+    elif isinstance(s, QASet):
+        content = [s.prompts[i], list(s.answers[i])]
+    else:
+        content = [s.prompts[i]]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def _item_text(s: EvalSet, i: int) -> str:
+    return s.items[i].question if isinstance(s, MCSet) else s.prompts[i]
+
+
+def _reusable(store: ResultStore, key: str, s: EvalSet, i: int, retry_failed: bool) -> bool:
+    """A stored record answers item ``i`` of ``s`` as it is now (an edited data file is redone, not reused)."""
+    if not store.done(key, retry_failed):
+        return False
+    rec = store.records[key]
+    # Records written before items carried a digest are checked by their prompt text.
+    return rec["item"] == _item_digest(s, i) if "item" in rec else rec.get("prompt") == _item_text(s, i)
 
 
 def state_fingerprint(model: Any) -> str:
@@ -220,11 +255,13 @@ def evaluate(
                 bar.set_postfix_str(f"{state} · {s.name}")
                 for b, start in enumerate(range(0, len(s), batch_size)):
                     idx = list(range(start, min(start + batch_size, len(s))))
-                    if not all(store.done(record_key(state, s.name, s.ids[i], cfg), retry_failed) for i in idx):
+                    keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
+                    todo = [not _reusable(store, k, s, i, retry_failed) for k, i in zip(keys, idx)]
+                    if any(todo):
                         recs = _run_batch(model, tokenizer, s, idx, b, settings, harm_judge, refusal_judge)
-                        for rec in recs:
-                            rec |= {"key": record_key(state, s.name, rec["id"], cfg), "state": state, "config": cfg}
-                        store.append(r for r in recs if not store.done(r["key"], retry_failed))
+                        for rec, k, i in zip(recs, keys, idx):
+                            rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i)}
+                        store.append(r for r, redo in zip(recs, todo) if redo)
                         items_run += len(idx)
                     bar.update(len(idx))
                 wanted += [store.records[record_key(state, s.name, i, cfg)] for i in s.ids]
