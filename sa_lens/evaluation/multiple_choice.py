@@ -70,7 +70,9 @@ def continuation_logprobs(
     """Summed log-probability (nats) of each continuation's tokens given its context.
 
     Context and continuation are tokenized apart and concatenated (lm-eval-harness), so the option's
-    tokens are the same whatever the context ends with. Rows are right-padded in batches; padding sits
+    tokens are the same whatever the context ends with; the context is prefixed with the tokenizer's BOS
+    token when it has one (as the bridge's tokenizer does), so a plain HF model with its own tokenizer and
+    its bridge give the same scores. Rows are right-padded in batches; padding sits
     after the last scored token, so it cannot change the scores.
 
     Args:
@@ -89,7 +91,11 @@ def continuation_logprobs(
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations.")
     hf, tok = _hf(model, tokenizer)
-    ctx_ids = [tok(c, add_special_tokens=True)["input_ids"] for c in contexts]
+    # Every context starts with BOS where the tokenizer has one, whatever its add_bos_token says: the bridge's
+    # tokenizer always adds it (TransformerLens) and a checkpoint's own often does not, so a plain model
+    # with its own tokenizer and its bridge would otherwise score the same question differently.
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ctx_ids = [bos + tok(c, add_special_tokens=False)["input_ids"] for c in contexts]
     cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
     if any(len(c) == 0 for c in cont_ids):
         raise ValueError("an empty continuation has no tokens to score.")

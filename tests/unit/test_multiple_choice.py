@@ -50,3 +50,25 @@ def test_plain_hugging_face_model_scores_like_its_bridge(tiny_bridge, tiny_dir):
     # The bridge's tokenizer adds a BOS that the checkpoint's own tokenizer does not, so both get the bridge's.
     assert torch.allclose(continuation_logprobs(hf, ctxs, conts, tokenizer=tiny_bridge.tokenizer),
                           continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
+
+
+def test_a_plain_model_with_its_own_tokenizer_scores_like_its_bridge(tiny_bridge, tiny_dir):
+    # The newcomer's call: evaluate(hf_model, ..., tokenizer=<the checkpoint's tokenizer>). Its tokenizer adds no
+    # BOS while the bridge's does; scores must not depend on which tokenizer object is passed.
+    import sa_lens
+
+    hf, tok = sa_lens.load_hf_model(tiny_dir)
+    tok.padding_side = "left"
+    ctxs = ["Q: What is two plus two?\nA:", "Q: sky?\nA:", "Q: bread?\nA:"]
+    conts = [" four", " The sky is blue", " I'm sorry, but I can't help with that request"]
+    got = continuation_logprobs(hf, ctxs, conts, tokenizer=tok, batch_size=3)
+    # Reference: one example at a time, BOS + context + continuation, no padding.
+    want = []
+    for c, x in zip(ctxs, conts):
+        c_ids = [tok.bos_token_id] + tok(c, add_special_tokens=False)["input_ids"]
+        x_ids = tok(x, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([c_ids + x_ids])).logits[0].float(), -1)
+        want.append(sum(logp[len(c_ids) - 1 + k, t] for k, t in enumerate(x_ids)))
+    assert torch.allclose(got, torch.stack(want), atol=1e-4)
+    assert torch.allclose(got, continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=2), atol=1e-4)
