@@ -548,6 +548,9 @@ def _to_mc(src: PublicSource, rows: list[dict[str, Any]], where: str) -> MCSet:
     return MCSet(src.name, scoring, tuple(items), where)  # type: ignore[arg-type]
 
 
+_MMLU_LETTERS = "ABCD"  # one letter each: "" or "AB" is no answer (a substring test read both as A)
+
+
 def _mmlu_item(row: dict[str, Any], i: int) -> MCItem:
     if _get(row, "choices") is not None:  # hub layout: choices list, answer index
         raw = list(_get(row, "choices"))
@@ -557,7 +560,8 @@ def _mmlu_item(row: dict[str, Any], i: int) -> MCItem:
         raise ValueError(f"missing choice in {raw!r}")
     choices = tuple(str(c) for c in raw)
     answer = _get(row, "answer")
-    index = "ABCD".index(answer.strip()) if isinstance(answer, str) and answer.strip() in "ABCD" else int(answer)
+    letters = tuple(_MMLU_LETTERS)
+    index = letters.index(answer.strip()) if isinstance(answer, str) and answer.strip() in letters else int(answer)
     if not 0 <= index < len(choices):
         raise ValueError(f"answer {answer!r} out of range")
     labels = tuple(int(k == index) for k in range(len(choices)))

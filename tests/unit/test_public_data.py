@@ -143,3 +143,11 @@ def test_data_dir_resolves_aliases_to_their_folders():
     sets = load_sets(["jbb", "truthfulqa", "xstest-unsafe"], data_dir=SHARED, limit=5)
     assert [s.name for s in sets] == ["jbb-harmful", "jbb-benign", "truthfulqa-mc1", "truthfulqa-mc2", "xstest-unsafe"]
     assert all(len(s) == 5 for s in sets)
+
+
+@pytest.mark.parametrize("answer", ["", "AB", "E", "x"])
+def test_an_mmlu_answer_that_is_no_letter_is_reported_not_read_as_a(tmp_path, answer):
+    f = tmp_path / "algebra_test.csv"
+    f.write_text(f"question,choice0,choice1,choice2,choice3,answer\nWhat is 1+1?,1,2,3,4,{answer}\n")
+    with pytest.raises(DataError, match="item 1"):
+        load_public("mmlu", f)
