@@ -59,7 +59,8 @@ class _ClassifierJudge:
         device: str = "cpu",
     ) -> None:
         """Args:
-            model: hub id or local folder (default: the published classifier), or a loaded model.
+            model: hub id or local folder (default: the published classifier), or a loaded model; another
+                than the default is named in ``name`` (``llama-guard:<id>``), so its records resume apart.
             tokenizer: the tokenizer of a loaded model.
             batch_size: pairs per forward batch.
             dtype: weights' dtype when loading (bf16: these are 7-13B models).
@@ -74,6 +75,9 @@ class _ClassifierJudge:
         if isinstance(model, PreTrainedModel):
             self._model = model
         self.batch_size, self.dtype, self.device = batch_size, dtype, device
+        spec = self._spec if isinstance(self._spec, str) else getattr(self._spec.config, "_name_or_path", "") or "loaded"
+        if spec != self.default_model:  # another classifier's verdicts must not pass for the default's on resume
+            self.name = f"{type(self).name}:{spec}"
 
     def _load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         if self._model is None:

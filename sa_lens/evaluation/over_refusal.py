@@ -32,7 +32,7 @@ class OverRefusalJudge:
     """Sorts replies to safe prompts into XSTest's classes with the keyword judge's rules.
 
     Attributes:
-        name: identifier written into result files.
+        name: identifier written into result files (``xstest-`` + the keyword judge's name).
         keyword: the keyword judge whose phrase list and rules are used.
     """
 
@@ -40,6 +40,7 @@ class OverRefusalJudge:
 
     def __init__(self, keyword: KeywordJudge | None = None) -> None:
         self.keyword = keyword or KeywordJudge()
+        self.name = f"xstest-{self.keyword.name}"  # a keyword judge with other phrases keys its own records
 
     def classify(self, text: str) -> RefusalClass:
         """The class of one reply (the reply only, never the prompt).
