@@ -4,6 +4,7 @@ on your own target/base/harmful models: Original vs HDR vs Safe-Align vs both, s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentPa
 
     if not 0.0 < args.top_k <= 1.0:
         parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
+    run_config = _run_config(args)
+    _check_same_run(Path(args.out) / "run_config.json", run_config)
     base, _ = load_hf_model(args.base)
     harmful, _ = load_hf_model(args.harmful)
     hv = HarmVector.from_models(base, harmful).trim(args.top_k)
@@ -127,7 +130,36 @@ def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentPa
     lens = SafetyLens(load_model(args.target))
     states = safety_arithmetic_states(lens, hv, pairs, args.lam, args.alpha)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "run_config.json").write_text(json.dumps(
-        {"target": args.target, "base": args.base, "harmful": args.harmful, "lam": args.lam, "top_k": args.top_k,
-         "alpha": args.alpha, "icv_pairs": len(pairs), "pairs_file": args.pairs}, indent=2))
+    (Path(args.out) / "run_config.json").write_text(json.dumps(run_config | {"icv_pairs": len(pairs)}, indent=2))
     return _evaluate(lens, args, states)
+
+
+_RUN_FIELDS = ("target", "base", "harmful", "lam", "top_k", "alpha", "pairs_sha256")  # a moved pairs file is the same run
+
+
+def _run_config(args: argparse.Namespace) -> dict:
+    """What makes the HDR / Safe-Align states of ``sa-lens run``: models, λ, top-k, α and the ICV pairs."""
+    pairs_sha = hashlib.sha256(Path(args.pairs).read_bytes()).hexdigest()[:16] if args.pairs else None
+    return {"target": args.target, "base": args.base, "harmful": args.harmful, "lam": args.lam, "top_k": args.top_k,
+            "alpha": args.alpha, "pairs_file": args.pairs, "pairs_sha256": pairs_sha}
+
+
+def _check_same_run(path: Path, run_config: dict) -> None:
+    """Refuse to resume a report folder that another run configuration wrote.
+
+    The resume key fingerprints weights and hooked points, but Safe-Align hooks at another α or from other
+    demonstrations sit at the same points: their records would be reused as if they were this run's.
+
+    Raises:
+        ValueError: the folder's ``run_config.json`` differs in a field of :data:`_RUN_FIELDS`.
+    """
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    changed = [k for k in _RUN_FIELDS if k in old and old[k] != run_config[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {old[k]!r} → {run_config[k]!r}" for k in changed)
+        raise ValueError(
+            f"{path.parent} holds the results of another run ({diff}); its Safe-Align records would be reused as "
+            "if they were this run's. Write to another folder (-o) or delete that one."
+        )
