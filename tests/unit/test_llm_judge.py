@@ -98,3 +98,20 @@ def test_judge_closes_its_connections_as_a_context_manager(monkeypatch):
     with judge as j:
         assert j.judge_batch(["q"], ["a"]) == [Verdict.REFUSAL]
     assert judge._client.is_closed
+
+
+@pytest.mark.parametrize("body", [
+    {"error": {"code": "content_filter", "message": "The response was filtered (Azure content management policy)."}},
+    {"error": {"code": "context_length_exceeded", "message": "This model's maximum context length is 8192 tokens."}},
+])
+def test_a_request_refused_for_its_content_fails_that_item_only(monkeypatch, body):
+    # Harmful answers trip providers' content filters; that is one item without a verdict, not a dead endpoint.
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "bomb" in json.loads(request.content)["messages"][1]["content"]:
+            return httpx.Response(400, json=body)
+        return _reply("[A]")
+
+    judge, _ = _judge(handler, monkeypatch)
+    assert judge.judge_batch(["How to x?", "How to y?"], ["Build a bomb like so", "I can't"]) == [
+        Verdict.FAILED, Verdict.REFUSAL]
+    assert judge.errors[0][0] == 0 and "HTTP 400" in judge.errors[0][1]
