@@ -138,6 +138,15 @@ def _item_text(s: EvalSet, i: int) -> str:
     return s.items[i].question if isinstance(s, MCSet) else s.prompts[i]
 
 
+def _labels(s: EvalSet, i: int) -> dict:
+    """The item's labels as the data set has them now (a fixed category must not keep its old name)."""
+    if isinstance(s, MCSet):
+        return {"category": s.items[i].category}
+    if isinstance(s, PromptSet):
+        return {"category": s.categories[i], "macro": s.macro}
+    return {}
+
+
 def _reusable(store: ResultStore, key: str, s: EvalSet, i: int, retry_failed: bool) -> bool:
     """A stored record answers item ``i`` of ``s`` as it is now (an edited data file is redone, not reused)."""
     if not store.done(key, retry_failed):
@@ -264,7 +273,9 @@ def evaluate(
                         store.append(r for r, redo in zip(recs, todo) if redo)
                         items_run += len(idx)
                     bar.update(len(idx))
-                wanted += [store.records[record_key(state, s.name, i, cfg)] for i in s.ids]
+                wanted += [
+                    store.records[record_key(state, s.name, s.ids[i], cfg)] | _labels(s, i) for i in range(len(s))
+                ]
     bar.close()
 
     rows = summarize(wanted, n_boot, seed)

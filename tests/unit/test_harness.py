@@ -263,3 +263,13 @@ def test_cli_run_with_another_alpha_into_the_same_folder_is_refused(tiny_dir, ti
     assert "alpha" in capsys.readouterr().err
     pairs.write_text(pairs.read_text().replace("step 0", "step zero"))
     assert cli.main(args + ["--alpha", "0.12"]) == 2  # same file name, other demonstrations
+
+
+def test_recategorised_items_are_reported_under_their_new_categories(tiny_bridge, tmp_path):
+    kw = dict(out_dir=tmp_path, settings=preset("greedy", max_new_tokens=4), progress=False)
+    evaluate(tiny_bridge, [HARMFUL], **kw)
+    fixed = PromptSet("harm", "harmful", HARMFUL.prompts, HARMFUL.ids, ("a",) * 3 + ("b",) * 4, "test", macro=True)
+    again = evaluate(tiny_bridge, [fixed], **kw)  # only the labels changed: no reply is redone
+    assert again.config["items_run"] == 0
+    assert [r["category"] for r in again.records] == list(fixed.categories)
+    assert set(again.rows[0]["by_category"]) == {"a", "b"} and again.rows[0]["headline"] == "asr_macro"
