@@ -106,7 +106,13 @@ def load_sets(
         for resolved in resolve_names([name.strip()]):
             where = path.strip() or paths.get(resolved) or paths.get(name.strip().lower())
             if not where and data_dir is not None and resolved in PUBLIC_SETS:
-                where = str(PUBLIC_SETS[resolved].local_folder(data_dir))
+                folder = PUBLIC_SETS[resolved].local_folder(data_dir)
+                if not folder.exists():
+                    raise DataError(
+                        f"the data folder {data_dir} has no {folder.name}/ for {resolved} (data_dir, CLI --data-dir); "
+                        f"put a copy there, or pass it as {resolved}=PATH."
+                    )
+                where = str(folder)
             out.append(load_public(resolved, where or None, limit=limit, seed=seed))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
@@ -230,11 +236,16 @@ def evaluate(
 
     Raises:
         DataError: a data set cannot be loaded (unknown name, unreachable hub, malformed file …).
-        ValueError: an unknown judge or preset, or batch_size < 1.
+        ValueError: an unknown judge or preset, batch_size < 1, no data sets, an ``out_dir`` that is a file,
+            or a ``results.jsonl`` there that holds a line that is not an evaluation record.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+    if not datasets:
+        raise ValueError("no data sets given; name at least one (e.g. ['advbench', 'xstest']).")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file, not a folder; the report needs a folder of its own.")
     model = model_or_lens.model if isinstance(model_or_lens, SafetyLens) else model_or_lens
     settings = preset(settings) if isinstance(settings, str) else settings
     harm_judge = get_judge(judge)

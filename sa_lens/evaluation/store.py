@@ -22,7 +22,12 @@ def record_key(state: str, dataset: str, item_id: str, config: str) -> str:
 
 
 class ResultStore:
-    """Records of one evaluation folder, keyed by :func:`record_key`; in memory only when ``path`` is None."""
+    """Records of one evaluation folder, keyed by :func:`record_key`; in memory only when ``path`` is None.
+
+    Raises:
+        ValueError: (on opening) a line other than a torn last one is not valid JSON, or is not a record
+            with a ``key`` — the message gives its line number.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
@@ -47,6 +52,11 @@ class ResultStore:
                     f"{self.path}: line {lineno} is not valid JSON ({exc.msg}); the results file was edited "
                     "or corrupted. Delete that line (its item is then redone) and rerun."
                 ) from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+                raise ValueError(
+                    f"{self.path}: line {lineno} is not an evaluation record (no 'key'); this file was not written by "
+                    "sa_lens.evaluate. Use another report folder."
+                )
             self.records[rec["key"]] = rec
 
     def _cut_torn_tail(self, text: str) -> None:

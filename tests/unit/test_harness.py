@@ -273,3 +273,22 @@ def test_recategorised_items_are_reported_under_their_new_categories(tiny_bridge
     assert again.config["items_run"] == 0
     assert [r["category"] for r in again.records] == list(fixed.categories)
     assert set(again.rows[0]["by_category"]) == {"a", "b"} and again.rows[0]["headline"] == "asr_macro"
+
+
+def test_bad_inputs_get_clear_errors_not_tracebacks(tiny_bridge, tmp_path):
+    from sa_lens.data import DataError
+    from sa_lens.evaluation.harness import load_sets
+
+    with pytest.raises(ValueError, match="no data sets"):
+        evaluate(tiny_bridge, [], progress=False)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        evaluate(tiny_bridge, [SAFE], out_dir=a_file, progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.jsonl").write_text('{"prompt": "a"}\n')  # some other JSONL, not an evaluation record
+    with pytest.raises(ValueError, match="line 1"):
+        evaluate(tiny_bridge, [SAFE], out_dir=foreign, progress=False)
+    with pytest.raises(DataError, match="data-dir"):
+        load_sets(["catqa"], data_dir=tmp_path)  # the data folder has no copy of this set
