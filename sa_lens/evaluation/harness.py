@@ -59,6 +59,8 @@ class EvalReport:
         comparison: Markdown table in the paper's layout (states × data sets, %).
         out_dir: the report folder, or None when nothing was written.
         seconds: wall time of this call.
+        config: what was run (model, judges, decoding, states and their fingerprints, data sets with kind, n and
+            source, limit, seeds, ``items_run`` = items generated or scored by this call); saved in results.json.
     """
 
     rows: list[dict]
@@ -169,6 +171,12 @@ def state_fingerprint(model: Any) -> str:
     the hook points that carry hooks (Safe-Align). Two hook sets at the same hook points (e.g. two α values)
     look alike: give such states different names. Sums are deterministic on one machine and device; a resume
     elsewhere may redo items rather than reuse them.
+
+    Args:
+        model: a bridge or a plain HF model, in the state to fingerprint (call it inside the state's block).
+
+    Returns:
+        12 hex characters.
     """
     h = hashlib.sha256()
     with torch.no_grad():

@@ -17,7 +17,17 @@ __all__ = ["ResultStore", "record_key"]
 
 
 def record_key(state: str, dataset: str, item_id: str, config: str) -> str:
-    """The resume key: a record is reused only when all four parts match."""
+    """The resume key: a record is reused only when all four parts match.
+
+    Args:
+        state: the model state's name in the report (``Original``, ``HDR`` …).
+        dataset: the data set's name.
+        item_id: the item's id within the set.
+        config: model id, state fingerprint, decoding digest and judge name, ``|``-separated.
+
+    Returns:
+        The four parts joined by the ASCII unit separator (0x1F).
+    """
     return f"{state}\x1f{dataset}\x1f{item_id}\x1f{config}"
 
 
