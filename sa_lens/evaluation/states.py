@@ -41,6 +41,9 @@ def safety_arithmetic_states(
 
     Raises:
         ValueError: an unknown state name.
+
+    Resuming an ``out_dir`` with another ``alpha`` or other ``pairs``: the Safe-Align hooks sit at the same
+    hook points, so the resume key cannot tell the states apart — use another folder (``sa-lens run`` refuses).
     """
     unknown = [w for w in which if w not in STATE_NAMES]
     if unknown:
