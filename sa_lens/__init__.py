@@ -1,8 +1,9 @@
 """sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
 
 from sa_lens.generation import enable_kv_cache, generate
-from sa_lens.harm_removal import apply_harm_removal, harm_removal
+from sa_lens.harm_removal import HarmRemoval, apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
+from sa_lens.sparse_delta import SparseDelta
 from sa_lens.lens import SafetyLens
 from sa_lens.models import load_hf_model, load_model
 from sa_lens.safety_vector import SafetyVector, demonstration_text
@@ -11,7 +12,9 @@ from sa_lens.steering import safety_hooks
 __version__ = "0.1.0"
 
 __all__ = [
+    "HarmRemoval",
     "HarmVector",
+    "SparseDelta",
     "apply_harm_removal",
     "SafetyLens",
     "SafetyVector",

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sa_lens.parameter_names import select_names
 
-__all__ = ["Checkpoint", "TensorSpec", "paired_names", "stream_pairs"]
+__all__ = ["Checkpoint", "TensorSpec", "check_same_layout", "check_same_names", "paired_names", "stream_pairs"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -153,25 +153,36 @@ def paired_names(
         ValueError: names or shapes differ (message lists the first differences and the fix).
     """
     nb, nh = base.names(layers, kinds), harmful.names(layers, kinds)
-    only_b, only_h = sorted(set(nb) - set(nh)), sorted(set(nh) - set(nb))
+    check_same_names(nb, nh)
+    for name in nb:
+        check_same_layout(name, base.specs[name].shape, harmful.specs[name].shape, base.specs[name].dtype, harmful.specs[name].dtype)
+    return nb
+
+
+def check_same_names(base_names: Collection[str], harmful_names: Collection[str]) -> None:
+    """Raise ValueError naming the first parameters only one of θb, θH has."""
+    only_b, only_h = sorted(set(base_names) - set(harmful_names)), sorted(set(harmful_names) - set(base_names))
     if only_b or only_h:
         raise ValueError(
-            f"{base.path} and {harmful.path} have different parameter names (only in base: {only_b[:3]}; only in "
-            f"harmful: {only_h[:3]}). τH needs two checkpoints of the same architecture: fine-tune θH from θb."
+            "Base and harmful models have different parameter names "
+            f"(only in base: {only_b[:3]}{'…' if len(only_b) > 3 else ''}; "
+            f"only in harmful: {only_h[:3]}{'…' if len(only_h) > 3 else ''}). "
+            "τH needs two checkpoints of the same architecture: fine-tune θH from θb."
         )
-    for name in nb:
-        sb, sh = base.specs[name], harmful.specs[name]
-        if sb.shape != sh.shape:
-            raise ValueError(
-                f"Parameter '{name}' has shape {sb.shape} in base but {sh.shape} in harmful; the two checkpoints "
-                "must share one architecture and vocabulary."
-            )
-        if sb.dtype != sh.dtype:
-            raise ValueError(
-                f"Parameter '{name}' is {sb.dtype} in base but {sh.dtype} in harmful; the difference would be mostly "
-                "rounding noise. Save both checkpoints in the same dtype."
-            )
-    return nb
+
+
+def check_same_layout(name: str, base_shape, harmful_shape, base_dtype, harmful_dtype) -> None:
+    """Raise ValueError when a parameter's shape or dtype differs between θb and θH."""
+    if tuple(base_shape) != tuple(harmful_shape):
+        raise ValueError(
+            f"Parameter '{name}' has shape {tuple(base_shape)} in base but {tuple(harmful_shape)} in harmful; "
+            "the two models must share one architecture and vocabulary."
+        )
+    if base_dtype != harmful_dtype:
+        raise ValueError(
+            f"Parameter '{name}' is {base_dtype} in base but {harmful_dtype} in harmful; the difference would be "
+            "mostly rounding noise. Load both checkpoints in the same dtype (float32 recommended)."
+        )
 
 
 def stream_pairs(base: Checkpoint, harmful: Checkpoint, names: list[str]) -> Iterator[tuple[str, Tensor]]:

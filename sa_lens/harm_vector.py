@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
-from sa_lens.checkpoints import Checkpoint, paired_names, stream_pairs
+from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names, stream_pairs
 from sa_lens.parameter_names import layer_index, select_names
 from sa_lens.sparse_delta import SparseDelta, compact
 from sa_lens.topk import check_top_k, trim_stream
@@ -148,28 +148,12 @@ class HarmVector:
                 a difference is not finite, or an unknown kind.
         """
         pb, ph = checkpoint_parameters(base), checkpoint_parameters(harmful)
-        missing, extra = sorted(set(pb) - set(ph)), sorted(set(ph) - set(pb))
-        if missing or extra:
-            raise ValueError(
-                "Base and harmful models have different parameter names "
-                f"(only in base: {missing[:3]}{'…' if len(missing) > 3 else ''}; "
-                f"only in harmful: {extra[:3]}{'…' if len(extra) > 3 else ''}). "
-                "τH needs two checkpoints of the same architecture: fine-tune θH from θb."
-            )
+        check_same_names(pb, ph)
         deltas = {}
         with torch.no_grad():
             for name in select_names(pb, layers, kinds):
                 b, h = pb[name], ph[name]
-                if h.shape != b.shape:
-                    raise ValueError(
-                        f"Parameter '{name}' has shape {tuple(b.shape)} in base but {tuple(h.shape)} in harmful; "
-                        "the two models must share one architecture and vocabulary."
-                    )
-                if h.dtype != b.dtype:
-                    raise ValueError(
-                        f"Parameter '{name}' is {b.dtype} in base but {h.dtype} in harmful; the difference would be "
-                        "mostly rounding noise. Load both checkpoints in the same dtype (float32 recommended)."
-                    )
+                check_same_layout(name, b.shape, h.shape, b.dtype, h.dtype)
                 deltas[name] = h.detach().float().cpu() - b.detach().float().cpu()
         meta = {"base": _model_name(base), "harmful": _model_name(harmful), "top_k": None, "scope": None}
         return cls(deltas, _with_restriction(meta, layers, kinds))

@@ -81,6 +81,7 @@ def trim_stream(
     group_of: Callable[[str], str],
     top_k: float,
     progress: bool = False,
+    candidate_budget: int | None = None,
 ) -> dict[str, TrimmedEntry]:
     """Keep, per group, the entries with |τ| ≥ the official ``kthvalue`` threshold; see the module docstring.
 
@@ -91,6 +92,8 @@ def trim_stream(
         group_of: the threshold group of a name (one group = global top-k).
         top_k: fraction kept per group, in (0, 1].
         progress: show a tqdm bar per pass.
+        candidate_budget: most threshold-bin entries held for the two-pass route (default: the largest
+            tensor's size); above it the exact three-pass route runs. Both give the same result.
 
     Returns:
         ``{name: TrimmedEntry}`` for every name.
@@ -102,7 +105,8 @@ def trim_stream(
     groups: dict[str, _Group] = {}
     for n in names:
         groups.setdefault(group_of(n), _Group()).numel += numel[n]
-    largest = max(numel.values(), default=0)
+    if candidate_budget is None:
+        candidate_budget = max(numel.values(), default=0)
 
     bar = _progress(names, numel, "τH top-k pass 1: histogram", progress)
     for name, t in tensors():
@@ -129,7 +133,7 @@ def trim_stream(
         g.rank = m - (int(cum[g.bin - 1]) if g.bin else 0)
         g.floor = g.bin << 16
     candidates = sum(int(g.high[g.bin]) for g in groups.values() if not g.keep_all)
-    if candidates > largest:
+    if candidates > candidate_budget:
         _exact_floors(tensors, names, numel, groups, group_of, progress)
 
     kept: dict[str, TrimmedEntry] = {}
