@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import sa_lens
 from sa_lens import HarmVector, SparseDelta
-from sa_lens import topk
 from sa_lens.checkpoints import Checkpoint
 
 
@@ -118,27 +115,6 @@ def test_layers_and_kinds_restrict_the_streaming_and_in_memory_builds_alike(tmp_
     assert list(full.restrict(layers=[1], kinds=["mlp"])) == list(got)
     assert set(full.restrict(kinds=["embeddings", "norms"])) == {
         "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"}
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=4),
-    top_k=st.floats(0.01, 1.0),
-    levels=st.integers(1, 5),
-    seed=st.integers(0, 2**16),
-    budget=st.sampled_from([0, None]),
-)
-def test_both_threshold_routes_match_kthvalue_with_ties(sizes, top_k, levels, seed, budget):
-    g = torch.Generator().manual_seed(seed)
-    tensors = {f"t{i}": (torch.randint(-levels, levels + 1, (n,), generator=g) * 0.125).float() for i, n in enumerate(sizes)}
-    flat = torch.cat([t.abs() for t in tensors.values()])
-    m = flat.numel() - int(top_k * flat.numel())
-    threshold = flat.kthvalue(m).values if m else -1.0
-    kept = topk.trim_stream(lambda: tensors.items(), list(tensors), {n: t.numel() for n, t in tensors.items()},
-                            lambda n: "all", top_k, candidate_budget=budget)
-    for name, t in tensors.items():
-        assert torch.equal(kept[name].indices, torch.nonzero(t.abs() >= threshold).squeeze(1))
-        assert torch.equal(kept[name].values, t[t.abs() >= threshold])
 
 
 def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path):
