@@ -172,9 +172,9 @@ class HarmVector:
     ) -> HarmVector:
         """Build (and trim) τH = θH − θb streaming from two safetensors checkpoint folders.
 
-        Only one tensor pair is in memory at a time: each pass re-reads the tensors from disk (two
-        passes for a global or per-layer trim, three when the threshold bin is crowded with ties; see
-        :mod:`sa_lens.topk`), and only the kept entries are held, as sparse indices + values. Integer
+        Only one tensor pair is in memory at a time, each read once: the exact top-k threshold is found
+        in the same single pass by a running radix select (:mod:`sa_lens.topk`), and only about the kept
+        entries are held, as sparse indices + values. Integer
         and bool buffers are skipped; a tied output embedding is counted once (``tie_word_embeddings``);
         arithmetic is fp32 whatever the stored dtype. The result equals
         ``from_models(...).trim(top_k, scope)`` entry for entry.
@@ -187,7 +187,7 @@ class HarmVector:
             scope: where the top-k threshold is computed, as in :meth:`trim`.
             layers: keep only these decoder layers (see :func:`~sa_lens.edit_area.detect_edit_area`).
             kinds: keep only these parameter kinds (attention, mlp, embeddings, norms, other).
-            progress: tqdm bars per pass.
+            progress: a tqdm bar over the parameters read.
 
         Returns:
             The harm vector; trimmed entries are :class:`~sa_lens.sparse_delta.SparseDelta` when

@@ -1,28 +1,35 @@
-"""Exact top-k magnitude trim over many tensors seen one at a time (HDR's global top-k; paper-notes.md §2.1, §7.5).
+"""Exact top-k magnitude trim over many tensors seen once each (HDR's global top-k; paper-notes.md §2.1, §7.5).
 
 The official code concatenates the whole model and calls ``kthvalue`` (paper-notes.md §2.3): with d entries in
-a group it takes t = the (d − ⌊k·d⌋)-th smallest |τ| and keeps |τ| ≥ t, ties included. We compute the same t
-without holding the group, by a radix select over float32 bit patterns (non-negative floats sort like their
-int32 patterns, and a finite |τ| has at most 31 significant bits):
+a group it takes t = the (d − ⌊k·d⌋)-th smallest |τ| — the K-th largest, K = ⌊k·d⌋ + 1 — and keeps |τ| ≥ t,
+ties included. We find the same t in **one pass** over the tensors, holding only about the kept entries:
 
-1. Pass 1 counts the high 15 bits of every |τ| into a 32,768-bin histogram per group; the bin b holding the
-   (d − ⌊k·d⌋)-th entry and the rank r inside it follow from the cumulative counts.
-2. If bin b is small (at most as many entries as the largest tensor), the next pass keeps every entry whose
-   high bits are ≥ b — the output plus bin b's candidates — and t is the r-th smallest candidate.
-   Otherwise an extra pass counts the low 16 bits inside bin b, which gives t exactly, and the next pass
-   keeps only |τ| ≥ t. Both routes give the same t, so the mask equals ``kthvalue``'s, ties and all.
+- Non-negative float32 values sort like their int32 bit patterns, so a 32,768-bin histogram of the high
+  15 bits of |τ| (a finite |τ| has 31 significant bits) locates the bin of any order statistic.
+- The K-th largest of the entries seen so far can only rise as more arrive, so its bin, read off the running
+  histogram, is a floor under the final threshold: entries below it are never kept. Each tensor is added to
+  the histogram, then its entries at or above the floor are held as (flat int64 index, fp32 value).
+- When the held entries exceed K + ``slack``, they are pruned to the current floor (and, if a bin crowded
+  with ties keeps them above it, to the exact K-th largest seen, from a low-16-bit histogram of the held
+  entries in that bin). At the end the same exact step gives t, and the held entries ≥ t are the result.
 
-Memory: the kept entries (12 bytes each as int64 index + fp32 value), one tensor in flight, one histogram
-per group (256 KiB), and at most one largest-tensor's worth of candidates. Each pass asks ``tensors()`` for a
-fresh iterator, so a streaming build re-reads the checkpoints instead of keeping τ.
+Every entry in the threshold's bin that could be kept is still held, and the low-bit histogram is read from
+the top, so t equals ``kthvalue``'s, ties and all (tests: hypothesis against ``kthvalue`` with many ties).
+
+Memory: the held entries, at most (K + slack + L) × 12 bytes with L the largest tensor's size, plus the
+tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes, and 64 MB of chunked temporaries) and a 256 KiB
+histogram per group: with slack = L/4, under 12·K + 23·L bytes, i.e. the kept entries plus 3 × the largest
+fp32 tensor pair (24·L bytes). Time: one read of each
+tensor, plus pruning passes over the held entries, about (entries held) / slack of them.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
@@ -32,7 +39,8 @@ __all__ = ["TrimmedEntry", "check_top_k", "trim_stream"]
 
 _HIGH_BINS = 1 << 15  # |x| bit patterns of finite floats are < 0x7F800000, so bits >> 16 < 2**15
 _LOW_BINS = 1 << 16
-_CHUNK = 1 << 24  # entries per histogram step: bounds the int32 temporaries to 64 MB whatever the tensor
+_NON_FINITE_BIN = 0x7F80  # bits >> 16 of +inf; NaN patterns lie above it
+_CHUNK = 1 << 24  # entries per step: bounds the int32 temporaries to 64 MB whatever the tensor
 
 
 @dataclass
@@ -46,13 +54,18 @@ class TrimmedEntry:
 
 @dataclass
 class _Group:
-    numel: int = 0
-    high: Tensor | None = None  # [2**15] int64 counts of (|τ| bits >> 16)
-    keep_all: bool = False
-    bin: int = 0  # high bits of the threshold
-    rank: int = 0  # 1-based rank of the threshold among the entries of `bin`
-    floor: int = 0  # entries with |τ| bits ≥ floor are kept by the materialising pass
-    exact: bool = False  # floor is the threshold itself (no candidate refinement needed)
+    rank: int  # K: the threshold is the K-th largest |τ| of the group; > size means keep everything
+    size: int
+    hist: Tensor = field(default_factory=lambda: torch.zeros(_HIGH_BINS, dtype=torch.int64))
+    seen: int = 0
+    floor: int = 0  # |τ| bit pattern under which nothing can be kept
+    members: list[str] = field(default_factory=list)
+    held: int = 0
+    cut: dict[str, int] = field(default_factory=dict)  # floor each held tensor was last cut at
+
+    @property
+    def keep_all(self) -> bool:
+        return self.rank > self.size
 
 
 def check_top_k(top_k: float) -> None:
@@ -62,7 +75,7 @@ def check_top_k(top_k: float) -> None:
 
 
 def _abs_bits(t: Tensor) -> Tensor:
-    return t.abs().view(torch.int32).reshape(-1)
+    return t.abs().view(torch.int32)
 
 
 def _chunks(flat: Tensor) -> Iterator[Tensor]:
@@ -70,8 +83,16 @@ def _chunks(flat: Tensor) -> Iterator[Tensor]:
         yield flat[start : start + _CHUNK]
 
 
-def _progress(names: list[str], numel: dict[str, int], desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=sum(numel[n] for n in names), desc=desc, unit="param", unit_scale=True, disable=not enabled)
+def _where(mask: Tensor) -> Int64[Tensor, " n"]:
+    """Flat int64 positions of the True entries: numpy's flatnonzero, ~3× faster than torch.nonzero on CPU."""
+    return torch.from_numpy(np.flatnonzero(mask.numpy())).to(torch.int64)
+
+
+def _top_bin(hist: Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the rank-th largest entry, and that entry's rank from the top inside the bin."""
+    from_top = hist.flip(0).cumsum(0)  # from_top[j] = entries in bins ≥ 2**15 − 1 − j
+    j = int(torch.searchsorted(from_top, rank))
+    return _HIGH_BINS - 1 - j, rank - (int(from_top[j - 1]) if j else 0)
 
 
 def trim_stream(
@@ -81,19 +102,20 @@ def trim_stream(
     group_of: Callable[[str], str],
     top_k: float,
     progress: bool = False,
-    candidate_budget: int | None = None,
+    slack: int | None = None,
 ) -> dict[str, TrimmedEntry]:
     """Keep, per group, the entries with |τ| ≥ the official ``kthvalue`` threshold; see the module docstring.
 
     Args:
-        tensors: called once per pass; each call yields ``(name, τ)`` for every name, float32, in any order.
-        names: the names the passes will yield.
-        numel: entries per name (for progress and group sizes).
+        tensors: called once; yields ``(name, τ)`` for every name, float32, in any order.
+        names: the names it will yield.
+        numel: entries per name (group sizes are known before the pass, so K is too).
         group_of: the threshold group of a name (one group = global top-k).
         top_k: fraction kept per group, in (0, 1].
-        progress: show a tqdm bar per pass.
-        candidate_budget: most threshold-bin entries held for the two-pass route (default: the largest
-            tensor's size); above it the exact three-pass route runs. Both give the same result.
+        progress: show a tqdm bar.
+        slack: extra entries held before pruning (default: a quarter of the largest tensor, which keeps
+            the peak under kept × 12 B + 3 × the largest fp32 tensor pair); smaller prunes more often,
+            never changes the result.
 
     Returns:
         ``{name: TrimmedEntry}`` for every name.
@@ -102,74 +124,68 @@ def trim_stream(
         ValueError: ``top_k`` outside (0, 1] or a τ entry that is NaN or inf.
     """
     check_top_k(top_k)
+    if slack is None:
+        slack = max(numel.values(), default=0) // 4
     groups: dict[str, _Group] = {}
     for n in names:
-        groups.setdefault(group_of(n), _Group()).numel += numel[n]
-    if candidate_budget is None:
-        candidate_budget = max(numel.values(), default=0)
+        groups.setdefault(group_of(n), _Group(0, 0)).size += numel[n]
+        groups[group_of(n)].members.append(n)
+    for g in groups.values():
+        g.rank = int(top_k * g.size) + 1
 
-    bar = _progress(names, numel, "τH top-k pass 1: histogram", progress)
+    held: dict[str, TrimmedEntry] = {}
+    bar = tqdm(total=sum(numel.values()), desc="τH top-k", unit="param", unit_scale=True, disable=not progress)
     for name, t in tensors():
-        if not torch.isfinite(t).all():
+        g, flat = groups[group_of(name)], t.reshape(-1)
+        bits = _abs_bits(flat)  # once per tensor: both the histogram and the selection read it
+        hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+        for chunk in _chunks(bits):
+            hist += torch.bincount(chunk >> 16, minlength=_HIGH_BINS)
+        if hist[_NON_FINITE_BIN:].any():
             raise ValueError(
                 f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
                 "(e.g. a diverged fine-tune) before building τH."
             )
-        g = groups[group_of(name)]
-        if g.high is None:
-            g.high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-        for chunk in _chunks(_abs_bits(t)):
-            g.high += torch.bincount(chunk >> 16, minlength=_HIGH_BINS)
-        bar.update(t.numel())
+        g.hist += hist
+        g.seen += flat.numel()
+        if not g.keep_all and g.seen >= g.rank:
+            g.floor = max(g.floor, _top_bin(g.hist, g.rank)[0] << 16)
+        idx = _where(bits >= g.floor)
+        del bits
+        held[name] = TrimmedEntry(tuple(t.shape), idx, flat.index_select(0, idx))
+        g.cut[name] = g.floor
+        g.held += idx.numel()
+        if not g.keep_all and g.held > g.rank + slack:
+            _prune(g, held, exact=False)
+            if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
+                _prune(g, held, exact=True)
+        bar.update(flat.numel())
     bar.close()
-
     for g in groups.values():
-        m = g.numel - int(top_k * g.numel)  # 1-based rank of the threshold, as in the official code
-        if m == 0:
-            g.keep_all = True
-            continue
-        cum = g.high.cumsum(0)
-        g.bin = int(torch.searchsorted(cum, m))
-        g.rank = m - (int(cum[g.bin - 1]) if g.bin else 0)
-        g.floor = g.bin << 16
-    candidates = sum(int(g.high[g.bin]) for g in groups.values() if not g.keep_all)
-    if candidates > candidate_budget:
-        _exact_floors(tensors, names, numel, groups, group_of, progress)
-
-    kept: dict[str, TrimmedEntry] = {}
-    bar = _progress(names, numel, "τH top-k pass 2: keep", progress)
-    for name, t in tensors():
-        g = groups[group_of(name)]
-        flat = t.reshape(-1)
-        idx = torch.nonzero(_abs_bits(flat) >= g.floor).squeeze(1) if not g.keep_all else torch.arange(flat.numel())
-        kept[name] = TrimmedEntry(tuple(t.shape), idx, flat[idx])
-        bar.update(t.numel())
-    bar.close()
-
-    for key, g in groups.items():
-        if g.keep_all or g.exact:
-            continue
-        members = [kept[n] for n in names if group_of(n) == key]
-        in_bin = torch.cat([b[(b >> 16) == g.bin] for b in (_abs_bits(e.values) for e in members)])
-        threshold = int(in_bin.kthvalue(g.rank).values)
-        for e in members:
-            sel = _abs_bits(e.values) >= threshold
-            e.indices, e.values = e.indices[sel], e.values[sel]
-    return kept
+        if not g.keep_all:
+            _prune(g, held, exact=True)
+    return held
 
 
-def _exact_floors(tensors, names, numel, groups: dict[str, _Group], group_of, progress: bool) -> None:
-    """Extra pass when the threshold bin is crowded (many ties): count low bits inside it to get t exactly."""
-    low = {k: torch.zeros(_LOW_BINS, dtype=torch.int64) for k, g in groups.items() if not g.keep_all}
-    bar = _progress(names, numel, "τH top-k pass 1b: threshold", progress)
-    for name, t in tensors():
-        key = group_of(name)
-        if key in low:
-            for chunk in _chunks(_abs_bits(t)):
-                low[key] += torch.bincount(chunk[(chunk >> 16) == groups[key].bin] & 0xFFFF, minlength=_LOW_BINS)
-        bar.update(t.numel())
-    bar.close()
-    for key, counts in low.items():
-        g = groups[key]
-        g.floor = (g.bin << 16) | int(torch.searchsorted(counts.cumsum(0), g.rank))
-        g.exact = True
+def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool) -> None:
+    """Drop held entries under the K-th largest seen so far: its bin, or (exact) its value."""
+    top, rank_in_bin = _top_bin(g.hist, g.rank)
+    floor = top << 16
+    names = [n for n in g.members if n in held]
+    bits = {n: _abs_bits(held[n].values) for n in names if exact or g.cut[n] < floor}
+    if exact:
+        low = torch.zeros(_LOW_BINS, dtype=torch.int64)
+        for b in bits.values():
+            # Low 16 bits of in-bin entries as 1..2**16; entries below the bin land in 0, above in 2**16 + 1
+            # (cheaper than a boolean selection, which costs a nonzero pass and a copy on CPU).
+            x = (b - (top << 16)).clamp_(-1, _LOW_BINS).add_(1)
+            low += torch.bincount(x, minlength=_LOW_BINS + 2)[1:-1]
+        # Read from the top: in-bin entries under an earlier exact floor were dropped, but they lie below
+        # the threshold, so the rank_in_bin-th largest of those still held is the true one.
+        floor |= _LOW_BINS - 1 - int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
+    g.floor = max(g.floor, floor)
+    for n, b in bits.items():  # tensors already cut at this floor or above are left alone
+        e, keep = held[n], _where(b >= g.floor)
+        g.held -= e.indices.numel() - keep.numel()
+        e.indices, e.values = e.indices.index_select(0, keep), e.values.index_select(0, keep)
+        g.cut[n] = g.floor

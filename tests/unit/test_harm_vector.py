@@ -48,17 +48,17 @@ def test_bridge_and_hf_model_give_the_same_keys(tiny_dir, tiny_bridge):
     top_k=st.floats(0.01, 1.0),
     levels=st.integers(1, 6),
     seed=st.integers(0, 2**16),
-    budget=st.sampled_from([0, None]),
+    slack=st.sampled_from([0, None]),
 )
-def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, budget):
+def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slack):
     g = torch.Generator().manual_seed(seed)
     # Few distinct magnitudes → many ties at the threshold.
     tensors = [(torch.randint(-levels, levels + 1, (n,), generator=g) * 0.25).float() for n in sizes]
     hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
     trimmed = hv.trim(top_k, scope="global")
-    # budget 0 forces the three-pass route (low-bit histogram), None the two-pass candidate route.
+    # slack 0 prunes after every tensor (exact low-bit cuts included); None prunes rarely.
     kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
-                            lambda n: "all", top_k, candidate_budget=budget)
+                            lambda n: "all", top_k, slack=slack)
     for (name, t), ref in zip(trimmed.items(), _reference_mask(tensors, top_k)):
         orig = hv.deltas[name]
         assert torch.equal(t, torch.where(ref, orig, torch.zeros(())))
