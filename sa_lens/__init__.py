@@ -1,6 +1,7 @@
 """sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
 
 from sa_lens.edit_area import EditArea, detect_edit_area
+from sa_lens.export import export_harm_removed
 from sa_lens.generation import enable_kv_cache, generate
 from sa_lens.harm_removal import HarmRemoval, apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
@@ -26,6 +27,7 @@ __all__ = [
     "detect_edit_area",
     "demonstration_text",
     "enable_kv_cache",
+    "export_harm_removed",
     "generate",
     "harm_removal",
     "load_hf_model",

@@ -71,7 +71,8 @@ def _subtract(site: _Site, lam: float) -> None:
         flat[idx] = (flat[idx].to(work) - lam * d.to(work)).to(flat.dtype)
 
 
-def _check_lam(lam: float) -> None:
+def check_lam(lam: float) -> None:
+    """Raise ValueError unless λ is a finite real number (NaN/inf would silently destroy the weights)."""
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
 
@@ -88,7 +89,7 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Mo
     Raises:
         ValueError: as :func:`harm_removal`.
     """
-    _check_lam(lam)
+    check_lam(lam)
     targets = _resolve_targets(model, hv)
     with torch.no_grad():
         for site in _edit_sites(targets, hv):
@@ -111,7 +112,7 @@ class HarmRemoval:
     """
 
     def __init__(self, model: ModelLike, hv: HarmVector, lam: float) -> None:
-        _check_lam(lam)
+        check_lam(lam)
         self.model, self.hv, self.lam = model, hv, lam
         self.targets = _resolve_targets(model, hv)  # fail before any edit on a mismatched vector
         self._levels: list[tuple[dict[str, int], list[tuple[_Site, Tensor]]]] = []
