@@ -66,10 +66,11 @@ def _export_folder(src: Path, hv: HarmVector, out: Path, lam: float, progress: b
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: export into a new folder, not onto the target checkpoint.")
     ckpt = Checkpoint(src)
-    missing = sorted(n for n in hv.deltas if n not in ckpt.specs)
+    missing = sorted(n for n in hv.deltas if n not in ckpt.specs or ckpt.specs[n].shape != tuple(hv.deltas[n].shape))
     if missing:
         raise ValueError(
-            f"The harm vector has {len(missing)} parameter(s) the target lacks (e.g. {missing[:3]}); build τH "
+            f"The harm vector has {len(missing)} parameter(s) the target lacks or shapes otherwise (e.g. "
+            f"{missing[:3]}); build τH "
             "from checkpoints of the target's architecture, or load it with restrict=True."
         )
     out.mkdir(parents=True, exist_ok=True)

@@ -323,13 +323,18 @@ class HarmVector:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, target: ModelLike | None = None, restrict: bool = False, sparse: bool = False
+        cls,
+        path: str | os.PathLike,
+        target: ModelLike | str | os.PathLike | None = None,
+        restrict: bool = False,
+        sparse: bool = False,
     ) -> HarmVector:
         """Read a vector written by :meth:`save`; with ``target``, check it fits that model.
 
         Args:
             path: the ``.safetensors`` file.
-            target: a bridge, HF model or state dict the vector will be applied to.
+            target: a bridge, HF model, state dict or safetensors checkpoint folder the vector will be
+                applied to.
             restrict: keep only the parameters the target has (with equal shapes) instead of refusing.
             sparse: keep sparse-encoded entries as :class:`~sa_lens.sparse_delta.SparseDelta` (12 bytes
                 per kept entry) instead of dense tensors (4 bytes per parameter).
@@ -358,8 +363,11 @@ class HarmVector:
         hv = cls(deltas, dict(sidecar["meta"]))
         if target is None:
             return hv
-        params = checkpoint_parameters(target)
-        fits = {n for n in deltas if n in params and tuple(params[n].shape) == tuple(sidecar["shapes"][n])}
+        if isinstance(target, (str, os.PathLike)):
+            shapes = {n: spec.shape for n, spec in Checkpoint(target).specs.items()}
+        else:
+            shapes = {n: tuple(p.shape) for n, p in checkpoint_parameters(target).items()}
+        fits = {n for n in deltas if n in shapes and tuple(shapes[n]) == tuple(sidecar["shapes"][n])}
         if len(fits) == len(deltas):
             return hv
         if not restrict:
