@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
@@ -206,7 +207,8 @@ class HarmVector:
         meta = {"base": str(base), "harmful": str(harmful), "top_k": None, "scope": None}
         meta = _with_restriction(meta, layers, kinds)
         if top_k is None:
-            return cls(dict(stream_pairs(cb, ch, names)), meta)
+            pairs = tqdm(stream_pairs(cb, ch, names), total=len(names), desc="τH", unit="tensor", disable=not progress)
+            return cls(dict(pairs), meta)
         numel = {n: cb.specs[n].numel for n in names}
         kept = trim_stream(lambda: stream_pairs(cb, ch, names), names, numel, group_of, top_k, progress)
         deltas = {n: compact(e.indices, e.values, e.shape) for n, e in kept.items()}

@@ -16,10 +16,10 @@ ties included. We find the same t in **one pass** over the tensors, holding only
 Every entry in the threshold's bin that could be kept is still held, and the low-bit histogram is read from
 the top, so t equals ``kthvalue``'s, ties and all (tests: hypothesis against ``kthvalue`` with many ties).
 
-Memory: the held entries, at most (K + slack + L) × 12 bytes with L the largest tensor's size, plus the
-tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes, and 64 MB of chunked temporaries) and a 256 KiB
-histogram per group: with slack = L/4, under 12·K + 23·L bytes, i.e. the kept entries plus 3 × the largest
-fp32 tensor pair (24·L bytes). Time: one read of each
+Memory: the held entries, at most (K + slack + C) × 12 bytes with C = 2**24 the insertion chunk, plus the
+tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes for the largest tensor size L, and 64 MB of
+chunked temporaries) and a 256 KiB histogram per group: with slack = L/4, about 12·K + 11·L + 200 MB,
+i.e. within the kept entries plus 3 × the largest fp32 tensor pair (12·K + 24·L bytes). Time: one read of each
 tensor, plus pruning passes over the held entries, about (entries held) / slack of them.
 """
 
@@ -113,9 +113,8 @@ def trim_stream(
         group_of: the threshold group of a name (one group = global top-k).
         top_k: fraction kept per group, in (0, 1].
         progress: show a tqdm bar.
-        slack: extra entries held before pruning (default: a quarter of the largest tensor, which keeps
-            the peak under kept × 12 B + 3 × the largest fp32 tensor pair); smaller prunes more often,
-            never changes the result.
+        slack: extra entries held before pruning (default: a quarter of the largest tensor); smaller
+            prunes more often, never changes the result.
 
     Returns:
         ``{name: TrimmedEntry}`` for every name.
@@ -150,15 +149,19 @@ def trim_stream(
         g.seen += flat.numel()
         if not g.keep_all and g.seen >= g.rank:
             g.floor = max(g.floor, _top_bin(g.hist, g.rank)[0] << 16)
-        idx = _where(bits >= g.floor)
-        del bits
-        held[name] = TrimmedEntry(tuple(t.shape), idx, flat.index_select(0, idx))
+        e = held[name] = TrimmedEntry(tuple(t.shape), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
         g.cut[name] = g.floor
-        g.held += idx.numel()
-        if not g.keep_all and g.held > g.rank + slack:
-            _prune(g, held, exact=False)
-            if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
-                _prune(g, held, exact=True)
+        # Insert chunk by chunk, pruning in between, so a large tensor adds at most one chunk beyond the
+        # K + slack held entries (a whole embedding matrix at floor 0 would add 12 bytes per entry).
+        for start in range(0, flat.numel(), _CHUNK):
+            idx = _where(bits[start : start + _CHUNK] >= g.floor).add_(start)
+            e.indices, e.values = torch.cat([e.indices, idx]), torch.cat([e.values, flat.index_select(0, idx)])
+            g.held += idx.numel()
+            if not g.keep_all and g.held > g.rank + slack:
+                _prune(g, held, exact=False)
+                if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
+                    _prune(g, held, exact=True)
+        del bits
         bar.update(flat.numel())
     bar.close()
     for g in groups.values():

@@ -66,6 +66,19 @@ def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slac
         assert torch.equal(kept[name].values, orig[ref])
 
 
+@pytest.mark.parametrize("slack", [0, 5, None])
+def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack):
+    monkeypatch.setattr(topk, "_CHUNK", 7)  # many chunks per tensor, prunes between them
+    g = torch.Generator().manual_seed(3)
+    tensors = [(torch.randint(-9, 10, (n,), generator=g) * 0.5).float() for n in (50, 3, 41, 64)]
+    hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
+    kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
+                            lambda n: "all", 0.15, slack=slack)
+    for (name, t), ref in zip(hv.items(), _reference_mask(tensors, 0.15)):
+        assert torch.equal(kept[name].indices, torch.nonzero(ref).squeeze(1)), name
+        assert torch.equal(kept[name].values, t[ref]), name
+
+
 def test_global_trim_keeps_the_requested_share_of_distinct_values():
     t = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
     hv = HarmVector({"a": t[:3000].clone(), "b": t[3000:].clone()})
