@@ -17,6 +17,8 @@ Both builds report a per-tensor SHA-256 of the kept flat indices, so "identical 
 The reference needs ~21 bytes per parameter, so it runs on the largest pair that fits in ``--ref-fraction``
 of the available memory; the streaming build also runs on the ≥ 1 B pair alone.
 
+Wall and CPU seconds are both reported: on a shared machine the wall time depends on the neighbours' load.
+
 Usage: ``nice -n 5 python analyses/bench_harm_vector.py [--layers 22] [--workdir /tmp/sa_bench]``;
 the printed report is also written to ``analyses/results/bench_harm_vector.json``.
 Targets (issue 3): streaming peak ≤ kept entries × 12 B + 3 × the largest fp32 tensor pair; ≥ 4× lower
@@ -116,6 +118,11 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
@@ -123,12 +130,13 @@ def _rss_mib() -> float:
 def measure_streaming(base: Path, harmful: Path, top_k: float, save: Path | None) -> dict:
     from sa_lens import HarmVector
 
-    start, t0 = _rss_mib(), time.perf_counter()
+    start, t0, c0 = _rss_mib(), time.perf_counter(), _cpu_s()
     hv = HarmVector.from_checkpoints(base, harmful, top_k=top_k, scope="global", progress=False)
-    wall, peak = time.perf_counter() - t0, _peak_mib()
+    wall, cpu, peak = time.perf_counter() - t0, _cpu_s() - c0, _peak_mib()
     names = _names(base)
     out = {
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_above_baseline_mib": peak - start,
         "nnz": hv.nnz,
         "output_mib": sum(hv.sparse(n).nbytes for n in names) / 2**20,
@@ -142,7 +150,7 @@ def measure_streaming(base: Path, harmful: Path, top_k: float, save: Path | None
 
 def measure_reference(base: Path, harmful: Path, top_k: float) -> dict:
     names = _names(base)
-    start, t0 = _rss_mib(), time.perf_counter()
+    start, t0, c0 = _rss_mib(), time.perf_counter(), _cpu_s()
     flats = []
     for folder in (base, harmful):
         state = _state(folder)
@@ -153,13 +161,13 @@ def measure_reference(base: Path, harmful: Path, top_k: float) -> dict:
     d = tv.numel()
     kth = tv.abs().kthvalue(d - int(top_k * d)).values  # topk_values_mask(K) in HDR/Ties_Merge.py
     mask = tv.abs() >= kth
-    wall, peak = time.perf_counter() - t0, _peak_mib()
+    wall, cpu, peak = time.perf_counter() - t0, _cpu_s() - c0, _peak_mib()
     digests, offset = {}, 0
     sizes = {n: torch.Size(shape).numel() for n, shape in _shapes(base).items()}
     for n in names:
         digests[n] = _digest(torch.nonzero(mask[offset : offset + sizes[n]]).squeeze(1))
         offset += sizes[n]
-    return {"wall_s": wall, "peak_above_baseline_mib": peak - start, "nnz": int(mask.sum()), "mask_sha256": digests}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_above_baseline_mib": peak - start, "nnz": int(mask.sum()), "mask_sha256": digests}
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -269,6 +277,7 @@ def _compare(n: int, s: dict, r: dict) -> dict:
         out["masks_identical"] = s["mask_sha256"] == r["mask_sha256"] and s["nnz"] == r["nnz"]
         out["peak_ratio_reference_over_streaming"] = r["peak_above_baseline_mib"] / s["peak_above_baseline_mib"]
         out["wall_ratio_reference_over_streaming"] = r["wall_s"] / s["wall_s"]
+        out["cpu_ratio_reference_over_streaming"] = r["cpu_s"] / s["cpu_s"]
     return out
 
 

@@ -7,6 +7,7 @@ KeyboardInterrupt. Restoring by "subtract, then add back" is never used: it is n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterator
@@ -97,7 +98,7 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Mo
     return model
 
 
-class HarmRemoval:
+class HarmRemoval(contextlib.AbstractContextManager):
     """The context manager :func:`harm_removal` returns; ``with`` gives the edited model.
 
     Attributes:
