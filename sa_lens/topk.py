@@ -175,20 +175,23 @@ def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool) -> None:
     top, rank_in_bin = _top_bin(g.hist, g.rank)
     floor = top << 16
     names = [n for n in g.members if n in held]
-    bits = {n: _abs_bits(held[n].values) for n in names if exact or g.cut[n] < floor}
     if exact:
         low = torch.zeros(_LOW_BINS, dtype=torch.int64)
-        for b in bits.values():
+        for n in names:
             # Low 16 bits of in-bin entries as 1..2**16; entries below the bin land in 0, above in 2**16 + 1
             # (cheaper than a boolean selection, which costs a nonzero pass and a copy on CPU).
-            x = (b - (top << 16)).clamp_(-1, _LOW_BINS).add_(1)
+            x = (_abs_bits(held[n].values) - (top << 16)).clamp_(-1, _LOW_BINS).add_(1)
             low += torch.bincount(x, minlength=_LOW_BINS + 2)[1:-1]
         # Read from the top: in-bin entries under an earlier exact floor were dropped, but they lie below
         # the threshold, so the rank_in_bin-th largest of those still held is the true one.
         floor |= _LOW_BINS - 1 - int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
     g.floor = max(g.floor, floor)
-    for n, b in bits.items():  # tensors already cut at this floor or above are left alone
-        e, keep = held[n], _where(b >= g.floor)
+    for n in names:
+        if g.cut[n] >= g.floor:  # already cut at this floor or above
+            continue
+        # Bit patterns are recomputed per tensor rather than kept from above: 4 bytes per held entry.
+        e = held[n]
+        keep = _where(_abs_bits(e.values) >= g.floor)
         g.held -= e.indices.numel() - keep.numel()
         e.indices, e.values = e.indices.index_select(0, keep), e.values.index_select(0, keep)
         g.cut[n] = g.floor
