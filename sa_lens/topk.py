@@ -9,9 +9,10 @@ ties included. We find the same t in **one pass** over the tensors, holding only
 - The K-th largest of the entries seen so far can only rise as more arrive, so its bin, read off the running
   histogram, is a floor under the final threshold: entries below it are never kept. Each tensor is added to
   the histogram, then its entries at or above the floor are held as (flat int64 index, fp32 value).
-- When the held entries exceed K + ``slack``, they are pruned to the current floor (and, if a bin crowded
-  with ties keeps them above it, to the exact K-th largest seen, from a low-16-bit histogram of the held
-  entries in that bin). At the end the same exact step gives t, and the held entries ≥ t are the result.
+- When the held entries exceed K + ``slack``, they are pruned to the current floor, tensors cut longest ago
+  first, until K + slack/2 remain (and, if a bin crowded with ties keeps more above it, to the exact K-th
+  largest seen, from a low-16-bit histogram of the held entries in that bin). At the end the same exact
+  step gives t, and the held entries ≥ t are the result.
 
 Every entry in the threshold's bin that could be kept is still held, and the low-bit histogram is read from
 the top, so t equals ``kthvalue``'s, ties and all (tests: hypothesis against ``kthvalue`` with many ties).
@@ -20,7 +21,7 @@ Memory: the held entries, at most (K + slack + C) × 12 bytes with C = 2**24 the
 tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes for the largest tensor size L, and 64 MB of
 chunked temporaries) and a 256 KiB histogram per group: with slack = L/4, about 12·K + 11·L + 200 MB,
 i.e. within the kept entries plus 3 × the largest fp32 tensor pair (12·K + 24·L bytes). Time: one read of each
-tensor, plus pruning passes over the held entries, about (entries held) / slack of them.
+tensor, plus pruning, which touches each held entry about once per slack/2 insertions in the worst case.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def trim_stream(
             e.indices, e.values = torch.cat([e.indices, idx]), torch.cat([e.values, flat.index_select(0, idx)])
             g.held += idx.numel()
             if not g.keep_all and g.held > g.rank + slack:
-                _prune(g, held, exact=False)
+                _prune(g, held, exact=False, slack=slack)
                 if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
                     _prune(g, held, exact=True)
         del bits
@@ -170,8 +171,9 @@ def trim_stream(
     return held
 
 
-def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool) -> None:
-    """Drop held entries under the K-th largest seen so far: its bin, or (exact) its value."""
+def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool, slack: int = 0) -> None:
+    """Drop held entries under the K-th largest seen so far: its bin (stopping once K + slack/2 are held),
+    or (exact) its value, in every tensor."""
     top, rank_in_bin = _top_bin(g.hist, g.rank)
     floor = top << 16
     names = [n for n in g.members if n in held]
@@ -186,9 +188,13 @@ def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool) -> None:
         # the threshold, so the rank_in_bin-th largest of those still held is the true one.
         floor |= _LOW_BINS - 1 - int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
     g.floor = max(g.floor, floor)
-    for n in names:
+    # Tensors cut longest ago (lowest floor) first: they hold the most that the new floor drops. A partial
+    # prune stops once half the slack is free, so the next one is slack/2 insertions away (amortised cost).
+    for n in sorted(names, key=g.cut.__getitem__):
         if g.cut[n] >= g.floor:  # already cut at this floor or above
-            continue
+            break
+        if not exact and g.held <= g.rank + slack // 2:
+            break
         # Bit patterns are recomputed per tensor rather than kept from above: 4 bytes per held entry.
         e = held[n]
         keep = _where(_abs_bits(e.values) >= g.floor)
