@@ -9,19 +9,20 @@ ties included. We find the same t in **one pass** over the tensors, holding only
 - The K-th largest of the entries seen so far can only rise as more arrive, so its bin, read off the running
   histogram, is a floor under the final threshold: entries below it are never kept. Each tensor is added to
   the histogram, then its entries at or above the floor are held as (flat int64 index, fp32 value).
-- When the held entries exceed K + ``slack``, they are pruned to the current floor, tensors cut longest ago
-  first, until K + slack/2 remain (and, if a bin crowded with ties keeps more above it, to the exact K-th
-  largest seen, from a low-16-bit histogram of the held entries in that bin). At the end the same exact
-  step gives t, and the held entries ≥ t are the result.
+- When the held entries exceed K + ``slack`` (once ties at the threshold hold more: that many + slack),
+  they are pruned to the current floor, tensors cut longest ago first, until K + slack/2 remain (and, if a
+  bin crowded with ties keeps more above it, to the exact K-th largest seen, from a low-16-bit histogram of
+  the held entries in that bin). At the end the same exact step gives t; the held entries ≥ t are the result.
 
 Every entry in the threshold's bin that could be kept is still held, and the low-bit histogram is read from
 the top, so t equals ``kthvalue``'s, ties and all (tests: hypothesis against ``kthvalue`` with many ties).
 
-Memory: the held entries, at most (K + slack + C) × 12 bytes with C = 2**24 the insertion chunk, plus the
-tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes for the largest tensor size L, and 64 MB of
-chunked temporaries) and a 256 KiB histogram per group: with slack = L/4, about 12·K + 11·L + 200 MB,
-i.e. within the kept entries plus 3 × the largest fp32 tensor pair (12·K + 24·L bytes). Time: one read of each
-tensor, plus pruning, which touches each held entry about once per slack/2 insertions in the worst case.
+Memory: the held entries, at most (K + T + slack + C) × 12 bytes with T the entries tied at the running
+threshold and C = 2**24 the insertion chunk; the tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes
+for the largest tensor size L, and 64 MB of chunked temporaries); a 256 KiB histogram per group. With
+slack = L/4 that is about 12·(K + T) + 11·L + 200 MB: the kept entries plus less than 3 × the largest fp32
+tensor pair (24·L bytes). Time: one read of each tensor, plus pruning, which touches each held entry about
+once per slack/2 insertions.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class _Group:
     floor: int = 0  # |τ| bit pattern under which nothing can be kept
     members: list[str] = field(default_factory=list)
     held: int = 0
+    limit: int = 0  # prune when more than this many entries are held
     cut: dict[str, int] = field(default_factory=dict)  # floor each held tensor was last cut at
 
     @property
@@ -132,6 +134,7 @@ def trim_stream(
         groups[group_of(n)].members.append(n)
     for g in groups.values():
         g.rank = int(top_k * g.size) + 1
+        g.limit = g.rank + slack
 
     held: dict[str, TrimmedEntry] = {}
     bar = tqdm(total=sum(numel.values()), desc="τH top-k", unit="param", unit_scale=True, disable=not progress)
@@ -158,10 +161,13 @@ def trim_stream(
             idx = _where(bits[start : start + _CHUNK] >= g.floor).add_(start)
             e.indices, e.values = torch.cat([e.indices, idx]), torch.cat([e.values, flat.index_select(0, idx)])
             g.held += idx.numel()
-            if not g.keep_all and g.held > g.rank + slack:
+            if not g.keep_all and g.held > g.limit:
                 _prune(g, held, exact=False, slack=slack)
                 if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
                     _prune(g, held, exact=True)
+                # Entries tied at the exact value cannot be dropped yet (bf16 checkpoints tie a lot): wait
+                # for another slack of insertions rather than re-prune after every chunk.
+                g.limit = max(g.rank, g.held) + slack
         del bits
         bar.update(flat.numel())
     bar.close()
