@@ -135,6 +135,8 @@ class HarmRemoval(contextlib.AbstractContextManager):
         )
 
     def __enter__(self) -> ModelLike:
+        # Resolved again: the model may have been moved or cast between harm_removal(...) and the `with`.
+        self.targets = _resolve_targets(self.model, self.hv)
         entry_storage = {name: t.data_ptr() for name, t in self.targets.items()}
         saved: list[tuple[_Site, Tensor]] = []
         self._levels.append((entry_storage, saved))

@@ -193,3 +193,13 @@ def test_compatibility_mode_bridge_is_refused_before_any_edit(tiny_bridge, hv):
     tiny_bridge.enable_compatibility_mode()
     with pytest.raises(ValueError, match="enable_compatibility_mode"):
         harm_removal(tiny_bridge, hv, lam=3.0)
+
+
+def test_a_model_cast_between_creation_and_entry_is_edited_and_restored(tiny_dir, hv):
+    model, _ = sa_lens.load_hf_model(tiny_dir)
+    hr = harm_removal(model, hv, lam=3.0)
+    model.to(torch.bfloat16)
+    before = _snapshot(model)
+    with hr:
+        assert any(not torch.equal(p, before[n]) for n, p in checkpoint_parameters(model).items())
+    _assert_bit_exact(model, before)
