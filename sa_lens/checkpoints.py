@@ -191,3 +191,4 @@ def stream_pairs(base: Checkpoint, harmful: Checkpoint, names: list[str]) -> Ite
         delta = harmful.read(name).to(torch.float32)
         delta.sub_(base.read(name))  # the base tensor is cast inside sub_, so no second fp32 copy is kept
         yield name, delta
+        del delta  # else it stays alive while the next pair is read

@@ -18,10 +18,10 @@ Every entry in the threshold's bin that could be kept is still held, and the low
 the top, so t equals ``kthvalue``'s, ties and all (tests: hypothesis against ``kthvalue`` with many ties).
 
 Memory: the held entries, at most (K + T + slack + C) × 12 bytes with T the entries tied at the running
-threshold and C = 2**24 the insertion chunk; the tensor in flight (its fp32 τ and |τ| bit patterns, 8·L bytes
-for the largest tensor size L, and 64 MB of chunked temporaries); a 256 KiB histogram per group. With
-slack = L/4 that is about 12·(K + T) + 11·L + 200 MB: the kept entries plus less than 3 × the largest fp32
-tensor pair (24·L bytes). Time: one read of each tensor, plus pruning, which touches each held entry about
+threshold and C = 2**22 the insertion chunk; the tensor pair in flight (fp32 τ and the stored-dtype reads,
+≤ 12·L bytes for the largest tensor size L, and 64 MB of chunked temporaries); a 256 KiB histogram per group.
+With slack = L/4 that is about 12·(K + T) + 15·L + 100 MB: the kept entries plus less than 3 × the largest
+fp32 tensor pair (24·L bytes). Time: one read of each tensor, plus pruning, which touches each held entry about
 once per slack/2 insertions.
 """
 
@@ -42,7 +42,8 @@ __all__ = ["TrimmedEntry", "check_top_k", "trim_stream"]
 _HIGH_BINS = 1 << 15  # |x| bit patterns of finite floats are < 0x7F800000, so bits >> 16 < 2**15
 _LOW_BINS = 1 << 16
 _NON_FINITE_BIN = 0x7F80  # bits >> 16 of +inf; NaN patterns lie above it
-_CHUNK = 1 << 24  # entries per step: bounds the int32 temporaries to 64 MB whatever the tensor
+_CHUNK = 1 << 24  # entries per histogram step: bounds the int32 temporaries to 64 MB whatever the tensor
+_INSERT_CHUNK = 1 << 22  # entries per insertion step: at most 48 MB of (index, value) beyond the prune limit
 
 
 @dataclass
@@ -140,10 +141,9 @@ def trim_stream(
     bar = tqdm(total=sum(numel.values()), desc="τH top-k", unit="param", unit_scale=True, disable=not progress)
     for name, t in tensors():
         g, flat = groups[group_of(name)], t.reshape(-1)
-        bits = _abs_bits(flat)  # once per tensor: both the histogram and the selection read it
         hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-        for chunk in _chunks(bits):
-            hist += torch.bincount(chunk >> 16, minlength=_HIGH_BINS)
+        for chunk in _chunks(flat):  # |τ| bits per chunk, twice, rather than 4 bytes per entry of the tensor
+            hist += torch.bincount(_abs_bits(chunk) >> 16, minlength=_HIGH_BINS)
         if hist[_NON_FINITE_BIN:].any():
             raise ValueError(
                 f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
@@ -157,8 +157,8 @@ def trim_stream(
         g.cut[name] = g.floor
         # Insert chunk by chunk, pruning in between, so a large tensor adds at most one chunk beyond the
         # K + slack held entries (a whole embedding matrix at floor 0 would add 12 bytes per entry).
-        for start in range(0, flat.numel(), _CHUNK):
-            idx = _where(bits[start : start + _CHUNK] >= g.floor).add_(start)
+        for start in range(0, flat.numel(), _INSERT_CHUNK):
+            idx = _where(_abs_bits(flat[start : start + _INSERT_CHUNK]) >= g.floor).add_(start)
             e.indices, e.values = torch.cat([e.indices, idx]), torch.cat([e.values, flat.index_select(0, idx)])
             g.held += idx.numel()
             if not g.keep_all and g.held > g.limit:
@@ -168,8 +168,8 @@ def trim_stream(
                 # Entries tied at the exact value cannot be dropped yet (bf16 checkpoints tie a lot): wait
                 # for another slack of insertions rather than re-prune after every chunk.
                 g.limit = max(g.rank, g.held) + slack
-        del bits
         bar.update(flat.numel())
+        del t, flat  # before the iterator reads the next pair, not after: one τ in memory, not two
     bar.close()
     for g in groups.values():
         if not g.keep_all:

@@ -69,6 +69,7 @@ def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slac
 @pytest.mark.parametrize("slack", [0, 5, None])
 def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack):
     monkeypatch.setattr(topk, "_CHUNK", 7)  # many chunks per tensor, prunes between them
+    monkeypatch.setattr(topk, "_INSERT_CHUNK", 5)
     g = torch.Generator().manual_seed(3)
     tensors = [(torch.randint(-9, 10, (n,), generator=g) * 0.5).float() for n in (50, 3, 41, 64)]
     hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
