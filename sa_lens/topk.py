@@ -153,21 +153,9 @@ def trim_stream(
         g.seen += flat.numel()
         if not g.keep_all and g.seen >= g.rank:
             g.floor = max(g.floor, _top_bin(g.hist, g.rank)[0] << 16)
-        e = held[name] = TrimmedEntry(tuple(t.shape), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
-        g.cut[name] = g.floor
-        # Insert chunk by chunk, pruning in between, so a large tensor adds at most one chunk beyond the
-        # K + slack held entries (a whole embedding matrix at floor 0 would add 12 bytes per entry).
-        for start in range(0, flat.numel(), _INSERT_CHUNK):
-            idx = _where(_abs_bits(flat[start : start + _INSERT_CHUNK]) >= g.floor).add_(start)
-            e.indices, e.values = torch.cat([e.indices, idx]), torch.cat([e.values, flat.index_select(0, idx)])
-            g.held += idx.numel()
-            if not g.keep_all and g.held > g.limit:
-                _prune(g, held, exact=False, slack=slack)
-                if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
-                    _prune(g, held, exact=True)
-                # Entries tied at the exact value cannot be dropped yet (bf16 checkpoints tie a lot): wait
-                # for another slack of insertions rather than re-prune after every chunk.
-                g.limit = max(g.rank, g.held) + slack
+        floor_before = g.floor  # every entry inserted below is at or above it
+        held[name] = _insert(g, held, flat, tuple(t.shape), hist, slack)
+        g.cut[name] = floor_before
         bar.update(flat.numel())
         del t, flat  # before the iterator reads the next pair, not after: one τ in memory, not two
     bar.close()
@@ -175,6 +163,36 @@ def trim_stream(
         if not g.keep_all:
             _prune(g, held, exact=True)
     return held
+
+
+def _insert(
+    g: _Group, held: dict[str, TrimmedEntry], flat: Tensor, shape: tuple[int, ...], hist: Tensor, slack: int
+) -> TrimmedEntry:
+    """Hold the entries of one tensor at or above the group's floor, pruning the held others between chunks.
+
+    The buffers are sized once from the tensor's histogram (its entries in bins at or above the floor's), so
+    a large tensor costs its kept entries once, not again in growing copies. The tensor is not in ``held``
+    until it is complete, so the prunes it triggers leave it alone; an exact floor computed without its
+    in-bin entries is lower than the true one, so still a valid floor.
+    """
+    upper = int(hist[g.floor >> 16 :].sum())
+    indices, values, filled = torch.empty(upper, dtype=torch.int64), torch.empty(upper), 0
+    for start in range(0, flat.numel(), _INSERT_CHUNK):
+        idx = _where(_abs_bits(flat[start : start + _INSERT_CHUNK]) >= g.floor).add_(start)
+        indices[filled : filled + idx.numel()] = idx
+        torch.index_select(flat, 0, idx, out=values[filled : filled + idx.numel()])
+        filled += idx.numel()
+        g.held += idx.numel()
+        if not g.keep_all and g.held > g.limit:
+            _prune(g, held, exact=False, slack=slack)
+            if g.held > g.rank + slack:  # the floor's bin is crowded with ties: cut at the exact value
+                _prune(g, held, exact=True)
+            # Entries tied at the exact value cannot be dropped yet (bf16 checkpoints tie a lot): wait
+            # for another slack of insertions rather than re-prune after every chunk.
+            g.limit = max(g.rank, g.held) + slack
+    if filled < 0.9 * upper:  # the floor rose mid-tensor: give the unused part of the buffers back
+        return TrimmedEntry(shape, indices[:filled].clone(), values[:filled].clone())
+    return TrimmedEntry(shape, indices[:filled], values[:filled])
 
 
 def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool, slack: int = 0) -> None:
@@ -192,7 +210,9 @@ def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool, slack: int = 0
             low += torch.bincount(x, minlength=_LOW_BINS + 2)[1:-1]
         # Read from the top: in-bin entries under an earlier exact floor were dropped, but they lie below
         # the threshold, so the rank_in_bin-th largest of those still held is the true one.
-        floor |= _LOW_BINS - 1 - int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
+        j = int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
+        if j < _LOW_BINS:  # else fewer held in the bin than its rank (the tensor being inserted holds them)
+            floor |= _LOW_BINS - 1 - j
     g.floor = max(g.floor, floor)
     # Tensors cut longest ago (lowest floor) first: they hold the most that the new floor drops. A partial
     # prune stops once half the slack is free, so the next one is slack/2 insertions away (amortised cost).
