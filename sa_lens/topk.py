@@ -27,6 +27,8 @@ once per slack/2 insertions.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +46,24 @@ _LOW_BINS = 1 << 16
 _NON_FINITE_BIN = 0x7F80  # bits >> 16 of +inf; NaN patterns lie above it
 _CHUNK = 1 << 24  # entries per histogram step: bounds the int32 temporaries to 64 MB whatever the tensor
 _INSERT_CHUNK = 1 << 22  # entries per insertion step: at most 48 MB of (index, value) beyond the prune limit
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps freed blocks under its mmap threshold (≤ 32 MB: the
+    chunk temporaries, the cut-down held tensors) mapped, and the holes add up: measured 1.2 GB of RSS over
+    the live data after a 1.1 B-parameter build. ``malloc_trim(0)`` releases whole free pages anywhere."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -158,6 +178,7 @@ def trim_stream(
         g.cut[name] = floor_before
         bar.update(flat.numel())
         del t, flat  # before the iterator reads the next pair, not after: one τ in memory, not two
+        _release_freed_memory()
     bar.close()
     for g in groups.values():
         if not g.keep_all:
@@ -227,3 +248,4 @@ def _prune(g: _Group, held: dict[str, TrimmedEntry], exact: bool, slack: int = 0
         g.held -= e.indices.numel() - keep.numel()
         e.indices, e.values = e.indices.index_select(0, keep), e.values.index_select(0, keep)
         g.cut[n] = g.floor
+    _release_freed_memory()
