@@ -11,16 +11,15 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
+from sa_lens.sparse_delta import DENSE_ABOVE
 
-__all__ = ["apply_harm_removal", "harm_removal"]
-
-# Above this density a full copy of the tensor is cheaper than values + int64 indices (4 vs 12 bytes/entry).
-_DENSE_SAVE_ABOVE = 1 / 3
+__all__ = ["HarmRemoval", "apply_harm_removal", "harm_removal"]
 
 
 def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
@@ -30,10 +29,10 @@ def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
         raise ValueError(
             f"The harm vector has {len(missing)} parameter(s) the target lacks (e.g. {missing[:3]}). "
             "Build τH from checkpoints of the target's architecture, or keep only shared keys with "
-            "HarmVector({k: v for k, v in hv.items() if k in target_keys})."
+            "HarmVector.load(path, target=model, restrict=True)."
         )
     for name, delta in hv.items():
-        if params[name].shape != delta.shape:
+        if tuple(params[name].shape) != tuple(delta.shape):
             raise ValueError(
                 f"Parameter '{name}' has shape {tuple(params[name].shape)} in the target but "
                 f"{tuple(delta.shape)} in the harm vector; they come from different architectures."
@@ -43,26 +42,38 @@ def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
     return {name: params[name] for name in hv.deltas}
 
 
-def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """Per parameter: its flat view, the flat τH′ on its device, and the edited indices (None = dense)."""
-    for name, delta in hv.items():
+@dataclass
+class _Site:
+    """One edited parameter: its flat view, the flat τH′ values to subtract, and where (None = everywhere)."""
+
+    flat: Tensor
+    delta: Tensor  # dense flat τH′ when idx is None, else τH′ at idx
+    idx: Tensor | None
+
+
+def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[_Site]:
+    for name in hv.deltas:
         flat = targets[name].data.view(-1)
-        d = delta.view(-1).to(flat.device)
-        idx = torch.nonzero(d).squeeze(1)
-        if idx.numel() == 0:
+        sparse = hv.sparse(name)
+        if sparse.nnz == 0:
             continue
-        yield flat, d, (None if idx.numel() > _DENSE_SAVE_ABOVE * flat.numel() else idx)
+        if sparse.nnz > DENSE_ABOVE * flat.numel():  # a full copy is cheaper than values + int64 indices
+            yield _Site(flat, hv.dense(name).reshape(-1).to(flat.device), None)
+        else:
+            yield _Site(flat, sparse.values.to(flat.device), sparse.indices.to(flat.device))
 
 
-def _subtract(flat: Tensor, d: Tensor, idx: Tensor | None, lam: float) -> None:
+def _subtract(site: _Site, lam: float) -> None:
+    flat, d, idx = site.flat, site.delta, site.idx
     work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
     if idx is None:
         flat.copy_((flat.to(work) - lam * d.to(work)).to(flat.dtype))
     else:
-        flat[idx] = (flat[idx].to(work) - lam * d[idx].to(work)).to(flat.dtype)
+        flat[idx] = (flat[idx].to(work) - lam * d.to(work)).to(flat.dtype)
 
 
-def _check_lam(lam: float) -> None:
+def check_lam(lam: float) -> None:
+    """Raise ValueError unless λ is a finite real number (NaN/inf would silently destroy the weights)."""
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
 
@@ -70,7 +81,7 @@ def _check_lam(lam: float) -> None:
 def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> ModelLike:
     """Permanent HDR: θ̂ = θt − λ·τH′ written into the model's weights, nothing saved (paper §3.1, eq. 3).
 
-    For export (``model.save_pretrained`` on the edited model, or ``sa-lens apply``); use the
+    For export (:func:`sa_lens.export.export_harm_removed`, ``sa-lens apply``); use the
     :func:`harm_removal` context manager to edit and restore in a session.
 
     Returns:
@@ -79,57 +90,81 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Mo
     Raises:
         ValueError: as :func:`harm_removal`.
     """
-    _check_lam(lam)
+    check_lam(lam)
     targets = _resolve_targets(model, hv)
     with torch.no_grad():
-        for flat, d, idx in _edit_sites(targets, hv):
-            _subtract(flat, d, idx, lam)
+        for site in _edit_sites(targets, hv):
+            _subtract(site, lam)
     return model
 
 
-@contextlib.contextmanager
-def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator[ModelLike]:
-    """Subtract λ·τH′ from the target's weights inside a ``with`` block; restore them bit-exactly on exit.
+class HarmRemoval(contextlib.AbstractContextManager):
+    """The context manager :func:`harm_removal` returns; ``with`` gives the edited model.
 
-    Args:
-        model: the target θt — a ``TransformerBridge`` with raw weights, an HF model, or a state dict.
-        hv: the (usually trimmed) harm vector, keyed by checkpoint names.
-        lam: λ, the scale of the subtracted vector; the paper uses 3 with top-10 % TIES (HDR†) and
-            0.1–6 for the untrimmed task vector (HDR‡), paper-notes.md §2.5.
+    Attributes:
+        restore_nbytes: bytes held to restore the weights while inside the block: for each sparsely
+            edited parameter the original values (weight dtype) and their int64 indices, for a densely
+            edited one (over a third of it changed) a full copy. 0 outside the block. For a top-k τH′
+            this is ≈ nnz × (dtype bytes + 8).
+        edited: number of weight entries the edit changed (nnz of τH′), 0 outside the block.
 
-    Yields:
-        The same model, edited in place: θ̂ = θt − λ·τH′ computed in fp32 and cast to the weight dtype.
-
-    Raises:
-        ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
-            were processed by ``enable_compatibility_mode()``. Nothing is changed when it raises.
-        RuntimeError: on exit, when the block replaced the model's parameter tensors (e.g. ``.to()``),
-            so the saved originals could not be written back.
-
-    Memory: the saved originals take nnz(τH′) × (dtype bytes + 8 index bytes), or one full copy of a
-    tensor when more than a third of it is edited. Nesting and re-entry are safe: each block restores
-    what it saw on entry, and blocks exit in reverse order.
+    Entering the same object again while inside it (re-entry) stacks: each level saves what it sees and
+    restores it on its own exit, so nested blocks unwind in reverse order.
     """
-    _check_lam(lam)
-    targets = _resolve_targets(model, hv)
-    entry_storage = {name: t.data_ptr() for name, t in targets.items()}
-    saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
-    try:
+
+    def __init__(self, model: ModelLike, hv: HarmVector, lam: float) -> None:
+        check_lam(lam)
+        self.model, self.hv, self.lam = model, hv, lam
+        self.targets = _resolve_targets(model, hv)  # fail before any edit on a mismatched vector
+        self._levels: list[tuple[dict[str, int], list[tuple[_Site, Tensor]]]] = []
+
+    @property
+    def restore_nbytes(self) -> int:
+        return sum(
+            original.nbytes + (site.idx.nbytes if site.idx is not None else 0)
+            for _, saved in self._levels
+            for site, original in saved
+        )
+
+    @property
+    def edited(self) -> int:
+        return sum(
+            (site.idx.numel() if site.idx is not None else int(torch.count_nonzero(site.delta)))
+            for _, saved in self._levels[-1:]
+            for site, _ in saved
+        )
+
+    def __enter__(self) -> ModelLike:
+        # Resolved again: the model may have been moved or cast between harm_removal(...) and the `with`.
+        self.targets = _resolve_targets(self.model, self.hv)
+        entry_storage = {name: t.data_ptr() for name, t in self.targets.items()}
+        saved: list[tuple[_Site, Tensor]] = []
+        self._levels.append((entry_storage, saved))
+        try:
+            with torch.no_grad():
+                for site in _edit_sites(self.targets, self.hv):
+                    # Save before editing: an interruption between the two leaves nothing unrecorded.
+                    saved.append((site, site.flat[site.idx].clone() if site.idx is not None else site.flat.clone()))
+                    _subtract(site, self.lam)
+        except BaseException:
+            self._restore()
+            raise
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        entry_storage, saved = self._levels.pop()
         with torch.no_grad():
-            for flat, d, idx in _edit_sites(targets, hv):
-                saved.append((flat, idx, flat[idx].clone()) if idx is not None else (flat, None, flat.clone()))
-                _subtract(flat, d, idx, lam)
-        yield model
-    finally:
-        with torch.no_grad():
-            for flat, idx, original in reversed(saved):
-                if idx is None:
-                    flat.copy_(original)
+            for site, original in reversed(saved):
+                if site.idx is None:
+                    site.flat.copy_(original)
                 else:
-                    flat[idx] = original
+                    site.flat[site.idx] = original
         # A .to()/.half()/.cuda() inside the block builds new parameter tensors; the restore above then
         # lands in the old storage and the model keeps the edit. Say so rather than pretend it is restored.
-        live = {n: t.data_ptr() for n, t in checkpoint_parameters(model).items() if n in targets}
+        live = {n: t.data_ptr() for n, t in checkpoint_parameters(self.model).items() if n in entry_storage}
         replaced = [n for n, ptr in entry_storage.items() if live.get(n) != ptr]
         if replaced:
             raise RuntimeError(
@@ -137,3 +172,31 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Iterator
                 "(.to(), .half(), .cuda(), load_state_dict(assign=True) …), so the originals could not be written "
                 "back and the model still holds the edit. Move or cast the model before entering the block."
             )
+
+
+def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> HarmRemoval:
+    """Subtract λ·τH′ from the target's weights inside a ``with`` block; restore them bit-exactly on exit.
+
+    Args:
+        model: the target θt — a ``TransformerBridge`` with raw weights, an HF model, or a state dict.
+        hv: the (usually trimmed) harm vector, keyed by checkpoint names; dense or sparse entries.
+        lam: λ, the scale of the subtracted vector; the paper uses 3 with top-10 % TIES (HDR†) and
+            0.1–6 for the untrimmed task vector (HDR‡), paper-notes.md §2.5.
+
+    Returns:
+        A :class:`HarmRemoval`; ``with harm_removal(...) as m`` edits in place and gives the same model:
+        θ̂ = θt − λ·τH′ computed in fp32 and cast to the weight dtype. Its ``restore_nbytes`` tells
+        what the restore holds.
+
+    Raises:
+        ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
+            were processed by ``enable_compatibility_mode()`` — raised by this call, before any edit.
+        RuntimeError: on exit, when the block replaced the model's parameter tensors (e.g. ``.to()``),
+            so the saved originals could not be written back.
+
+    Memory: the saved originals take nnz(τH′) × (dtype bytes + 8 index bytes), or one full copy of a
+    tensor when more than a third of it is edited. Nesting and re-entry are safe: each block restores
+    what it saw on entry, and blocks exit in reverse order. Never "subtract then add back" (not exact in
+    bf16/fp16; anchors.md §4.1).
+    """
+    return HarmRemoval(model, hv, lam)

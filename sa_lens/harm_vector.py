@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import os
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,17 +18,21 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
+from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names, stream_pairs
+from sa_lens.parameter_names import layer_index, select_names
+from sa_lens.sparse_delta import SparseDelta, compact
+from sa_lens.topk import check_top_k, trim_stream
 
-__all__ = ["HarmVector", "checkpoint_parameters"]
+__all__ = ["HarmVector", "Scope", "checkpoint_parameters"]
 
 ORIGINAL_COMPONENT = "._original_component"
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_INF_BITS = 0x7F800000  # bit pattern of +inf in float32: every finite |x| is below it
 FILE_FORMAT = "sa_lens.harm_vector"
-_SPARSE_BELOW = 1 / 3  # density under which indices + values (12 bytes/entry) beat a dense fp32 tensor
+Scope = Literal["global", "per_layer", "per_tensor"]
+Delta = Float[Tensor, "..."] | SparseDelta
 
 ModelLike = TransformerBridge | nn.Module | Mapping[str, Tensor]
 
@@ -87,21 +88,14 @@ def _check_finite(name: str, t: Tensor) -> None:
         )
 
 
-def _kth_smallest_abs(tensors: list[Tensor], m: int) -> float:
-    """The m-th smallest |x| (1-based) over several tensors, exactly, without concatenating them.
-
-    Non-negative float32 values sort like their int32 bit patterns, so a bisection over the 31-bit
-    pattern space finds the exact order statistic in 31 counting passes, holding no copy of the model.
-    """
-    lo, hi = 0, _INF_BITS
-    while lo < hi:
-        mid = (lo + hi) // 2
-        count = sum(int((t.abs().view(torch.int32) <= mid).sum()) for t in tensors)
-        if count >= m:
-            hi = mid
-        else:
-            lo = mid + 1
-    return torch.tensor(lo, dtype=torch.int32).view(torch.float32).item()
+def _group_of(scope: str):
+    if scope == "global":
+        return lambda name: "all"
+    if scope == "per_tensor":
+        return lambda name: name
+    if scope == "per_layer":
+        return lambda name: f"layer.{layer_index(name)}"  # "layer.None": every parameter outside the layers
+    raise ValueError(f"scope must be 'global', 'per_layer' or 'per_tensor'; got {scope!r}.")
 
 
 @dataclass
@@ -109,63 +103,116 @@ class HarmVector:
     """τH = θH − θb per parameter, fp32, keyed by checkpoint parameter names.
 
     Attributes:
-        deltas: ``{name: Float[Tensor, "*shape"]}``, fp32, zero where trimmed away.
-        meta: provenance (base and harmful model names, ``top_k``, ``scope``).
+        deltas: ``{name: Float[Tensor, "*shape"] | SparseDelta}``, fp32, zero where trimmed away. Built in
+            memory the entries are dense tensors; a streaming build (:meth:`from_checkpoints`) or
+            ``load(sparse=True)`` holds trimmed entries as :class:`~sa_lens.sparse_delta.SparseDelta`
+            (flat int64 indices + fp32 values). :meth:`dense` gives either as a tensor.
+        meta: provenance (base and harmful model names, ``top_k``, ``scope``, restrictions).
 
     Source: paper eq. for τH (§3.1, paper-notes.md §2.1); the official code's TIES variant equals a
     global top-k magnitude trim when there is one task vector (paper-notes.md §2.3).
     """
 
-    deltas: dict[str, Float[Tensor, "..."]]
+    deltas: dict[str, Delta]
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, t in self.deltas.items():
             if t.dtype != torch.float32:
                 raise ValueError(f"Harm vector entry '{name}' is {t.dtype}; τH is stored in float32.")
-            _check_finite(name, t)
+            _check_finite(name, t.values if isinstance(t, SparseDelta) else t)
 
     @classmethod
-    def from_models(cls, base: ModelLike, harmful: ModelLike) -> HarmVector:
+    def from_models(
+        cls,
+        base: ModelLike,
+        harmful: ModelLike,
+        *,
+        layers: Collection[int] | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> HarmVector:
         """Build τH = θH − θb from two models of the same architecture (bridges, HF models or state dicts).
 
         Args:
             base: θb, the model the harmful one was fine-tuned from.
             harmful: θH, fine-tuned on harmful question–answer pairs.
+            layers: keep only parameters of these decoder layers (the EDIT scenario's edit area,
+                paper-notes.md §2.4); None keeps all.
+            kinds: keep only these parameter kinds (``"attention"``, ``"mlp"``, ``"embeddings"``,
+                ``"norms"``, ``"other"``); None keeps all.
 
         Returns:
-            The untrimmed harm vector (the paper's "task vector" baseline, HDR‡).
+            The untrimmed harm vector (the paper's "task vector" baseline, HDR‡), dense fp32.
 
         Raises:
             ValueError: parameter names, shapes or dtypes differ (message lists the first differences),
-                or a difference is not finite.
+                a difference is not finite, or an unknown kind.
         """
         pb, ph = checkpoint_parameters(base), checkpoint_parameters(harmful)
-        missing, extra = sorted(set(pb) - set(ph)), sorted(set(ph) - set(pb))
-        if missing or extra:
-            raise ValueError(
-                "Base and harmful models have different parameter names "
-                f"(only in base: {missing[:3]}{'…' if len(missing) > 3 else ''}; "
-                f"only in harmful: {extra[:3]}{'…' if len(extra) > 3 else ''}). "
-                "τH needs two checkpoints of the same architecture: fine-tune θH from θb."
-            )
+        check_same_names(pb, ph)
         deltas = {}
         with torch.no_grad():
-            for name, b in pb.items():
-                h = ph[name]
-                if h.shape != b.shape:
-                    raise ValueError(
-                        f"Parameter '{name}' has shape {tuple(b.shape)} in base but {tuple(h.shape)} in harmful; "
-                        "the two models must share one architecture and vocabulary."
-                    )
-                if h.dtype != b.dtype:
-                    raise ValueError(
-                        f"Parameter '{name}' is {b.dtype} in base but {h.dtype} in harmful; the difference would be "
-                        "mostly rounding noise. Load both checkpoints in the same dtype (float32 recommended)."
-                    )
+            for name in select_names(pb, layers, kinds):
+                b, h = pb[name], ph[name]
+                check_same_layout(name, b.shape, h.shape, b.dtype, h.dtype)
                 deltas[name] = h.detach().float().cpu() - b.detach().float().cpu()
         meta = {"base": _model_name(base), "harmful": _model_name(harmful), "top_k": None, "scope": None}
-        return cls(deltas, meta)
+        return cls(deltas, _with_restriction(meta, layers, kinds))
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        base: str | os.PathLike,
+        harmful: str | os.PathLike,
+        *,
+        top_k: float | None = None,
+        scope: Scope = "global",
+        layers: Collection[int] | None = None,
+        kinds: Collection[str] | None = None,
+        progress: bool = True,
+    ) -> HarmVector:
+        """Build (and trim) τH = θH − θb streaming from two safetensors checkpoint folders.
+
+        Only one tensor pair is in memory at a time, each read once: the exact top-k threshold is found
+        in the same single pass by a running radix select (:mod:`sa_lens.topk`), and only about the kept
+        entries are held, as sparse indices + values. Integer
+        and bool buffers are skipped; a tied output embedding is counted once (``tie_word_embeddings``);
+        arithmetic is fp32 whatever the stored dtype. The result equals
+        ``from_models(...).trim(top_k, scope)`` entry for entry.
+
+        Args:
+            base: θb's folder (``model.safetensors`` or a sharded ``model.safetensors.index.json``).
+            harmful: θH's folder, same architecture.
+            top_k: fraction kept, in (0, 1]; None keeps the full task vector, dense (4 bytes per
+                parameter: 27 GB for a 7B model — trim unless you need HDR‡).
+            scope: where the top-k threshold is computed, as in :meth:`trim`.
+            layers: keep only these decoder layers (see :func:`~sa_lens.edit_area.detect_edit_area`).
+            kinds: keep only these parameter kinds (attention, mlp, embeddings, norms, other).
+            progress: a tqdm bar over the parameters read.
+
+        Returns:
+            The harm vector; trimmed entries are :class:`~sa_lens.sparse_delta.SparseDelta` when
+            under a third of the tensor is kept.
+
+        Raises:
+            FileNotFoundError: a folder or a shard named in an index is missing.
+            ValueError: pickle-only checkpoints, corrupted files, names/shapes/dtypes that differ, a
+                non-finite difference, ``top_k`` outside (0, 1] or an unknown scope or kind.
+        """
+        if top_k is not None:
+            check_top_k(top_k)
+        group_of = _group_of(scope)
+        cb, ch = Checkpoint(base), Checkpoint(harmful)
+        names = paired_names(cb, ch, layers, kinds)
+        meta = {"base": str(base), "harmful": str(harmful), "top_k": None, "scope": None}
+        meta = _with_restriction(meta, layers, kinds)
+        if top_k is None:
+            pairs = tqdm(stream_pairs(cb, ch, names), total=len(names), desc="τH", unit="tensor", disable=not progress)
+            return cls(dict(pairs), meta)
+        numel = {n: cb.specs[n].numel for n in names}
+        kept = trim_stream(lambda: stream_pairs(cb, ch, names), names, numel, group_of, top_k, progress)
+        deltas = {n: compact(e.indices, e.values, e.shape) for n, e in kept.items()}
+        return cls(deltas, {**meta, "top_k": float(top_k), "scope": scope})
 
     def __len__(self) -> int:
         return len(self.deltas)
@@ -176,34 +223,45 @@ class HarmVector:
     def items(self):
         return self.deltas.items()
 
+    def dense(self, name: str) -> Float[Tensor, "..."]:
+        """Entry ``name`` as a dense fp32 tensor (a view of it when stored dense)."""
+        t = self.deltas[name]
+        return t.to_dense() if isinstance(t, SparseDelta) else t
+
+    def sparse(self, name: str) -> SparseDelta:
+        """Entry ``name`` as flat indices + values (what an edit touches)."""
+        t = self.deltas[name]
+        return t if isinstance(t, SparseDelta) else SparseDelta.from_dense(t)
+
     @property
     def numel(self) -> int:
         """Number of entries over all parameters."""
-        return sum(t.numel() for t in self.deltas.values())
+        return sum(t.numel if isinstance(t, SparseDelta) else t.numel() for t in self.deltas.values())
 
     @property
     def nnz(self) -> int:
         """Number of non-zero entries (what an edit touches and a restore saves)."""
-        return sum(int(torch.count_nonzero(t)) for t in self.deltas.values())
+        return sum(
+            int(torch.count_nonzero(t.values if isinstance(t, SparseDelta) else t)) for t in self.deltas.values()
+        )
 
-    def _groups(self, scope: str) -> dict[str, list[str]]:
-        if scope == "global":
-            return {"all": list(self.deltas)}
-        if scope == "per_tensor":
-            return {n: [n] for n in self.deltas}
-        groups: dict[str, list[str]] = {}
-        for n in self.deltas:
-            m = _LAYER.search(n)
-            groups.setdefault(f"layer.{m.group(1)}" if m else "outside_layers", []).append(n)
-        return groups
+    def restrict(self, layers: Collection[int] | None = None, kinds: Collection[str] | None = None) -> HarmVector:
+        """Keep only the parameters of some layers and/or kinds (zero elsewhere: the paper's edit-area mask,
+        Eqs. 11–13, paper-notes.md §2.4 and §7.6). Trim after restricting to trim within the area.
 
-    def trim(self, top_k: float, scope: Literal["global", "per_layer", "per_tensor"] = "global") -> HarmVector:
+        Raises:
+            ValueError: an unknown kind or a negative layer.
+        """
+        kept = select_names(self.deltas, layers, kinds)
+        return HarmVector({n: self.deltas[n] for n in kept}, _with_restriction(dict(self.meta), layers, kinds))
+
+    def trim(self, top_k: float, scope: Scope = "global") -> HarmVector:
         """Keep the entries of τH with the largest magnitude, zero the rest (HDR; paper-notes.md §2.1, §2.3).
 
         The threshold is the official code's: with d entries in a group, t = the (d − ⌊top_k·d⌋)-th
         smallest |τH| (what ``kthvalue`` over the concatenated group gives), and entries with
-        |τH| ≥ t are kept, ties included. It is found exactly by bisection over float bit patterns,
-        without concatenating the model.
+        |τH| ≥ t are kept, ties included. It is found exactly by a radix select over float32 bit
+        patterns (:mod:`sa_lens.topk`), without concatenating the model.
 
         Args:
             top_k: fraction of entries kept, in (0, 1]; 0.10 keeps the top 10 % (the paper's default).
@@ -211,26 +269,22 @@ class HarmVector:
                 layer (parameters outside layers form one group), or per tensor (mergekit's choice).
 
         Returns:
-            A new HarmVector with the same keys, shapes and dtype float32.
+            A new HarmVector with the same keys, shapes and dtype float32; dense entries stay dense,
+            a vector holding sparse entries comes back sparse where under a third is kept.
 
         Raises:
             ValueError: ``top_k`` not in (0, 1] or an unknown scope.
         """
-        if isinstance(top_k, bool) or not (isinstance(top_k, numbers.Real) and 0.0 < top_k <= 1.0):
-            raise ValueError(f"top_k must be a fraction in (0, 1] (0.1 keeps the top 10 %); got {top_k!r}.")
-        if scope not in ("global", "per_layer", "per_tensor"):
-            raise ValueError(f"scope must be 'global', 'per_layer' or 'per_tensor'; got {scope!r}.")
-        trimmed = {}
-        for names in self._groups(scope).values():
-            tensors = [self.deltas[n] for n in names]
-            d = sum(t.numel() for t in tensors)
-            m = d - int(top_k * d)
-            if m == 0:
-                trimmed.update({n: t.clone() for n, t in zip(names, tensors)})
-                continue
-            threshold = _kth_smallest_abs(tensors, m)
-            for n, t in zip(names, tensors):
-                trimmed[n] = torch.where(t.abs() >= threshold, t, torch.zeros((), dtype=t.dtype))
+        check_top_k(top_k)
+        group_of = _group_of(scope)
+        names = list(self.deltas)
+        numel = {n: (t.numel if isinstance(t, SparseDelta) else t.numel()) for n, t in self.deltas.items()}
+        kept = trim_stream(lambda: ((n, self.dense(n)) for n in names), names, numel, group_of, top_k)
+        all_dense = not any(isinstance(t, SparseDelta) for t in self.deltas.values())
+        trimmed = {
+            n: SparseDelta(e.shape, e.indices, e.values).to_dense() if all_dense else compact(e.indices, e.values, e.shape)
+            for n, e in kept.items()
+        }
         return HarmVector(trimmed, {**self.meta, "top_k": float(top_k), "scope": scope})
 
     def save(self, path: str | os.PathLike, lam: float | None = None) -> Path:
@@ -248,38 +302,47 @@ class HarmVector:
         Returns:
             The safetensors path.
         """
-        tensors, encoding = {}, {}
+        tensors, encoding, shapes = {}, {}, {}
         for name, t in self.deltas.items():
-            flat = t.reshape(-1)
-            idx = torch.nonzero(flat).squeeze(1)
-            if idx.numel() < _SPARSE_BELOW * flat.numel():
-                tensors[f"{name}.indices"], tensors[f"{name}.values"] = idx, flat[idx]
+            sparse = t if isinstance(t, SparseDelta) else SparseDelta.from_dense(t)
+            shapes[name] = list(sparse.shape)
+            if isinstance(compact(sparse.indices, sparse.values, sparse.shape), SparseDelta):
+                tensors[f"{name}.indices"], tensors[f"{name}.values"] = sparse.indices, sparse.values
                 encoding[name] = "sparse"
             else:
-                tensors[name], encoding[name] = t, "dense"
+                tensors[name], encoding[name] = self.dense(name), "dense"
         sidecar = {
             "format": FILE_FORMAT,
             "space": "raw checkpoint weights",
             "meta": self.meta,
             "lam_suggested": lam,
             "dtype": "float32",
-            "names_sha256": _names_hash({n: t.shape for n, t in self.deltas.items()}),
-            "shapes": {n: list(t.shape) for n, t in self.deltas.items()},
+            "names_sha256": _names_hash(shapes),
+            "shapes": shapes,
             "encoding": encoding,
         }
         return save_tensors(path, tensors, sidecar)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, target: ModelLike | None = None, restrict: bool = False) -> HarmVector:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        target: ModelLike | str | os.PathLike | None = None,
+        restrict: bool = False,
+        sparse: bool = False,
+    ) -> HarmVector:
         """Read a vector written by :meth:`save`; with ``target``, check it fits that model.
 
         Args:
             path: the ``.safetensors`` file.
-            target: a bridge, HF model or state dict the vector will be applied to.
+            target: a bridge, HF model, state dict or safetensors checkpoint folder the vector will be
+                applied to.
             restrict: keep only the parameters the target has (with equal shapes) instead of refusing.
+            sparse: keep sparse-encoded entries as :class:`~sa_lens.sparse_delta.SparseDelta` (12 bytes
+                per kept entry) instead of dense tensors (4 bytes per parameter).
 
         Returns:
-            The harm vector, dense in memory.
+            The harm vector.
 
         Raises:
             FileNotFoundError: no such file.
@@ -293,16 +356,20 @@ class HarmVector:
             if any(k not in tensors for k in keys):
                 raise ValueError(f"{path}: tensor '{keys[0]}' listed in the sidecar is missing; the file is corrupted.")
             if sidecar["encoding"][name] == "sparse":
-                dense = torch.zeros(math.prod(shape), dtype=torch.float32)
-                dense[tensors[keys[0]]] = tensors[keys[1]]
-                deltas[name] = dense.view(shape)
+                entry = SparseDelta(tuple(shape), tensors[keys[0]], tensors[keys[1]])
+                if entry.nnz and (int(entry.indices.min()) < 0 or int(entry.indices.max()) >= entry.numel):
+                    raise ValueError(f"{path}: indices of '{name}' fall outside its shape {shape}; the file is corrupted.")
+                deltas[name] = entry if sparse else entry.to_dense()
             else:
                 deltas[name] = tensors[name].view(shape)
         hv = cls(deltas, dict(sidecar["meta"]))
         if target is None:
             return hv
-        params = checkpoint_parameters(target)
-        fits = {n for n, t in deltas.items() if n in params and params[n].shape == t.shape}
+        if isinstance(target, (str, os.PathLike)):
+            shapes = {n: spec.shape for n, spec in Checkpoint(target).specs.items()}
+        else:
+            shapes = {n: tuple(p.shape) for n, p in checkpoint_parameters(target).items()}
+        fits = {n for n in deltas if n in shapes and tuple(shapes[n]) == tuple(sidecar["shapes"][n])}
         if len(fits) == len(deltas):
             return hv
         if not restrict:
@@ -315,5 +382,13 @@ class HarmVector:
         return cls({n: deltas[n] for n in deltas if n in fits}, {**hv.meta, "restricted_to_target": True})
 
 
-def _names_hash(shapes: Mapping[str, torch.Size]) -> str:
+def _with_restriction(meta: dict, layers: Collection[int] | None, kinds: Collection[str] | None) -> dict:
+    if layers is not None:
+        meta["layers"] = sorted(layers)
+    if kinds is not None:
+        meta["kinds"] = sorted(kinds)
+    return meta
+
+
+def _names_hash(shapes: Mapping[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps({n: list(s) for n, s in sorted(shapes.items())}).encode()).hexdigest()

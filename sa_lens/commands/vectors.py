@@ -1,8 +1,16 @@
-"""``sa-lens harm-vector`` and ``sa-lens apply``: build τH from two checkpoints; subtract λ·τH′ from a target."""
+"""``sa-lens harm-vector`` and ``sa-lens apply``: build τH from two checkpoints; subtract λ·τH′ from a target.
+
+Local folders with safetensors weights are streamed (one tensor pair, or one shard, in memory); hub ids and
+pickle-only folders are loaded as models.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from sa_lens.checkpoints import INDEX_FILE, SINGLE_FILE
+from sa_lens.parameter_names import KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=float, default=0.10, help="fraction kept, in (0, 1] (default: %(default)s)")
     p.add_argument("--scope", choices=("global", "per_layer", "per_tensor"), default="global")
     p.add_argument("--no-trim", action="store_true", help="keep the full task vector (the paper's HDR‡ baseline)")
+    p.add_argument("--layers", type=_layers, help="only these decoder layers, e.g. 4,5,6 or 4-6")
+    p.add_argument("--kinds", type=_kinds, help=f"only these parameter kinds, comma-separated: {','.join(KINDS)}")
+    p.add_argument("--edit-area", metavar="EDITED", help="only the layers where EDITED differs from --base, ±1 (paper Eq. 11)")
     p.add_argument("--lam", type=float, help="λ to record as the suggested strength")
     p.add_argument("-o", "--out", required=True, help="output .safetensors path")
     p.set_defaults(run=_run_harm_vector)
@@ -28,29 +39,70 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_apply)
 
 
+def _layers(text: str) -> list[int]:
+    try:
+        out = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers look like 4,5,6 or 4-6; got {text!r}") from None
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {unknown}; choose from {','.join(KINDS)}")
+    return kinds
+
+
+def _streamable(name_or_path: str) -> bool:
+    path = Path(name_or_path)
+    return (path / SINGLE_FILE).exists() or (path / INDEX_FILE).exists()
+
+
 def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from sa_lens.edit_area import detect_edit_area
     from sa_lens.harm_vector import HarmVector
     from sa_lens.models import load_hf_model
 
-    base, _ = load_hf_model(args.base)
-    harmful, _ = load_hf_model(args.harmful)
-    hv = HarmVector.from_models(base, harmful)
-    if not args.no_trim:
-        hv = hv.trim(args.top_k, args.scope)
+    layers = args.layers
+    if args.edit_area:
+        if _streamable(args.base) and _streamable(args.edit_area):
+            area = detect_edit_area(args.base, args.edit_area)
+        else:
+            area = detect_edit_area(load_hf_model(args.base)[0], load_hf_model(args.edit_area)[0])
+        if not area.layers:
+            raise ValueError(f"{args.edit_area} does not differ from {args.base} in any decoder layer; no edit area.")
+        print(f"Edit area: layers {list(area.layers)} (changed: {list(area.changed_layers)}).")
+        layers = sorted(set(area.layers) & set(layers)) if layers is not None else list(area.layers)
+    top_k = None if args.no_trim else args.top_k
+    if _streamable(args.base) and _streamable(args.harmful):
+        hv = HarmVector.from_checkpoints(args.base, args.harmful, top_k=top_k, scope=args.scope, layers=layers, kinds=args.kinds)
+    else:
+        hv = HarmVector.from_models(load_hf_model(args.base)[0], load_hf_model(args.harmful)[0], layers=layers, kinds=args.kinds)
+        hv = hv if top_k is None else hv.trim(top_k, args.scope)
+    if not hv.deltas:
+        raise ValueError(f"No parameters left after --layers {args.layers} / --kinds {args.kinds}; widen the selection.")
     path = hv.save(args.out, lam=args.lam)
     print(f"{path}: {hv.nnz:,} of {hv.numel:,} entries non-zero ({hv.nnz / hv.numel:.1%}).")
     return 0
 
 
 def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from sa_lens.harm_removal import apply_harm_removal
+    from sa_lens.export import export_harm_removed
     from sa_lens.harm_vector import HarmVector
     from sa_lens.models import load_hf_model
 
-    model, tokenizer = load_hf_model(args.target)
-    hv = HarmVector.load(args.harm_vector, target=model, restrict=args.restrict)
-    apply_harm_removal(model, hv, args.lam)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    if _streamable(args.target):
+        hv = HarmVector.load(args.harm_vector, target=args.target, restrict=args.restrict, sparse=True)
+        export_harm_removed(args.target, hv, args.out, args.lam)
+    else:
+        model, tokenizer = load_hf_model(args.target)
+        hv = HarmVector.load(args.harm_vector, target=model, restrict=args.restrict, sparse=True)
+        export_harm_removed(model, hv, args.out, args.lam)
+        tokenizer.save_pretrained(args.out)
     print(f"Saved θt − {args.lam}·τH′ to {args.out} ({hv.nnz:,} weights changed).")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import sa_lens
@@ -30,3 +31,33 @@ def test_apply_with_a_vector_for_another_model_fails_with_the_fix(tiny_dir, tmp_
     path = HarmVector({"transformer.h.0.w": torch.ones(3)}).save(tmp_path / "other.safetensors")
     assert cli.main(["apply", "--target", str(tiny_dir), "--harm-vector", str(path), "-o", str(tmp_path / "o")]) == 2
     assert "restrict=True" in capsys.readouterr().err
+
+
+def test_harm_vector_streams_local_folders_with_layer_and_kind_options(tiny_dir, tiny_dir_other, tmp_path, capsys):
+    out = tmp_path / "hv.safetensors"
+    assert cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir_other), "--layers", "1",
+                     "--kinds", "mlp,attention", "-o", str(out)]) == 0
+    hv = HarmVector.load(out)
+    assert hv and all(n.startswith("model.layers.1.") and (".mlp." in n or ".self_attn." in n) for n in hv)
+    assert hv.meta["layers"] == [1] and hv.meta["kinds"] == ["attention", "mlp"]
+    assert "τH top-k" in capsys.readouterr().err  # the streaming build's progress bar
+
+
+def test_harm_vector_restricted_to_the_detected_edit_area(tiny_dir, tiny_dir_other, tmp_path, capsys):
+    model, tokenizer = sa_lens.load_hf_model(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    model.save_pretrained(tmp_path / "edited")
+    out = tmp_path / "hv.safetensors"
+    assert cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir_other),
+                     "--edit-area", str(tmp_path / "edited"), "-o", str(out)]) == 0
+    assert "Edit area: layers [0, 1] (changed: [0])" in capsys.readouterr().out
+    assert HarmVector.load(out).meta["layers"] == [0, 1]
+
+
+@pytest.mark.parametrize(("option", "message"), [(["--layers", "a-b"], "layers look like"), (["--kinds", "heads"], "unknown kind")])
+def test_bad_layer_or_kind_options_are_usage_errors(tiny_dir, tmp_path, option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir), *option, "-o", str(tmp_path / "x.safetensors")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+

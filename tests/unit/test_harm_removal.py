@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -143,3 +145,61 @@ def test_tied_weights_in_a_state_dict_are_edited_once(tiny_dir):
     delta[0, 0] = 1.0
     with harm_removal(state, HarmVector({"model.embed_tokens.weight": delta}), lam=1.0):
         assert state["model.embed_tokens.weight"][0, 0] == before[0, 0] - 1.0  # once, not twice
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("exit_by", ["normal", "exception", "keyboard_interrupt"])
+def test_hf_model_restores_bit_exactly_in_every_dtype_and_exit_path(tiny_dir, tiny_dir_other, dtype, exit_by):
+    model, _ = sa_lens.load_hf_model(tiny_dir, dtype=dtype)
+    hv = HarmVector.from_checkpoints(tiny_dir, tiny_dir_other, top_k=0.1, progress=False)
+    before = _snapshot(model)
+    raised = {"normal": None, "exception": ValueError, "keyboard_interrupt": KeyboardInterrupt}[exit_by]
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with harm_removal(model, hv, lam=3.0):
+            assert any(not torch.equal(p, before[n]) for n, p in checkpoint_parameters(model).items())
+            if raised:
+                raise raised()
+    _assert_bit_exact(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_restore_memory_is_the_edited_values_plus_int64_indices(tiny_dir, tiny_dir_other, dtype):
+    model, _ = sa_lens.load_hf_model(tiny_dir, dtype=dtype)
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
+    hv = HarmVector.from_models(base, harmful).trim(0.1, scope="per_tensor")  # ≤ a third of every tensor
+    hr = harm_removal(model, hv, lam=3.0)
+    assert hr.restore_nbytes == 0
+    with hr:
+        assert hr.edited == hv.nnz
+        entry_bytes = torch.finfo(dtype).bits // 8 + 8
+        assert hr.restore_nbytes == hv.nnz * entry_bytes
+        assert hr.restore_nbytes <= 0.11 * hv.numel * entry_bytes  # ≈ top_k × (value + index) bytes
+    assert hr.restore_nbytes == 0
+
+
+def test_the_same_block_entered_twice_stacks_and_unwinds(tiny_bridge, hv):
+    before = _snapshot(tiny_bridge)
+    hr = harm_removal(tiny_bridge, hv, lam=1.0)
+    with hr:
+        once = _snapshot(tiny_bridge)
+        with hr:
+            assert any(not torch.equal(p, once[n]) for n, p in checkpoint_parameters(tiny_bridge).items())
+        _assert_bit_exact(tiny_bridge, once)
+    _assert_bit_exact(tiny_bridge, before)
+
+
+def test_compatibility_mode_bridge_is_refused_before_any_edit(tiny_bridge, hv):
+    tiny_bridge.enable_compatibility_mode()
+    with pytest.raises(ValueError, match="enable_compatibility_mode"):
+        harm_removal(tiny_bridge, hv, lam=3.0)
+
+
+def test_a_model_cast_between_creation_and_entry_is_edited_and_restored(tiny_dir, hv):
+    model, _ = sa_lens.load_hf_model(tiny_dir)
+    hr = harm_removal(model, hv, lam=3.0)
+    model.to(torch.bfloat16)
+    before = _snapshot(model)
+    with hr:
+        assert any(not torch.equal(p, before[n]) for n, p in checkpoint_parameters(model).items())
+    _assert_bit_exact(model, before)

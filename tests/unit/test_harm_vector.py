@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sa_lens
-from sa_lens import HarmVector, checkpoint_parameters
+from sa_lens import HarmVector, checkpoint_parameters, topk
 
 
 def _reference_mask(tensors: list[torch.Tensor], top_k: float) -> list[torch.Tensor]:
@@ -48,16 +48,36 @@ def test_bridge_and_hf_model_give_the_same_keys(tiny_dir, tiny_bridge):
     top_k=st.floats(0.01, 1.0),
     levels=st.integers(1, 6),
     seed=st.integers(0, 2**16),
+    slack=st.sampled_from([0, None]),
 )
-def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed):
+def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slack):
     g = torch.Generator().manual_seed(seed)
     # Few distinct magnitudes → many ties at the threshold.
     tensors = [(torch.randint(-levels, levels + 1, (n,), generator=g) * 0.25).float() for n in sizes]
     hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
     trimmed = hv.trim(top_k, scope="global")
+    # slack 0 prunes after every tensor (exact low-bit cuts included); None prunes rarely.
+    kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
+                            lambda n: "all", top_k, slack=slack)
     for (name, t), ref in zip(trimmed.items(), _reference_mask(tensors, top_k)):
         orig = hv.deltas[name]
         assert torch.equal(t, torch.where(ref, orig, torch.zeros(())))
+        assert torch.equal(kept[name].indices, torch.nonzero(ref).squeeze(1))
+        assert torch.equal(kept[name].values, orig[ref])
+
+
+@pytest.mark.parametrize("slack", [0, 5, None])
+def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack):
+    monkeypatch.setattr(topk, "_CHUNK", 7)  # many chunks per tensor, prunes between them
+    monkeypatch.setattr(topk, "_INSERT_CHUNK", 5)
+    g = torch.Generator().manual_seed(3)
+    tensors = [(torch.randint(-9, 10, (n,), generator=g) * 0.5).float() for n in (50, 3, 41, 64)]
+    hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
+    kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
+                            lambda n: "all", 0.15, slack=slack)
+    for (name, t), ref in zip(hv.items(), _reference_mask(tensors, 0.15)):
+        assert torch.equal(kept[name].indices, torch.nonzero(ref).squeeze(1)), name
+        assert torch.equal(kept[name].values, t[ref]), name
 
 
 def test_global_trim_keeps_the_requested_share_of_distinct_values():

@@ -84,3 +84,12 @@ def test_wrong_suffix_and_missing_file_are_named(hv, tmp_path):
         hv.save(tmp_path / "hv.pt")
     with pytest.raises(FileNotFoundError, match="no such vector file"):
         HarmVector.load(tmp_path / "absent.safetensors")
+
+
+def test_sparse_indices_outside_the_shape_are_reported(hv, tmp_path):
+    path = hv.trim(0.1).save(tmp_path / "hv.safetensors")
+    side = json.loads((tmp_path / "hv.json").read_text())
+    side["shapes"]["model.layers.0.w"] = [2, 3]  # the stored indices run up to 40·30
+    (tmp_path / "hv.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="fall outside its shape"):
+        HarmVector.load(path, sparse=True)

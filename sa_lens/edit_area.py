@@ -1,0 +1,84 @@
+"""Where a knowledge edit changed the model: the EDIT scenario's edit area (paper Eqs. 11–13, paper-notes.md §2.4).
+
+The paper puts layer l in the edit area when θb and θedit differ at layer l, l−1 or l+1, and restricts HDR to
+it; the official code hard-codes layers 4–6 instead (paper-notes.md §2.3, §7.6). ``detect_edit_area`` finds
+the changed tensors by comparing the two models bit for bit, streaming from checkpoint folders (one tensor
+pair in memory) or reading in-memory models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names
+from sa_lens.harm_vector import ModelLike, checkpoint_parameters
+from sa_lens.parameter_names import layer_index
+
+__all__ = ["EditArea", "detect_edit_area"]
+
+
+@dataclass(frozen=True)
+class EditArea:
+    """The result of :func:`detect_edit_area`.
+
+    Attributes:
+        tensors: checkpoint names of the parameters that differ (bit-level).
+        changed_layers: decoder layers holding at least one of them.
+        layers: ``changed_layers`` widened by ``neighbours`` on each side, clipped to the model — the
+            paper's edit area; pass it as ``layers=`` to ``HarmVector.from_checkpoints``/``from_models``
+            or ``HarmVector.restrict``.
+    """
+
+    tensors: tuple[str, ...]
+    changed_layers: tuple[int, ...]
+    layers: tuple[int, ...]
+
+
+def detect_edit_area(
+    base: ModelLike | str | os.PathLike,
+    edited: ModelLike | str | os.PathLike,
+    *,
+    neighbours: int = 1,
+    progress: bool = True,
+) -> EditArea:
+    """Find the tensors and layers where ``edited`` differs from ``base`` (paper Eq. 11).
+
+    Args:
+        base: θb — a checkpoint folder (streamed) or a bridge / HF model / state dict.
+        edited: θedit, the same architecture after a knowledge edit (e.g. ROME), of the same kind.
+        neighbours: layers added on each side of a changed one (1 = the paper's l−1, l, l+1).
+        progress: a tqdm bar over the compared tensors.
+
+    Returns:
+        The :class:`EditArea`; empty tuples when nothing differs.
+
+    Raises:
+        ValueError: names, shapes or dtypes differ, ``neighbours`` is negative, or the folder errors of
+            :class:`~sa_lens.checkpoints.Checkpoint`.
+    """
+    if not isinstance(neighbours, int) or neighbours < 0:
+        raise ValueError(f"neighbours must be a non-negative number of layers; got {neighbours!r}.")
+    if isinstance(base, (str, os.PathLike)) and isinstance(edited, (str, os.PathLike)):
+        cb, ce = Checkpoint(base), Checkpoint(edited)
+        names = paired_names(cb, ce)
+        pairs = ((n, cb.read(n), ce.read(n)) for n in names)
+    else:
+        pb, pe = checkpoint_parameters(base), checkpoint_parameters(edited)
+        check_same_names(pb, pe)
+        names = list(pb)
+        for n in names:
+            check_same_layout(n, pb[n].shape, pe[n].shape, pb[n].dtype, pe[n].dtype)
+        pairs = ((n, pb[n].detach(), pe[n].detach()) for n in names)
+    # Bit patterns, not values: -0.0 vs 0.0 or a NaN payload is still a change someone made.
+    changed = tuple(
+        n for n, b, e in tqdm(pairs, total=len(names), desc="edit area", disable=not progress)
+        if not torch.equal(b.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8))
+    )
+    changed_layers = sorted({i for i in map(layer_index, changed) if i is not None})
+    n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
+    area = sorted({j for i in changed_layers for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < n_layers})
+    return EditArea(changed, tuple(changed_layers), tuple(area))

@@ -1,0 +1,70 @@
+"""export_harm_removed: the written folder loads with from_pretrained and holds θt − λ·τH′."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sa_lens
+from sa_lens import HarmVector, checkpoint_parameters, export_harm_removed
+
+
+@pytest.fixture()
+def hv(tiny_dir, tiny_dir_other) -> HarmVector:
+    return HarmVector.from_checkpoints(tiny_dir, tiny_dir_other, top_k=0.1, progress=False)
+
+
+def _expected(target, hv: HarmVector, lam: float) -> dict[str, torch.Tensor]:
+    params = checkpoint_parameters(target)
+    return {
+        n: torch.where(hv.dense(n) != 0, (p.detach().float() - lam * hv.dense(n)).to(p.dtype), p.detach())
+        for n, p in params.items()
+    }
+
+
+def _assert_holds(folder, expected: dict[str, torch.Tensor], dtype=torch.float32) -> None:
+    exported, tokenizer = sa_lens.load_hf_model(folder, dtype=dtype)  # the tokenizer files came along too
+    assert tokenizer("hello").input_ids
+    got = checkpoint_parameters(exported)
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
+
+
+def test_folder_export_streams_shards_and_loads_with_from_pretrained(tiny_dir, hv, tmp_path):
+    out = export_harm_removed(tiny_dir, hv, tmp_path / "safe", lam=3.0, progress=False)
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    _assert_holds(out, _expected(base, hv, 3.0))
+
+
+def test_sharded_folder_export_keeps_the_index(tiny_dir, hv, tmp_path):
+    model, tokenizer = sa_lens.load_hf_model(tiny_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    tokenizer.save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    out = export_harm_removed(tmp_path / "sharded", hv, tmp_path / "safe", lam=2.0, progress=False)
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("*.safetensors"))) > 1
+    _assert_holds(out, _expected(model, hv, 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_export_saves_the_edit_and_leaves_the_model_as_it_was(tiny_dir, hv, tmp_path, dtype):
+    model, tokenizer = sa_lens.load_hf_model(tiny_dir, dtype=dtype)
+    before = {n: p.detach().clone() for n, p in checkpoint_parameters(model).items()}
+    expected = _expected(model, hv, 3.0)
+    out = export_harm_removed(model, hv, tmp_path / "safe", lam=3.0)
+    tokenizer.save_pretrained(out)
+    _assert_holds(out, expected, dtype)
+    for n, p in checkpoint_parameters(model).items():
+        assert torch.equal(p.detach().view(torch.uint8), before[n].view(torch.uint8)), n
+
+
+def test_export_refuses_a_foreign_vector_a_state_dict_and_the_target_folder(tiny_dir, hv, tmp_path):
+    with pytest.raises(ValueError, match="the target lacks"):
+        export_harm_removed(tiny_dir, HarmVector({"transformer.h.0.w": torch.ones(2)}), tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="state dict"):
+        export_harm_removed({"w": torch.zeros(2)}, HarmVector({"w": torch.ones(2)}), tmp_path / "o")
+    with pytest.raises(ValueError, match="new folder"):
+        export_harm_removed(tiny_dir, hv, tiny_dir, progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        export_harm_removed(tiny_dir, hv, tmp_path / "o", lam=float("nan"), progress=False)
