@@ -20,30 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sa_lens.analysis.figures import plot_head_heatmaps, plot_layer_curves, plot_method_comparison, plot_sweep, save_figure
-
-ACTIVATION_PANELS = {
-    "projection_diff": "Head output · direction\n(harmful − harmless)",
-    "dla_diff": "Direct logit attribution\n(harmful − harmless)",
-    "attrib_patch_into_harmless": "Attribution patching\nharmful → harmless",
-    "attrib_patch_into_harmful": "Attribution patching\nharmless → harmful",
-}
-WEIGHT_PANELS = {
-    "l2sq_total": "τH mass per head\n(q + o + (k + v)/group)",
-    "l2sq_o": "τH mass in W_O\ncolumns of the head",
-    "o_alignment": "ΔW_O alignment with\nthe direction (÷ random)",
-}
-
-
-def _weights_tidy(folder: Path) -> pd.DataFrame:
-    wh = pd.read_csv(folder / "weights_heads.csv")
-    oa = pd.read_csv(folder / "o_alignment.csv")
-    frames = [
-        wh[wh.matrix == "total"].assign(measure="l2sq_total", value=lambda d: d["l2sq"], unit="Σ τ² (weight units²)"),
-        wh[wh.matrix == "o"].assign(measure="l2sq_o", value=lambda d: d["l2sq"], unit="Σ τ² (weight units²)"),
-        oa.assign(measure="o_alignment", value=lambda d: d["alignment"] / d["baseline"], unit="× random baseline"),
-    ]
-    return pd.concat([f[["layer", "head", "measure", "value", "unit"]] for f in frames])
-
+from sa_lens.analysis.report import ACTIVATION_PANELS, WEIGHT_PANELS, head_weights_tidy
 
 def _ablation_figure(df: pd.DataFrame) -> Figure:
     names = list(dict.fromkeys(df["ablated"]))
@@ -93,14 +70,21 @@ def main() -> None:
                                                   "Activation space, aligned model θb (logits; residual units for projection)"),
                                out / "heads_activation")
     if (heads / "weights_heads.csv").exists():
-        written += save_figure(plot_head_heatmaps(_weights_tidy(heads), list(WEIGHT_PANELS), WEIGHT_PANELS,
+        weights = head_weights_tidy(pd.read_csv(heads / "weights_heads.csv"), pd.read_csv(heads / "o_alignment.csv"))
+        written += save_figure(plot_head_heatmaps(weights, list(WEIGHT_PANELS), WEIGHT_PANELS,
                                                   "Weight space, τH = θH − θb per head"), out / "heads_weights")
     if (heads / "ablation.csv").exists():
         written += save_figure(_ablation_figure(pd.read_csv(heads / "ablation.csv")), out / "head_ablation")
     if (root / "layerwise" / "layerwise.csv").exists():
         df = pd.read_csv(root / "layerwise" / "layerwise.csv")
         df["layer"] = df["layer"].astype("Int64")
-        written += save_figure(plot_layer_curves(df, "One layer at a time (dev subsample, keyword judge)"), out / "layerwise")
+        run = json.loads((root / "layerwise" / "run.json").read_text())
+        labels = {"directional_ablation": "Directional ablation (aligned θb)",
+                  "safe_align": f"Safe-Align α = {run['alpha']:g} (SFT)",
+                  "harm_removal": f"HDR λ = {run['lam']:g}, top-{run['top_k']:.0%} (SFT)"}
+        n = ", ".join(f"{k} n={v}" for k, v in run["n"].items())
+        written += save_figure(plot_layer_curves(df, f"One layer at a time (dev subsample: {n}; keyword judge)", labels),
+                               out / "layerwise")
     for path in written:
         print(path)
 

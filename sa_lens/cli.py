@@ -6,13 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sa_lens.commands import lab, vectors
+from sa_lens.commands import lab, trace, vectors
 from sa_lens.data import DataError
 
 __all__ = ["main"]
 
 # Order is the order of `sa-lens --help`: the main job first, then the stages alone.
-_COMMANDS = (lab, vectors)
+_COMMANDS = (lab, vectors, trace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
