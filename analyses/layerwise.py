@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-
 from sa_lens import data
 from sa_lens.analysis.layers import layer_sweep
 from sa_lens.evaluation.runner import EvalSet
@@ -55,13 +53,12 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=3.0)
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
     cfg = LabConfig(split="dev")
     cast = build_models(cfg)
     sets = _sets(args.harmful, args.safe, args.qa, args.tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     aligned = load_model(cast.paths["aligned"])
     layers = sorted({*range(0, aligned.cfg.n_layers, args.step), aligned.cfg.n_layers - 1})
