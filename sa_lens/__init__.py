@@ -1,5 +1,6 @@
 """sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
 
+from sa_lens import analysis
 from sa_lens.generation import enable_kv_cache, generate
 from sa_lens.harm_removal import apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HarmVector",
+    "analysis",
     "apply_harm_removal",
     "SafetyLens",
     "SafetyVector",
