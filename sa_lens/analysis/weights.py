@@ -177,10 +177,14 @@ def o_alignment(
     return pd.DataFrame(rows).sort_values(["layer", "head"]).reset_index(drop=True)
 
 
-def rank_agreement(a: pd.Series, b: pd.Series, n_permutations: int = 10_000, seed: int = 0) -> dict:
+def rank_agreement(a: pd.Series, b: pd.Series, n_permutations: int = 10_000, seed: int = 0,
+                   groups: pd.Series | None = None) -> dict:
     """Spearman rank correlation between two rankings of the same units, with a permutation p-value.
 
     The two series are aligned on their index (e.g. ``(layer, head)``); units missing from either are dropped.
+    With ``groups`` (e.g. each head's layer), units are ranked within their group and the permutations shuffle
+    within groups, so the correlation ignores what differs between groups (a later layer being larger in
+    both spaces) and asks only whether the rankings agree inside each group.
 
     Returns:
         ``{"rho": ρ, "n": units compared, "p_value": two-sided permutation p (``n_permutations`` shuffles)}``.
@@ -192,13 +196,24 @@ def rank_agreement(a: pd.Series, b: pd.Series, n_permutations: int = 10_000, see
     n = len(joined)
     if n < 3:
         raise ValueError(f"rank_agreement needs at least 3 common units; got {n}.")
-    ra = joined["a"].rank().to_numpy(float)
-    rb = joined["b"].rank().to_numpy(float)
+    if groups is None:
+        labels = np.zeros(n, dtype=int)
+        ra, rb = joined["a"].rank().to_numpy(float), joined["b"].rank().to_numpy(float)
+    else:
+        g = groups.reindex(joined.index).to_numpy()
+        labels = pd.factorize(g)[0]
+        ra = joined["a"].groupby(g).rank().to_numpy(float)
+        rb = joined["b"].groupby(g).rank().to_numpy(float)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float((ra**2).sum() * (rb**2).sum()))
     rho = float((ra * rb).sum() / denom) if denom else 0.0
     rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(rb) for _ in range(n_permutations)])
-    null = (perms @ ra) / denom if denom else np.zeros(n_permutations)
+    members = [np.flatnonzero(labels == k) for k in np.unique(labels)]
+    null = np.empty(n_permutations)
+    for i in range(n_permutations):
+        shuffled = rb.copy()
+        for idx in members:
+            shuffled[idx] = rb[rng.permutation(idx)]
+        null[i] = (shuffled @ ra) / denom if denom else 0.0
     p = float((np.sum(np.abs(null) >= abs(rho) - 1e-12) + 1) / (n_permutations + 1))
     return {"rho": rho, "n": n, "p_value": p}

@@ -91,3 +91,15 @@ def test_rank_agreement_detects_monotone_and_reversed_rankings():
     assert noise["p_value"] > 0.01
     with pytest.raises(ValueError, match="at least 3"):
         rank_agreement(a[:2], a[:2])
+
+
+def test_within_group_agreement_ignores_differences_between_groups():
+    # Between layers both measures grow (ρ high overall); within each layer they are reversed.
+    index = pd.MultiIndex.from_product([range(6), range(5)], names=["layer", "head"])
+    layer = pd.Series(index.get_level_values("layer"), index=index)
+    head = pd.Series(index.get_level_values("head"), index=index)
+    a = 10.0 * layer + head
+    b = 10.0 * layer - head
+    assert rank_agreement(a, b, n_permutations=500)["rho"] > 0.8
+    within = rank_agreement(a, b, n_permutations=500, groups=layer)
+    assert within["rho"] == pytest.approx(-1.0) and within["p_value"] < 0.01
