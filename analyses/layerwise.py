@@ -62,26 +62,29 @@ def main() -> None:
 
     aligned = load_model(cast.paths["aligned"])
     layers = sorted({*range(0, aligned.cfg.n_layers, args.step), aligned.cfg.n_layers - 1})
+    run = {"layers": layers, "n": {s.name: len(s.prompts) for s in sets}, "alpha": args.alpha, "lam": args.lam,
+           "top_k": cfg.top_k, "tokens": args.tokens}
+    frames: list[pd.DataFrame] = []
+
+    def done(frame: pd.DataFrame, model: str) -> None:
+        # Written after each method, so a long run that is stopped keeps what it measured.
+        frames.append(frame.assign(model=model))
+        pd.concat(frames, ignore_index=True).to_csv(out / "layerwise.csv", index=False)
+        (out / "run.json").write_text(json.dumps(run | {"seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+        print(f"[{time.perf_counter() - t0:.0f} s] {frame['method'].iloc[0]} done", flush=True)
+
     direction = SafetyVector.from_prompts(aligned, [r["prompt"] for r in data.load_bundled("harmful", "train")],
                                           [r["prompt"] for r in data.load_bundled("safe", "train")])
-    frames = [layer_sweep(aligned, sets, "directional_ablation", layers, sv=direction)]
-    print(f"[{time.perf_counter() - t0:.0f} s] directional ablation done", flush=True)
+    done(layer_sweep(aligned, sets, "directional_ablation", layers, sv=direction), "aligned θb")
     harmful_model = load_model(cast.paths["harmful"])
     hv = HarmVector.from_models(aligned, harmful_model).trim(cfg.top_k)
     del aligned, harmful_model
 
     sft = load_model(cast.paths["sft"])
-    icv = SafetyVector.from_pairs(sft, icv_pairs(cfg, cast))
-    frames.append(layer_sweep(sft, sets, "safe_align", layers, sv=icv, alpha=args.alpha))
-    print(f"[{time.perf_counter() - t0:.0f} s] Safe-Align done", flush=True)
-    frames.append(layer_sweep(sft, sets, "harm_removal", layers, hv=hv, lam=args.lam))
-    df = pd.concat(frames, ignore_index=True)
-    df.insert(1, "model", df["method"].map({"directional_ablation": "aligned θb"}).fillna("SFT"))
-    df.to_csv(out / "layerwise.csv", index=False)
-    run = {"layers": layers, "n": {s.name: len(s.prompts) for s in sets}, "alpha": args.alpha, "lam": args.lam,
-           "top_k": cfg.top_k, "tokens": args.tokens, "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "run.json").write_text(json.dumps(run, indent=2))
-    print(f"Done in {run['seconds']:.0f} s → {out / 'layerwise.csv'}")
+    done(layer_sweep(sft, sets, "harm_removal", layers, hv=hv, lam=args.lam), "SFT")
+    done(layer_sweep(sft, sets, "safe_align", layers, sv=SafetyVector.from_pairs(sft, icv_pairs(cfg, cast)),
+                     alpha=args.alpha), "SFT")
+    print(f"Done → {out / 'layerwise.csv'}")
 
 
 if __name__ == "__main__":
