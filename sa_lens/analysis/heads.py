@@ -116,11 +116,10 @@ def _directions(model: TransformerBridge, direction: SafetyVector | Tensor) -> F
     return d / norms
 
 
-def _rows(model: TransformerBridge, measure: str, values: Float[Tensor, "n_layers n_heads"], unit: str, n: int,
-          heads: Sequence[tuple[int, int]] | None = None) -> list[dict]:
-    chosen = heads if heads is not None else [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    return [{"layer": l, "head": h, "component": f"L{l}H{h}", "measure": measure, "value": float(values[l, h]),
-             "unit": unit, "n": n} for l, h in chosen]
+def _rows(measure: str, values: Float[Tensor, "n_layers n_heads"], unit: str, n: int) -> list[dict]:
+    return [{"layer": layer, "head": head, "component": f"L{layer}H{head}", "measure": measure,
+             "value": float(values[layer, head]), "unit": unit, "n": n}
+            for layer in range(values.shape[0]) for head in range(values.shape[1])]
 
 
 def trace_heads(
@@ -175,8 +174,8 @@ def trace_heads(
     projections = {}
     for name, cap in caps.items():
         projections[name] = torch.einsum("nlhd,ld->lh", head_outputs(model, cap.z[:, -1]), units) / n
-        rows += _rows(model, f"projection_{name}", projections[name], "residual units", n)
-    rows += _rows(model, "projection_diff", projections["harmful"] - projections["harmless"], "residual units", n)
+        rows += _rows(f"projection_{name}", projections[name], "residual units", n)
+    rows += _rows("projection_diff", projections["harmful"] - projections["harmless"], "residual units", n)
 
     dla = {}
     for name, cap in caps.items():
@@ -188,8 +187,8 @@ def trace_heads(
 
     h, s = caps["harmful"], caps["harmless"]
     attrib_into_harmless = attribution_patch(h.z, s.z, s.z_grad)
-    rows += _rows(model, "attrib_patch_into_harmless", attrib_into_harmless, "logits", n)
-    rows += _rows(model, "attrib_patch_into_harmful", attribution_patch(s.z, h.z, h.z_grad), "logits", n)
+    rows += _rows("attrib_patch_into_harmless", attrib_into_harmless, "logits", n)
+    rows += _rows("attrib_patch_into_harmful", attribution_patch(s.z, h.z, h.z_grad), "logits", n)
 
     if patch is not None:
         if patch == "all":
