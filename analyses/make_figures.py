@@ -6,7 +6,7 @@ Reads what exists under ``results`` (default ``analyses/results``) and writes PN
   ``results.json`` (``--lab``, default ``results/lab_results.json``; written by ``sa-lens lab``);
 - ``sweep_SFT``, ``sweep_BASE``: λ × top-k, task-vector λ and α sweeps with the Pareto view, from ``sweep_dev.json``;
 - ``heads_activation``, ``heads_weights``: layer × head heatmaps, from ``heads/`` (``analyses/trace_lab.py``);
-- ``head_ablation``: refusal with the top heads ablated, from ``heads/ablation.csv``;
+- ``head_ablation``: logit difference and ASR with the top heads ablated, from ``heads/ablation.csv``;
 - ``layerwise``: per-layer curves, from ``layerwise/layerwise.csv`` (``analyses/layerwise.py``).
 """
 
@@ -23,24 +23,34 @@ from sa_lens.analysis.figures import plot_head_heatmaps, plot_layer_curves, plot
 from sa_lens.analysis.report import ACTIVATION_PANELS, WEIGHT_PANELS, head_weights_tidy
 
 def _ablation_figure(df: pd.DataFrame) -> Figure:
+    """Left: mean refusal − compliance logit difference with heads ablated; right: judged ASR (both 95 % intervals)."""
     names = list(dict.fromkeys(df["ablated"]))
-    figure = Figure(figsize=(9, 4), layout="constrained")
-    ax = figure.subplots()
+    figure = Figure(figsize=(12, 4.2), layout="constrained")
+    left, right = figure.subplots(1, 2)
     width = 0.38
-    for i, (metric, label, colour) in enumerate((("asr", "ASR on harmful ↓", "tab:red"),
-                                                 ("over_refusal", "Over-refusal on safe ↓", "tab:orange"))):
+    for i, (metric, label, colour) in enumerate((("logit_diff_harmful", "harmful requests", "tab:red"),
+                                                 ("logit_diff_safe", "safe requests", "tab:blue"))):
         rows = df[df.metric == metric].set_index("ablated").loc[names]
         x = [j + (i - 0.5) * width for j in range(len(names))]
-        err = [100 * (rows["value"] - rows["ci_low"]), 100 * (rows["ci_high"] - rows["value"])]
-        bars = ax.bar(x, 100 * rows["value"], width, yerr=err, capsize=3, color=colour, label=label)
-        ax.bar_label(bars, labels=[f"{100 * v:.0f}" for v in rows["value"]], padding=8, fontsize=8)
-    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=15, fontsize=9)
-    ax.set_ylabel("Percent of prompts (%)")
-    ax.set_ylim(0, 110)
-    ax.set_xlabel("Heads zero-ablated in θb (top 10 by each measure)")
-    ax.legend(fontsize=9)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.set_title("Does ablating the top heads change refusal? (dev split, Wilson 95 % bars)", fontsize=11)
+        err = [rows["value"] - rows["ci_low"], rows["ci_high"] - rows["value"]]
+        left.bar(x, rows["value"], width, yerr=err, capsize=3, color=colour, label=label)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("Refusal − compliance logit difference (logits)")
+    left.set_title("Mean logit difference at the reply's first token (all dev requests)", fontsize=10)
+    # Room below the longest error bar for the legend, so it covers no bar.
+    left.set_ylim(min(-3.9, float(df[df.metric.str.startswith("logit_diff")]["ci_low"].min()) - 0.8), 0.1)
+    left.legend(fontsize=9, loc="lower center", ncols=2)
+    asr = df[df.metric == "asr"].set_index("ablated").loc[names]
+    bars = right.bar(range(len(names)), 100 * asr["value"], 0.6, color="tab:red",
+                     yerr=[100 * (asr["value"] - asr["ci_low"]), 100 * (asr["ci_high"] - asr["value"])], capsize=3)
+    right.bar_label(bars, labels=[f"{100 * v:.0f}" for v in asr["value"]], padding=10, fontsize=8)
+    right.set_ylim(0, 100)
+    right.set_ylabel("ASR (%) ↓")
+    right.set_title(f"Keyword-judged ASR, greedy replies (n = {int(asr['n'].iloc[0])} dev harmful requests)", fontsize=10)
+    for ax in (left, right):
+        ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right", fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    figure.suptitle("Zero-ablating 10 heads of θb: top heads by each measure vs 10 random heads", fontsize=12)
     return figure
 
 
