@@ -1,7 +1,8 @@
 """One layer at a time on the lab's cast: directional ablation, Safe-Align and HDR restricted to a single layer.
 
 Usage: ``SA_LENS_CACHE=… python analyses/layerwise.py [-o analyses/results/layerwise] [--step 3]``
-(cached lab models; dev-split subsamples so it fits ~15 min of CPU). Then ``python analyses/make_figures.py``.
+(cached lab models; dev-split subsamples; ~17 min per method at ``--step 6 --harmful 10 --safe 6 --qa 6
+--tokens 8`` on a loaded 2-core machine; ``layerwise.csv`` is rewritten after each method). Then ``python analyses/make_figures.py``.
 
 - ``directional_ablation`` on θb (the aligned model, which refuses): the difference-of-means direction of θb
   (harmful-train − safe-train requests, last token) removed from ``resid_post`` of one layer. Does refusal
@@ -45,11 +46,11 @@ def _sets(n_harmful: int, n_safe: int, n_qa: int, tokens: int) -> list[EvalSet]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default="analyses/results/layerwise")
-    parser.add_argument("--step", type=int, default=3, help="every STEP-th layer, plus the last")
-    parser.add_argument("--harmful", type=int, default=24)
-    parser.add_argument("--safe", type=int, default=16)
-    parser.add_argument("--qa", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=16, help="generated tokens per harmful/safe reply")
+    parser.add_argument("--step", type=int, default=6, help="every STEP-th layer, plus the last")
+    parser.add_argument("--harmful", type=int, default=10)
+    parser.add_argument("--safe", type=int, default=6)
+    parser.add_argument("--qa", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=8, help="generated tokens per harmful/safe reply")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=3.0)
     args = parser.parse_args()
