@@ -365,7 +365,10 @@ def plot_layer_curves(df: pd.DataFrame, title: str | None = None,
         ax.set_title(panel_title, fontsize=11)
         ax.set_xlabel("Layer intervened on")
         _percent_axis(ax, "Percent of prompts (%)" if ax is axes[0] else None)
-    axes[0].legend(fontsize=8, loc="best", title="dashed: no intervention", title_fontsize=8)
+    # Below the panels: inside, the legend would cover curves that span the whole height.
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=9,
+                  title="dashed: no intervention", title_fontsize=8, frameon=False)
     if title:
         figure.suptitle(title, fontsize=13)
     return figure
