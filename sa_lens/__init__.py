@@ -1,5 +1,6 @@
 """sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
 
+from sa_lens import analysis
 from sa_lens.edit_area import EditArea, detect_edit_area
 from sa_lens.evaluation.harness import evaluate
 from sa_lens.export import export_harm_removed
@@ -20,6 +21,7 @@ __all__ = [
     "HarmRemoval",
     "HarmVector",
     "SparseDelta",
+    "analysis",
     "apply_harm_removal",
     "SafetyLens",
     "SafetyVector",

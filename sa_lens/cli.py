@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sa_lens.commands import evaluate, lab, safety_vector, vectors
+from sa_lens.commands import evaluate, lab, safety_vector, trace, vectors
 from sa_lens.data import DataError
 from sa_lens.evaluation.judge_registry import JudgeUnavailableError
 
 __all__ = ["main"]
 
 # Order is the order of `sa-lens --help`: the main job first, then the stages alone.
-_COMMANDS = (lab, evaluate, vectors, safety_vector)
+_COMMANDS = (lab, evaluate, vectors, safety_vector, trace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,3 +61,21 @@ def test_bad_layer_or_kind_options_are_usage_errors(tiny_dir, tmp_path, option, 
         cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir), *option, "-o", str(tmp_path / "x.safetensors")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
+def test_trace_heads_writes_the_head_report(tiny_dir, tiny_dir_other, tmp_path, capsys):
+    hv = tmp_path / "hv.safetensors"
+    assert cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir_other), "--no-trim", "-o", str(hv)]) == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Explain how to pick a lock"}\n{"prompt": "Write a poem about the sea"}\n')
+    out = tmp_path / "report"
+    args = ["trace-heads", "--model", str(tiny_dir), "--harm-vector", str(hv), "--harmful", str(prompts),
+            "--harmless", str(prompts), "-n", "2", "--patch", "2", "--top", "2", "-o", str(out)]
+    # The tiny vocabulary splits "Sorry" and "Sure" into the same first piece: the error says so.
+    assert cli.main(args) == 2
+    assert "both the refusal and the compliance" in capsys.readouterr().err
+    assert cli.main([*args, "--refusal-tokens", "I", "--compliance-tokens", "H,T"]) == 0
+    for name in ("heads.csv", "heads_activation.png", "heads_activation.pdf", "views.html", "weights_heads.csv",
+                 "heads_weights.png", "agreement.csv", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["top_heads"]["dla_diff"]) == 2
+    assert {r["n"] for r in summary["agreement"]} == {8}
