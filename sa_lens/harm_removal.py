@@ -8,10 +8,12 @@ KeyboardInterrupt. Restoring by "subtract, then add back" is never used: it is n
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -63,6 +65,23 @@ def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[_Site]:
             yield _Site(flat, sparse.values.to(flat.device), sparse.indices.to(flat.device))
 
 
+@dataclass(eq=False)
+class _Level:
+    """One entered block: what it saved, and earlier-entered blocks whose exit came while it was active."""
+
+    seq: int  # entry order over all blocks
+    storage: dict[str, int]  # name → data_ptr at entry
+    saved: list[tuple[_Site, Tensor]] = field(default_factory=list)
+    deferred: list[_Level] = field(default_factory=list)
+
+    def flatten(self) -> list[_Level]:
+        return [self, *(lvl for d in self.deferred for lvl in d.flatten())]
+
+
+_SEQ = itertools.count()
+_ACTIVE: list[_Level] = []  # every entered, not yet restored block (all models), in entry order
+
+
 def _subtract(site: _Site, lam: float) -> None:
     flat, d, idx = site.flat, site.delta, site.idx
     work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
@@ -109,37 +128,42 @@ class HarmRemoval(contextlib.AbstractContextManager):
         edited: number of weight entries the edit changed (nnz of τH′), 0 outside the block.
 
     Entering the same object again while inside it (re-entry) stacks: each level saves what it sees and
-    restores it on its own exit, so nested blocks unwind in reverse order.
+    restores it on its own exit, so nested blocks unwind in reverse order. A block that exits while a
+    block entered after it still edits the same parameters (``__exit__`` called out of order) cannot
+    restore yet — its originals would be overwritten by the later block's exit — so its restore is
+    handed to that block and runs when it exits (a ``RuntimeWarning`` says so); the final weights are
+    still bit-exact.
     """
 
     def __init__(self, model: ModelLike, hv: HarmVector, lam: float) -> None:
         check_lam(lam)
         self.model, self.hv, self.lam = model, hv, lam
         self.targets = _resolve_targets(model, hv)  # fail before any edit on a mismatched vector
-        self._levels: list[tuple[dict[str, int], list[tuple[_Site, Tensor]]]] = []
+        self._levels: list[_Level] = []
 
     @property
     def restore_nbytes(self) -> int:
         return sum(
             original.nbytes + (site.idx.nbytes if site.idx is not None else 0)
-            for _, saved in self._levels
-            for site, original in saved
+            for level in self._levels
+            for site, original in level.saved
         )
 
     @property
     def edited(self) -> int:
         return sum(
             (site.idx.numel() if site.idx is not None else int(torch.count_nonzero(site.delta)))
-            for _, saved in self._levels[-1:]
-            for site, _ in saved
+            for level in self._levels[-1:]
+            for site, _ in level.saved
         )
 
     def __enter__(self) -> ModelLike:
         # Resolved again: the model may have been moved or cast between harm_removal(...) and the `with`.
         self.targets = _resolve_targets(self.model, self.hv)
-        entry_storage = {name: t.data_ptr() for name, t in self.targets.items()}
-        saved: list[tuple[_Site, Tensor]] = []
-        self._levels.append((entry_storage, saved))
+        level = _Level(next(_SEQ), {name: t.data_ptr() for name, t in self.targets.items()})
+        saved = level.saved
+        self._levels.append(level)
+        _ACTIVE.append(level)
         try:
             with torch.no_grad():
                 for site in _edit_sites(self.targets, self.hv):
@@ -155,13 +179,28 @@ class HarmRemoval(contextlib.AbstractContextManager):
         self._restore()
 
     def _restore(self) -> None:
-        entry_storage, saved = self._levels.pop()
+        level = self._levels.pop()
+        _ACTIVE.remove(level)
+        ptrs = {p for lvl in level.flatten() for p in lvl.storage.values()}
+        later = [m for m in _ACTIVE if m.seq > level.seq and ptrs & {p for lvl in m.flatten() for p in lvl.storage.values()}]
+        if later:
+            later[-1].deferred.append(level)
+            warnings.warn(
+                "harm_removal blocks exited out of order: a block entered later still edits the same parameters, "
+                "so this block's weights are restored when that one exits (exit blocks in reverse order of entry).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        levels = sorted(level.flatten(), key=lambda lvl: lvl.seq, reverse=True)  # later-entered first
         with torch.no_grad():
-            for site, original in reversed(saved):
-                if site.idx is None:
-                    site.flat.copy_(original)
-                else:
-                    site.flat[site.idx] = original
+            for lvl in levels:
+                for site, original in reversed(lvl.saved):
+                    if site.idx is None:
+                        site.flat.copy_(original)
+                    else:
+                        site.flat[site.idx] = original
+        entry_storage = {n: ptr for lvl in levels for n, ptr in lvl.storage.items()}
         # A .to()/.half()/.cuda() inside the block builds new parameter tensors; the restore above then
         # lands in the old storage and the model keeps the edit. Say so rather than pretend it is restored.
         live = {n: t.data_ptr() for n, t in checkpoint_parameters(self.model).items() if n in entry_storage}

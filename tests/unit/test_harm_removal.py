@@ -203,3 +203,23 @@ def test_a_model_cast_between_creation_and_entry_is_edited_and_restored(tiny_dir
     with hr:
         assert any(not torch.equal(p, before[n]) for n, p in checkpoint_parameters(model).items())
     _assert_bit_exact(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_exited_out_of_order_still_restore_bit_exactly(dtype):
+    g = torch.Generator().manual_seed(1)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g).to(dtype) for i in range(3)}
+    before = _snapshot(state)
+    hv_a = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.3)
+    hv_b = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.5)
+    hv_c = HarmVector({"model.layers.2.w": torch.randn(30, 20, generator=g)}).trim(0.5)
+    a, b, c = harm_removal(state, hv_a, 3.0), harm_removal(state, hv_b, -2.0), harm_removal(state, hv_c, 1.0)
+    a.__enter__()
+    b.__enter__()
+    c.__enter__()
+    with pytest.warns(RuntimeWarning, match="out of order"):
+        a.__exit__(None, None, None)  # b (and c) still edit the same tensors
+    with pytest.warns(RuntimeWarning, match="out of order"):
+        b.__exit__(None, None, None)  # c still edits layer 2, which a and b edited too
+    c.__exit__(None, None, None)
+    _assert_bit_exact(state, before)
