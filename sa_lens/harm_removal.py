@@ -193,13 +193,7 @@ class HarmRemoval(contextlib.AbstractContextManager):
             )
             return
         levels = sorted(level.flatten(), key=lambda lvl: lvl.seq, reverse=True)  # later-entered first
-        with torch.no_grad():
-            for lvl in levels:
-                for site, original in reversed(lvl.saved):
-                    if site.idx is None:
-                        site.flat.copy_(original)
-                    else:
-                        site.flat[site.idx] = original
+        _write_back([op for lvl in levels for op in reversed(lvl.saved)])
         entry_storage = {n: ptr for lvl in levels for n, ptr in lvl.storage.items()}
         # A .to()/.half()/.cuda() inside the block builds new parameter tensors; the restore above then
         # lands in the old storage and the model keeps the edit. Say so rather than pretend it is restored.
@@ -211,6 +205,31 @@ class HarmRemoval(contextlib.AbstractContextManager):
                 "(.to(), .half(), .cuda(), load_state_dict(assign=True) …), so the originals could not be written "
                 "back and the model still holds the edit. Move or cast the model before entering the block."
             )
+
+
+def _write_back(ops: list[tuple[_Site, Tensor]]) -> None:
+    """Write the saved originals back, in order, to the end even through KeyboardInterrupt.
+
+    A second Ctrl-C while a large edit is being restored (seconds on a 7B model) would otherwise stop the
+    loop half way, and the popped level could never finish it: the weights would stay partly edited. Each
+    write is idempotent, so an interrupted one is simply redone; the first interruption is re-raised after.
+    """
+    interrupted: BaseException | None = None
+    i = 0
+    with torch.no_grad():
+        while i < len(ops):
+            try:
+                while i < len(ops):
+                    site, original = ops[i]
+                    if site.idx is None:
+                        site.flat.copy_(original)
+                    else:
+                        site.flat[site.idx] = original
+                    i += 1
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> HarmRemoval:

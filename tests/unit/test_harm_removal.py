@@ -223,3 +223,25 @@ def test_blocks_exited_out_of_order_still_restore_bit_exactly(dtype):
         b.__exit__(None, None, None)  # c still edits layer 2, which a and b edited too
     c.__exit__(None, None, None)
     _assert_bit_exact(state, before)
+
+
+def test_a_keyboard_interrupt_during_the_restore_does_not_leave_the_weights_edited(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g) for i in range(4)}
+    before = _snapshot(state)
+    hv = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    block = harm_removal(state, hv, 3.0)
+    block.__enter__()
+    setitem, calls = torch.Tensor.__setitem__, {"n": 0}
+
+    def second_ctrl_c(self, key, value):  # the user presses Ctrl-C again while the weights are restored
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise KeyboardInterrupt
+        return setitem(self, key, value)
+
+    monkeypatch.setattr(torch.Tensor, "__setitem__", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        block.__exit__(None, None, None)
+    monkeypatch.undo()
+    _assert_bit_exact(state, before)
