@@ -12,6 +12,7 @@ import itertools
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -79,7 +80,9 @@ class _Level:
 
 
 _SEQ = itertools.count()
-_ACTIVE: list[_Level] = []  # every entered, not yet restored block (all models), in entry order
+# Every entered, not yet restored block (all models), in entry order. Weak: a block abandoned without
+# exit (a notebook cell) must not keep its saved originals alive once its HarmRemoval is gone.
+_ACTIVE: list[weakref.ref[_Level]] = []
 
 
 def _subtract(site: _Site, lam: float) -> None:
@@ -163,7 +166,7 @@ class HarmRemoval(contextlib.AbstractContextManager):
         level = _Level(next(_SEQ), {name: t.data_ptr() for name, t in self.targets.items()})
         saved = level.saved
         self._levels.append(level)
-        _ACTIVE.append(level)
+        _ACTIVE.append(weakref.ref(level))
         try:
             with torch.no_grad():
                 for site in _edit_sites(self.targets, self.hv):
@@ -180,9 +183,10 @@ class HarmRemoval(contextlib.AbstractContextManager):
 
     def _restore(self) -> None:
         level = self._levels.pop()
-        _ACTIVE.remove(level)
+        _ACTIVE[:] = [ref for ref in _ACTIVE if ref() is not None and ref() is not level]
         ptrs = {p for lvl in level.flatten() for p in lvl.storage.values()}
-        later = [m for m in _ACTIVE if m.seq > level.seq and ptrs & {p for lvl in m.flatten() for p in lvl.storage.values()}]
+        active = [m for m in (ref() for ref in _ACTIVE) if m is not None]
+        later = [m for m in active if m.seq > level.seq and ptrs & {p for lvl in m.flatten() for p in lvl.storage.values()}]
         if later:
             later[-1].deferred.append(level)
             warnings.warn(

@@ -245,3 +245,17 @@ def test_a_keyboard_interrupt_during_the_restore_does_not_leave_the_weights_edit
         block.__exit__(None, None, None)
     monkeypatch.undo()
     _assert_bit_exact(state, before)
+
+
+def test_an_abandoned_block_does_not_keep_its_saved_originals_alive():
+    import gc
+    import weakref
+
+    state = {"model.layers.0.w": torch.randn(30, 20)}
+    hv = HarmVector({"model.layers.0.w": torch.randn(30, 20)}).trim(0.2)
+    block = harm_removal(state, hv, 3.0)
+    block.__enter__()  # never exited, as a notebook cell that was abandoned
+    saved = weakref.ref(block._levels[-1].saved[0][1])
+    del block
+    gc.collect()
+    assert saved() is None
