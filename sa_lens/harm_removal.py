@@ -52,6 +52,7 @@ class _Site:
     flat: Tensor
     delta: Tensor  # dense flat τH′ when idx is None, else τH′ at idx
     idx: Tensor | None
+    name: str = ""
 
 
 def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[_Site]:
@@ -61,9 +62,9 @@ def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[_Site]:
         if sparse.nnz == 0:
             continue
         if sparse.nnz > DENSE_ABOVE * flat.numel():  # a full copy is cheaper than values + int64 indices
-            yield _Site(flat, hv.dense(name).reshape(-1).to(flat.device), None)
+            yield _Site(flat, hv.dense(name).reshape(-1).to(flat.device), None, name)
         else:
-            yield _Site(flat, sparse.values.to(flat.device), sparse.indices.to(flat.device))
+            yield _Site(flat, sparse.values.to(flat.device), sparse.indices.to(flat.device), name)
 
 
 @dataclass(eq=False)
@@ -88,10 +89,17 @@ _ACTIVE: list[weakref.ref[_Level]] = []
 def _subtract(site: _Site, lam: float) -> None:
     flat, d, idx = site.flat, site.delta, site.idx
     work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
+    old = flat if idx is None else flat[idx]
+    new = (old.to(work) - lam * d.to(work)).to(flat.dtype)
+    # A finite λ can still overflow the weight dtype (fp16 tops out at 65504): refuse rather than write inf.
+    if not bool((torch.isfinite(new) | ~torch.isfinite(old)).all()):
+        raise ValueError(
+            f"θt − λ·τH′ overflows {flat.dtype} in '{site.name}' with λ = {lam}; use a smaller λ or a wider weight dtype."
+        )
     if idx is None:
-        flat.copy_((flat.to(work) - lam * d.to(work)).to(flat.dtype))
+        flat.copy_(new)
     else:
-        flat[idx] = (flat[idx].to(work) - lam * d.to(work)).to(flat.dtype)
+        flat[idx] = new
 
 
 def check_lam(lam: float) -> None:
@@ -252,7 +260,9 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> HarmRemo
 
     Raises:
         ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
-            were processed by ``enable_compatibility_mode()`` — raised by this call, before any edit.
+            were processed by ``enable_compatibility_mode()`` — raised by this call, before any edit;
+            on entry, an edit that overflows the weight dtype (e.g. a huge λ in fp16), after restoring
+            what was already edited.
         RuntimeError: on exit, when the block replaced the model's parameter tensors (e.g. ``.to()``),
             so the saved originals could not be written back.
 

@@ -259,3 +259,14 @@ def test_an_abandoned_block_does_not_keep_its_saved_originals_alive():
     del block
     gc.collect()
     assert saved() is None
+
+
+def test_an_edit_that_overflows_fp16_is_refused_and_restored():
+    g = torch.Generator().manual_seed(3)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g).half() for i in range(3)}
+    before = _snapshot(state)
+    hv = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        with harm_removal(state, hv, lam=1e6):  # finite λ, but θ − λ·τ exceeds fp16's 65504
+            pass
+    _assert_bit_exact(state, before)
