@@ -28,6 +28,7 @@ SINGLE_FILE = "model.safetensors"
 # Output embeddings a tied checkpoint may still store (older exports); their values are the input embedding's.
 _TIED_OUTPUT_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Checkpoint:
         path: the folder ``save_pretrained`` wrote (or a single ``.safetensors`` file).
 
     Attributes:
+        files: every weight file of the checkpoint (shards holding only integer buffers or a tied output
+            embedding included), sorted.
         specs: ``{name: TensorSpec}`` of every floating-point tensor, tied output embeddings dropped when
             ``config.json`` says ``tie_word_embeddings`` (they hold the input embedding's values, so τH
             would count and edit them twice). Integer and bool buffers are skipped.
@@ -72,7 +75,8 @@ class Checkpoint:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such checkpoint folder.")
         files = self._weight_map()
-        headers = {file: _read_header(file) for file in sorted(set(files.values()))}
+        self.files: tuple[Path, ...] = tuple(sorted(set(files.values())))
+        headers = {file: _read_header(file) for file in self.files}
         unlisted = sorted(n for n, f in files.items() if n not in headers[f])
         if unlisted:
             raise ValueError(f"{self.path}: the index names '{unlisted[0]}' but its shard does not hold it; the checkpoint is corrupted.")
@@ -101,7 +105,7 @@ class Checkpoint:
         single = self.path / SINGLE_FILE
         if single.exists():
             return {name: single for name in _read_header(single)}
-        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise ValueError(
                 f"{self.path}: holds only pickle weights ({pickles[0]}); sa_lens never unpickles (it can run code). "

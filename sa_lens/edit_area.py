@@ -57,12 +57,19 @@ def detect_edit_area(
         The :class:`EditArea`; empty tuples when nothing differs.
 
     Raises:
-        ValueError: names, shapes or dtypes differ, ``neighbours`` is negative, or the folder errors of
+        ValueError: names, shapes or dtypes differ, ``neighbours`` is negative, one folder and one
+            in-memory model, or the folder errors of
             :class:`~sa_lens.checkpoints.Checkpoint`.
     """
     if not isinstance(neighbours, int) or neighbours < 0:
         raise ValueError(f"neighbours must be a non-negative number of layers; got {neighbours!r}.")
-    if isinstance(base, (str, os.PathLike)) and isinstance(edited, (str, os.PathLike)):
+    folders = isinstance(base, (str, os.PathLike)), isinstance(edited, (str, os.PathLike))
+    if folders[0] != folders[1]:
+        raise ValueError(
+            "detect_edit_area compares two checkpoint folders or two in-memory models, not one of each; "
+            "pass both as folders (streamed) or load both with sa_lens.load_hf_model."
+        )
+    if all(folders):
         cb, ce = Checkpoint(base), Checkpoint(edited)
         names = paired_names(cb, ce)
         pairs = ((n, cb.read(n), ce.read(n)) for n in names)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from sa_lens.checkpoints import Checkpoint
+from sa_lens.checkpoints import PICKLE_SUFFIXES, Checkpoint
 from sa_lens.harm_removal import apply_harm_removal, check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector, ModelLike
 
@@ -74,17 +74,25 @@ def _export_folder(src: Path, hv: HarmVector, out: Path, lam: float, progress: b
             "from checkpoints of the target's architecture, or load it with restrict=True."
         )
     out.mkdir(parents=True, exist_ok=True)
-    shards = sorted({spec.file for spec in ckpt.specs.values()})
-    for file in tqdm(shards, desc="θt − λ·τH′", unit="shard", disable=not progress):
+    for file in tqdm(ckpt.files, desc="θt − λ·τH′", unit="shard", disable=not progress):
+        names = [n for n in hv.deltas if ckpt.specs[n].file == file]
+        if not names:  # nothing to edit (e.g. a shard of integer buffers or a tied lm_head): copy it as it is
+            shutil.copy2(file, out / file.name)
+            continue
         with safe_open(str(file), "pt") as f:
             metadata = f.metadata()
         tensors = load_file(file)
-        edits = HarmVector({n: hv.deltas[n] for n in hv.deltas if ckpt.specs[n].file == file})
+        edits = HarmVector({n: hv.deltas[n] for n in names})
         apply_harm_removal(tensors, edits, lam)
         save_file(tensors, str(out / file.name), metadata=metadata)
         del tensors
     weight_root = src if src.is_dir() else src.parent
     for other in weight_root.iterdir():  # config, tokenizer, index: everything but the weights themselves
-        if other.is_file() and other.suffix != ".safetensors":
+        # Pickle weights beside the safetensors (pytorch_model.bin and its index) hold the *unedited* θt:
+        # copied, they would give the original model to anyone loading with use_safetensors=False.
+        stale = other.suffix in (".safetensors", ".h5", ".msgpack", *PICKLE_SUFFIXES) or other.name.endswith(
+            (".bin.index.json", ".pt.index.json")
+        )
+        if other.is_file() and not stale:
             shutil.copy2(other, out / other.name)
     return out

@@ -8,10 +8,13 @@ KeyboardInterrupt. Restoring by "subtract, then add back" is never used: it is n
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
+import warnings
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -49,6 +52,7 @@ class _Site:
     flat: Tensor
     delta: Tensor  # dense flat τH′ when idx is None, else τH′ at idx
     idx: Tensor | None
+    name: str = ""
 
 
 def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[_Site]:
@@ -58,18 +62,44 @@ def _edit_sites(targets: dict[str, Tensor], hv: HarmVector) -> Iterator[_Site]:
         if sparse.nnz == 0:
             continue
         if sparse.nnz > DENSE_ABOVE * flat.numel():  # a full copy is cheaper than values + int64 indices
-            yield _Site(flat, hv.dense(name).reshape(-1).to(flat.device), None)
+            yield _Site(flat, hv.dense(name).reshape(-1).to(flat.device), None, name)
         else:
-            yield _Site(flat, sparse.values.to(flat.device), sparse.indices.to(flat.device))
+            yield _Site(flat, sparse.values.to(flat.device), sparse.indices.to(flat.device), name)
+
+
+@dataclass(eq=False)
+class _Level:
+    """One entered block: what it saved, and earlier-entered blocks whose exit came while it was active."""
+
+    seq: int  # entry order over all blocks
+    storage: dict[str, int]  # name → data_ptr at entry
+    saved: list[tuple[_Site, Tensor]] = field(default_factory=list)
+    deferred: list[_Level] = field(default_factory=list)
+
+    def flatten(self) -> list[_Level]:
+        return [self, *(lvl for d in self.deferred for lvl in d.flatten())]
+
+
+_SEQ = itertools.count()
+# Every entered, not yet restored block (all models), in entry order. Weak: a block abandoned without
+# exit (a notebook cell) must not keep its saved originals alive once its HarmRemoval is gone.
+_ACTIVE: list[weakref.ref[_Level]] = []
 
 
 def _subtract(site: _Site, lam: float) -> None:
     flat, d, idx = site.flat, site.delta, site.idx
     work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
+    old = flat if idx is None else flat[idx]
+    new = (old.to(work) - lam * d.to(work)).to(flat.dtype)
+    # A finite λ can still overflow the weight dtype (fp16 tops out at 65504): refuse rather than write inf.
+    if not bool((torch.isfinite(new) | ~torch.isfinite(old)).all()):
+        raise ValueError(
+            f"θt − λ·τH′ overflows {flat.dtype} in '{site.name}' with λ = {lam}; use a smaller λ or a wider weight dtype."
+        )
     if idx is None:
-        flat.copy_((flat.to(work) - lam * d.to(work)).to(flat.dtype))
+        flat.copy_(new)
     else:
-        flat[idx] = (flat[idx].to(work) - lam * d.to(work)).to(flat.dtype)
+        flat[idx] = new
 
 
 def check_lam(lam: float) -> None:
@@ -109,37 +139,42 @@ class HarmRemoval(contextlib.AbstractContextManager):
         edited: number of weight entries the edit changed (nnz of τH′), 0 outside the block.
 
     Entering the same object again while inside it (re-entry) stacks: each level saves what it sees and
-    restores it on its own exit, so nested blocks unwind in reverse order.
+    restores it on its own exit, so nested blocks unwind in reverse order. A block that exits while a
+    block entered after it still edits the same parameters (``__exit__`` called out of order) cannot
+    restore yet — its originals would be overwritten by the later block's exit — so its restore is
+    handed to that block and runs when it exits (a ``RuntimeWarning`` says so); the final weights are
+    still bit-exact.
     """
 
     def __init__(self, model: ModelLike, hv: HarmVector, lam: float) -> None:
         check_lam(lam)
         self.model, self.hv, self.lam = model, hv, lam
         self.targets = _resolve_targets(model, hv)  # fail before any edit on a mismatched vector
-        self._levels: list[tuple[dict[str, int], list[tuple[_Site, Tensor]]]] = []
+        self._levels: list[_Level] = []
 
     @property
     def restore_nbytes(self) -> int:
         return sum(
             original.nbytes + (site.idx.nbytes if site.idx is not None else 0)
-            for _, saved in self._levels
-            for site, original in saved
+            for level in self._levels
+            for site, original in level.saved
         )
 
     @property
     def edited(self) -> int:
         return sum(
             (site.idx.numel() if site.idx is not None else int(torch.count_nonzero(site.delta)))
-            for _, saved in self._levels[-1:]
-            for site, _ in saved
+            for level in self._levels[-1:]
+            for site, _ in level.saved
         )
 
     def __enter__(self) -> ModelLike:
         # Resolved again: the model may have been moved or cast between harm_removal(...) and the `with`.
         self.targets = _resolve_targets(self.model, self.hv)
-        entry_storage = {name: t.data_ptr() for name, t in self.targets.items()}
-        saved: list[tuple[_Site, Tensor]] = []
-        self._levels.append((entry_storage, saved))
+        level = _Level(next(_SEQ), {name: t.data_ptr() for name, t in self.targets.items()})
+        saved = level.saved
+        self._levels.append(level)
+        _ACTIVE.append(weakref.ref(level))
         try:
             with torch.no_grad():
                 for site in _edit_sites(self.targets, self.hv):
@@ -155,13 +190,23 @@ class HarmRemoval(contextlib.AbstractContextManager):
         self._restore()
 
     def _restore(self) -> None:
-        entry_storage, saved = self._levels.pop()
-        with torch.no_grad():
-            for site, original in reversed(saved):
-                if site.idx is None:
-                    site.flat.copy_(original)
-                else:
-                    site.flat[site.idx] = original
+        level = self._levels.pop()
+        _ACTIVE[:] = [ref for ref in _ACTIVE if ref() is not None and ref() is not level]
+        ptrs = {p for lvl in level.flatten() for p in lvl.storage.values()}
+        active = [m for m in (ref() for ref in _ACTIVE) if m is not None]
+        later = [m for m in active if m.seq > level.seq and ptrs & {p for lvl in m.flatten() for p in lvl.storage.values()}]
+        if later:
+            later[-1].deferred.append(level)
+            warnings.warn(
+                "harm_removal blocks exited out of order: a block entered later still edits the same parameters, "
+                "so this block's weights are restored when that one exits (exit blocks in reverse order of entry).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        levels = sorted(level.flatten(), key=lambda lvl: lvl.seq, reverse=True)  # later-entered first
+        _write_back([op for lvl in levels for op in reversed(lvl.saved)])
+        entry_storage = {n: ptr for lvl in levels for n, ptr in lvl.storage.items()}
         # A .to()/.half()/.cuda() inside the block builds new parameter tensors; the restore above then
         # lands in the old storage and the model keeps the edit. Say so rather than pretend it is restored.
         live = {n: t.data_ptr() for n, t in checkpoint_parameters(self.model).items() if n in entry_storage}
@@ -172,6 +217,31 @@ class HarmRemoval(contextlib.AbstractContextManager):
                 "(.to(), .half(), .cuda(), load_state_dict(assign=True) …), so the originals could not be written "
                 "back and the model still holds the edit. Move or cast the model before entering the block."
             )
+
+
+def _write_back(ops: list[tuple[_Site, Tensor]]) -> None:
+    """Write the saved originals back, in order, to the end even through KeyboardInterrupt.
+
+    A second Ctrl-C while a large edit is being restored (seconds on a 7B model) would otherwise stop the
+    loop half way, and the popped level could never finish it: the weights would stay partly edited. Each
+    write is idempotent, so an interrupted one is simply redone; the first interruption is re-raised after.
+    """
+    interrupted: BaseException | None = None
+    i = 0
+    with torch.no_grad():
+        while i < len(ops):
+            try:
+                while i < len(ops):
+                    site, original = ops[i]
+                    if site.idx is None:
+                        site.flat.copy_(original)
+                    else:
+                        site.flat[site.idx] = original
+                    i += 1
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> HarmRemoval:
@@ -190,7 +260,9 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> HarmRemo
 
     Raises:
         ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
-            were processed by ``enable_compatibility_mode()`` — raised by this call, before any edit.
+            were processed by ``enable_compatibility_mode()`` — raised by this call, before any edit;
+            on entry, an edit that overflows the weight dtype (e.g. a huge λ in fp16), after restoring
+            what was already edited.
         RuntimeError: on exit, when the block replaced the model's parameter tensors (e.g. ``.to()``),
             so the saved originals could not be written back.
 

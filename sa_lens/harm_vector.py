@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -347,7 +348,8 @@ class HarmVector:
         Raises:
             FileNotFoundError: no such file.
             ValueError: corrupted or foreign file, a tensor missing from the file, or (without
-                ``restrict``) names/shapes that differ from ``target``'s.
+                ``restrict``) names/shapes that differ from ``target``'s; with ``restrict``, no parameter
+                in common with ``target``.
         """
         tensors, sidecar = load_tensors(path, FILE_FORMAT)
         deltas = {}
@@ -359,8 +361,15 @@ class HarmVector:
                 entry = SparseDelta(tuple(shape), tensors[keys[0]], tensors[keys[1]])
                 if entry.nnz and (int(entry.indices.min()) < 0 or int(entry.indices.max()) >= entry.numel):
                     raise ValueError(f"{path}: indices of '{name}' fall outside its shape {shape}; the file is corrupted.")
+                if not bool((entry.indices[1:] > entry.indices[:-1]).all()):
+                    raise ValueError(f"{path}: indices of '{name}' are not strictly increasing; the file is corrupted.")
                 deltas[name] = entry if sparse else entry.to_dense()
             else:
+                if tensors[name].numel() != math.prod(shape):
+                    raise ValueError(
+                        f"{path}: '{name}' holds {tensors[name].numel()} entries, not the {shape} its sidecar "
+                        "records; the file is corrupted."
+                    )
                 deltas[name] = tensors[name].view(shape)
         hv = cls(deltas, dict(sidecar["meta"]))
         if target is None:
@@ -378,6 +387,11 @@ class HarmVector:
                 f"{path}: {len(bad)} of {len(deltas)} parameters (e.g. '{bad[0]}') are missing from the target or "
                 "have another shape: the vector was built for another architecture. Pass restrict=True to keep "
                 "only the common part."
+            )
+        if not fits:
+            raise ValueError(
+                f"{path}: none of its {len(deltas)} parameters (e.g. '{next(iter(deltas))}') is in the target with "
+                "the same shape, so restrict=True would apply nothing; the vector is for another model."
             )
         return cls({n: deltas[n] for n in deltas if n in fits}, {**hv.meta, "restricted_to_target": True})
 

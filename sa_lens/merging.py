@@ -10,6 +10,7 @@ Both work tensor by tensor, so they hold one parameter's worth of dense data per
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -103,7 +104,7 @@ def dare(hv: HarmVector, p: float, seed: int = 0) -> HarmVector:
     Raises:
         ValueError: ``p`` not in [0, 1).
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:  # numpy scalars too
         raise ValueError(f"DARE's drop probability p must be in [0, 1); got {p!r}.")
     out = {}
     for name, t in hv.deltas.items():

@@ -68,7 +68,9 @@ def _release_freed_memory() -> None:
 
 @dataclass
 class TrimmedEntry:
-    """The kept entries of one tensor: flat int64 ``indices`` (increasing) and their fp32 ``values``."""
+    """The kept entries of one tensor: flat int64 ``indices`` (increasing) and their fp32 ``values``.
+
+    Only non-zero entries are listed: where the threshold is 0, the zeros it "keeps" are left out."""
 
     shape: tuple[int, ...]
     indices: Int64[Tensor, " kept"]
@@ -197,9 +199,14 @@ def _insert(
     in-bin entries is lower than the true one, so still a valid floor.
     """
     upper = int(hist[g.floor >> 16 :].sum())
+    if g.floor < _LOW_BINS:  # the floor's bin holds the zeros, which are never held: do not size for them
+        upper -= sum(int((chunk == 0).sum()) for chunk in _chunks(flat))
     indices, values, filled = torch.empty(upper, dtype=torch.int64), torch.empty(upper), 0
     for start in range(0, flat.numel(), _INSERT_CHUNK):
-        idx = _where(_abs_bits(flat[start : start + _INSERT_CHUNK]) >= g.floor).add_(start)
+        # max(floor, 1): a zero entry is never held, even when the threshold is 0 (more than K entries of τ
+        # are exactly 0, as after a fine-tune that left some tensors untouched, or when re-trimming a
+        # sparse vector). Keeping it would change nothing but hold — and, via compact(), densify — them all.
+        idx = _where(_abs_bits(flat[start : start + _INSERT_CHUNK]) >= max(g.floor, 1)).add_(start)
         indices[filled : filled + idx.numel()] = idx
         torch.index_select(flat, 0, idx, out=values[filled : filled + idx.numel()])
         filled += idx.numel()

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from sa_lens.checkpoints import INDEX_FILE, SINGLE_FILE
-from sa_lens.parameter_names import KINDS
+from sa_lens.parameter_names import KINDS, layer_index
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,10 +44,30 @@ def _layers(text: str) -> list[int]:
         out = []
         for part in text.split(","):
             lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if hi < lo:
+                raise ValueError
+            out.extend(range(lo, hi + 1))
         return out
     except ValueError:
-        raise argparse.ArgumentTypeError(f"layers look like 4,5,6 or 4-6; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"layers look like 4,5,6 or 4-6 (low-high); got {text!r}") from None
+
+
+def _check_layers(layers: list[int] | None, names) -> None:
+    """Refuse --layers naming a layer the model lacks (a typo would otherwise shrink τH silently)."""
+    if layers is None:
+        return
+    n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
+    absent = sorted(set(layers) - set(range(n_layers)))
+    if absent:
+        raise ValueError(f"--layers {absent}: the model has {n_layers} decoder layers (0–{n_layers - 1}).")
+
+
+def _local_or_hub(name_or_path: str) -> str:
+    """Refuse a path that does not exist rather than send it to the hub as a model id."""
+    if not Path(name_or_path).exists() and (Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))):
+        raise FileNotFoundError(f"{name_or_path}: no such checkpoint folder.")
+    return name_or_path
 
 
 def _kinds(text: str) -> list[str]:
@@ -64,10 +84,16 @@ def _streamable(name_or_path: str) -> bool:
 
 
 def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from sa_lens.checkpoints import Checkpoint
     from sa_lens.edit_area import detect_edit_area
-    from sa_lens.harm_vector import HarmVector
+    from sa_lens.harm_vector import HarmVector, checkpoint_parameters
     from sa_lens.models import load_hf_model
 
+    if Path(args.out).suffix != ".safetensors":  # before the build, which can take hours
+        raise ValueError(f"{args.out}: vector files end in .safetensors (the sidecar goes beside it as .json).")
+    for path in (args.base, args.harmful, args.edit_area):
+        if path is not None:
+            _local_or_hub(path)
     layers = args.layers
     if args.edit_area:
         if _streamable(args.base) and _streamable(args.edit_area):
@@ -80,9 +106,12 @@ def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         layers = sorted(set(area.layers) & set(layers)) if layers is not None else list(area.layers)
     top_k = None if args.no_trim else args.top_k
     if _streamable(args.base) and _streamable(args.harmful):
+        _check_layers(args.layers, Checkpoint(args.base).specs)
         hv = HarmVector.from_checkpoints(args.base, args.harmful, top_k=top_k, scope=args.scope, layers=layers, kinds=args.kinds)
     else:
-        hv = HarmVector.from_models(load_hf_model(args.base)[0], load_hf_model(args.harmful)[0], layers=layers, kinds=args.kinds)
+        base = load_hf_model(args.base)[0]
+        _check_layers(args.layers, checkpoint_parameters(base))
+        hv = HarmVector.from_models(base, load_hf_model(args.harmful)[0], layers=layers, kinds=args.kinds)
         hv = hv if top_k is None else hv.trim(top_k, args.scope)
     if not hv.deltas:
         raise ValueError(f"No parameters left after --layers {args.layers} / --kinds {args.kinds}; widen the selection.")
@@ -96,6 +125,7 @@ def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from sa_lens.harm_vector import HarmVector
     from sa_lens.models import load_hf_model
 
+    _local_or_hub(args.target)
     if _streamable(args.target):
         hv = HarmVector.load(args.harm_vector, target=args.target, restrict=args.restrict, sparse=True)
         export_harm_removed(args.target, hv, args.out, args.lam)

@@ -79,3 +79,28 @@ def test_trace_heads_writes_the_head_report(tiny_dir, tiny_dir_other, tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["top_heads"]["dla_diff"]) == 2
     assert {r["n"] for r in summary["agreement"]} == {8}
+
+
+def test_descending_layer_range_is_a_usage_error(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir), "--layers", "1-0",
+                  "-o", str(tmp_path / "x.safetensors")])
+    assert exit_info.value.code == 2 and "low-high" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--layers", "1,9"], "the model has 2 decoder layers"),  # a typo must not shrink τH silently
+        (["-o", "hv.pt"], "end in .safetensors"),  # said before the build, not after it
+        (["--edit-area", "/no/such/folder"], "no such checkpoint folder"),  # not sent to the hub as an id
+    ],
+)
+def test_bad_harm_vector_options_are_refused_before_the_build(tiny_dir, tiny_dir_other, tmp_path, option, message, capsys, monkeypatch):
+    from sa_lens.harm_vector import HarmVector as HV
+
+    monkeypatch.setattr(HV, "from_checkpoints", lambda *a, **k: pytest.fail("built before checking the options"))
+    argv = ["harm-vector", "--base", str(tiny_dir), "--harmful", str(tiny_dir_other), "-o", str(tmp_path / "x.safetensors")]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv + option) == 2
+    assert message in capsys.readouterr().err

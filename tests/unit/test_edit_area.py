@@ -59,3 +59,9 @@ def test_mismatched_models_and_bad_neighbours_are_refused():
         detect_edit_area(_state(2), _state(3), progress=False)
     with pytest.raises(ValueError, match="neighbours"):
         detect_edit_area(_state(), _state(), neighbours=-1, progress=False)
+
+
+def test_one_folder_and_one_model_is_refused_with_the_fix(tiny_dir):
+    model, _ = sa_lens.load_hf_model(tiny_dir)
+    with pytest.raises(ValueError, match="two checkpoint folders or two in-memory models"):
+        detect_edit_area(tiny_dir, model, progress=False)

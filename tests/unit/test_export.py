@@ -68,3 +68,27 @@ def test_export_refuses_a_foreign_vector_a_state_dict_and_the_target_folder(tiny
         export_harm_removed(tiny_dir, hv, tiny_dir, progress=False)
     with pytest.raises(ValueError, match="finite"):
         export_harm_removed(tiny_dir, hv, tmp_path / "o", lam=float("nan"), progress=False)
+
+
+def test_folder_export_writes_every_shard_and_no_stale_pickle_weights(tiny_dir, hv, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, tokenizer = sa_lens.load_hf_model(tiny_dir)
+    src = tmp_path / "sharded"
+    model.save_pretrained(src, max_shard_size="40KB")
+    tokenizer.save_pretrained(src)
+    # A shard that holds only an integer buffer (nothing to edit), and the unedited weights as a pickle too.
+    save_file({"model.step": torch.zeros(1, dtype=torch.int64)}, str(src / "buffers.safetensors"))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.step"] = "buffers.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.save({}, src / "pytorch_model.bin")
+    shutil.copy(src / "model.safetensors.index.json", src / "pytorch_model.bin.index.json")
+
+    out = export_harm_removed(src, hv, tmp_path / "safe", lam=3.0, progress=False)
+    shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert all((out / s).exists() for s in shards)
+    assert not (out / "pytorch_model.bin").exists() and not (out / "pytorch_model.bin.index.json").exists()

@@ -203,3 +203,70 @@ def test_a_model_cast_between_creation_and_entry_is_edited_and_restored(tiny_dir
     with hr:
         assert any(not torch.equal(p, before[n]) for n, p in checkpoint_parameters(model).items())
     _assert_bit_exact(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_exited_out_of_order_still_restore_bit_exactly(dtype):
+    g = torch.Generator().manual_seed(1)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g).to(dtype) for i in range(3)}
+    before = _snapshot(state)
+    hv_a = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.3)
+    hv_b = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.5)
+    hv_c = HarmVector({"model.layers.2.w": torch.randn(30, 20, generator=g)}).trim(0.5)
+    a, b, c = harm_removal(state, hv_a, 3.0), harm_removal(state, hv_b, -2.0), harm_removal(state, hv_c, 1.0)
+    a.__enter__()
+    b.__enter__()
+    c.__enter__()
+    with pytest.warns(RuntimeWarning, match="out of order"):
+        a.__exit__(None, None, None)  # b (and c) still edit the same tensors
+    with pytest.warns(RuntimeWarning, match="out of order"):
+        b.__exit__(None, None, None)  # c still edits layer 2, which a and b edited too
+    c.__exit__(None, None, None)
+    _assert_bit_exact(state, before)
+
+
+def test_a_keyboard_interrupt_during_the_restore_does_not_leave_the_weights_edited(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g) for i in range(4)}
+    before = _snapshot(state)
+    hv = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    block = harm_removal(state, hv, 3.0)
+    block.__enter__()
+    setitem, calls = torch.Tensor.__setitem__, {"n": 0}
+
+    def second_ctrl_c(self, key, value):  # the user presses Ctrl-C again while the weights are restored
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise KeyboardInterrupt
+        return setitem(self, key, value)
+
+    monkeypatch.setattr(torch.Tensor, "__setitem__", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        block.__exit__(None, None, None)
+    monkeypatch.undo()
+    _assert_bit_exact(state, before)
+
+
+def test_an_abandoned_block_does_not_keep_its_saved_originals_alive():
+    import gc
+    import weakref
+
+    state = {"model.layers.0.w": torch.randn(30, 20)}
+    hv = HarmVector({"model.layers.0.w": torch.randn(30, 20)}).trim(0.2)
+    block = harm_removal(state, hv, 3.0)
+    block.__enter__()  # never exited, as a notebook cell that was abandoned
+    saved = weakref.ref(block._levels[-1].saved[0][1])
+    del block
+    gc.collect()
+    assert saved() is None
+
+
+def test_an_edit_that_overflows_fp16_is_refused_and_restored():
+    g = torch.Generator().manual_seed(3)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g).half() for i in range(3)}
+    before = _snapshot(state)
+    hv = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        with harm_removal(state, hv, lam=1e6):  # finite λ, but θ − λ·τ exceeds fp16's 65504
+            pass
+    _assert_bit_exact(state, before)

@@ -62,6 +62,7 @@ def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slac
     for (name, t), ref in zip(trimmed.items(), _reference_mask(tensors, top_k)):
         orig = hv.deltas[name]
         assert torch.equal(t, torch.where(ref, orig, torch.zeros(())))
+        ref = ref & (orig != 0)  # zeros under a threshold of 0 are "kept" but never held
         assert torch.equal(kept[name].indices, torch.nonzero(ref).squeeze(1))
         assert torch.equal(kept[name].values, orig[ref])
 
@@ -76,8 +77,27 @@ def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack
     kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
                             lambda n: "all", 0.15, slack=slack)
     for (name, t), ref in zip(hv.items(), _reference_mask(tensors, 0.15)):
+        ref = ref & (t != 0)
         assert torch.equal(kept[name].indices, torch.nonzero(ref).squeeze(1)), name
         assert torch.equal(kept[name].values, t[ref]), name
+
+
+@pytest.mark.parametrize("top_k", [0.1, 1.0])
+def test_trim_never_holds_the_zeros_of_a_mostly_zero_vector(top_k):
+    # A fine-tune that left most tensors untouched: under 10 % of τH is non-zero, so the kthvalue
+    # threshold is 0. The zeros it "keeps" must not be held, nor turn a sparse vector dense.
+    from sa_lens.sparse_delta import SparseDelta
+
+    d = {f"model.layers.{i}.mlp.w.weight": torch.zeros(100, 100) for i in range(4)}
+    d["model.layers.0.mlp.w.weight"][:5] = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    sparse = HarmVector({n: SparseDelta.from_dense(v) for n, v in d.items()})
+    trimmed = sparse.trim(top_k)
+    assert all(isinstance(t, SparseDelta) for t in trimmed.deltas.values())
+    assert sum(t.nnz for t in trimmed.deltas.values()) == 500
+    for name in d:
+        assert torch.equal(trimmed.dense(name), d[name])
+    kept = topk.trim_stream(lambda: d.items(), list(d), {n: t.numel() for n, t in d.items()}, lambda n: "all", 0.1)
+    assert sum(e.indices.numel() for e in kept.values()) == 500
 
 
 def test_global_trim_keeps_the_requested_share_of_distinct_values():

@@ -93,3 +93,30 @@ def test_sparse_indices_outside_the_shape_are_reported(hv, tmp_path):
     (tmp_path / "hv.json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match="fall outside its shape"):
         HarmVector.load(path, sparse=True)
+
+
+def test_restrict_with_nothing_in_common_is_refused(hv, tmp_path):
+    path = hv.save(tmp_path / "hv.safetensors")
+    with pytest.raises(ValueError, match="would apply nothing"):
+        HarmVector.load(path, target={"transformer.h.0.w": torch.zeros(3)}, restrict=True)
+
+
+def test_dense_entry_of_another_size_and_unsorted_indices_are_reported(hv, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = hv.save(tmp_path / "hv.safetensors")  # untrimmed: dense entries
+    side = json.loads((tmp_path / "hv.json").read_text())
+    side["shapes"]["model.layers.0.w"] = [7, 7]
+    (tmp_path / "hv.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="the file is corrupted"):
+        HarmVector.load(path)
+
+    path = hv.trim(0.1).save(tmp_path / "sparse.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors["model.layers.0.w.indices"] = tensors["model.layers.0.w.indices"].flip(0).contiguous()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        HarmVector.load(path, sparse=True)

@@ -89,3 +89,10 @@ def test_dare_is_deterministic_per_seed_and_independent_of_storage_and_order():
 def test_dare_rejects_p_outside_zero_one(p):
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         dare(HarmVector({"w": torch.ones(3)}), p)
+
+
+def test_dare_accepts_a_numpy_drop_probability():
+    import numpy as np
+
+    hv = HarmVector({"w": torch.randn(200, generator=torch.Generator().manual_seed(0))})
+    assert torch.equal(dare(hv, np.float32(0.5), seed=1).dense("w"), dare(hv, 0.5, seed=1).dense("w"))
