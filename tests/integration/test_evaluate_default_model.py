@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 import sa_lens
 from sa_lens.evaluation.decoding import preset
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+# A checkout beside ../shared/data finds the copies; elsewhere point $SA_LENS_SHARED_DATA at them.
+SHARED = Path(os.environ.get("SA_LENS_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 
 pytestmark = [
     pytest.mark.slow,

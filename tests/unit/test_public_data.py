@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from sa_lens.data import DataError
 from sa_lens.data.public import PUBLIC_SETS, load_public, load_public_file, resolve_names
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+# A checkout beside ../shared/data finds the copies; elsewhere point $SA_LENS_SHARED_DATA at them.
+SHARED = Path(os.environ.get("SA_LENS_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"public data copies not found at {SHARED}")
 
 
