@@ -10,6 +10,7 @@ on first use (gated checkpoints need a Hugging Face login); greedy decoding, lef
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,7 @@ Rules:
 Answer: [/INST]"""
 
 
-class _ClassifierJudge:
+class _ClassifierJudge(ABC):
     """Shared loading and short greedy completion; subclasses build the input and parse the output."""
 
     name = "classifier"
@@ -85,11 +86,13 @@ class _ClassifierJudge:
         assert self._tok is not None
         return self._model, self._tok
 
+    @abstractmethod
     def build_input(self, tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
-        raise NotImplementedError
+        """The classifier's input text for one (request, reply) pair, in its own prompt format."""
 
+    @abstractmethod
     def parse(self, output: str) -> Verdict:
-        raise NotImplementedError
+        """The verdict read from the classifier's generated text; unreadable output is FAILED."""
 
     def judge_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """One verdict per (request, reply) pair.
