@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import numbers
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from torch import Tensor
 
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
 from sa_lens.sparse_delta import DENSE_ABOVE
+from sa_lens.validation import is_finite_real
 
 __all__ = ["HarmRemoval", "apply_harm_removal", "harm_removal"]
 
@@ -104,7 +103,7 @@ def _subtract(site: _Site, lam: float) -> None:
 
 def check_lam(lam: float) -> None:
     """Raise ValueError unless λ is a finite real number (NaN/inf would silently destroy the weights)."""
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+    if not is_finite_real(lam):
         raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
 
 

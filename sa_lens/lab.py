@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -41,6 +40,7 @@ from sa_lens.harm_vector import HarmVector
 from sa_lens.lens import SafetyLens
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
 from sa_lens.safety_vector import SAFE_DEMO_ANSWER, SafetyVector, demonstration_text
+from sa_lens.validation import is_finite_real
 
 __all__ = ["LabConfig", "LabModels", "LabSession", "METHODS", "build_models", "format_table", "run_lab"]
 
@@ -104,7 +104,7 @@ class LabConfig:
         if not 0.0 < self.top_k <= 1.0:
             raise ValueError(f"top_k must be a fraction in (0, 1]; got {self.top_k!r}.")
         for name in ("lam", "tv_lam", "alpha", "lr"):
-            if not math.isfinite(getattr(self, name)):
+            if not is_finite_real(getattr(self, name)):
                 raise ValueError(f"{name} must be finite; got {getattr(self, name)!r}.")
         for name in ("harmful_limit", "n_icv_pairs", "aligned_steps", "harmful_steps", "sft_steps", "max_new_tokens"):
             if getattr(self, name) < 1:

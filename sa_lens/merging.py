@@ -10,7 +10,6 @@ Both work tensor by tensor, so they hold one parameter's worth of dense data per
 from __future__ import annotations
 
 import hashlib
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from sa_lens.harm_vector import HarmVector, Scope
 from sa_lens.sparse_delta import SparseDelta, compact
+from sa_lens.validation import is_finite_real
 
 __all__ = ["dare", "ties_merge"]
 
@@ -104,7 +104,7 @@ def dare(hv: HarmVector, p: float, seed: int = 0) -> HarmVector:
     Raises:
         ValueError: ``p`` not in [0, 1).
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:  # numpy scalars too
+    if not is_finite_real(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"DARE's drop probability p must be in [0, 1); got {p!r}.")
     out = {}
     for name, t in hv.deltas.items():

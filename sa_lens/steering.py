@@ -14,8 +14,6 @@ directional ablation and prompt-only / generated-only policies are options (see 
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -25,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from sa_lens.positions import generated_mask
 from sa_lens.safety_vector import SafetyVector
+from sa_lens.validation import is_finite_real
 
 __all__ = ["DEFAULT_ALPHA", "FORMULAS", "OFFICIAL_FACTOR", "POSITIONS", "SITES", "ablate_direction", "add_step",
            "inject_official", "safety_hooks"]
@@ -114,7 +113,7 @@ def safety_hooks(
     """
     per_layer_alpha = dict(per_layer_alpha or {})
     for a in [alpha, *per_layer_alpha.values()]:
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+        if not is_finite_real(a):
             raise ValueError(f"alpha must be a finite number, got {a!r}.")
     for name, value, allowed in (("site", site, SITES), ("formula", formula, FORMULAS), ("positions", positions, POSITIONS)):
         if value not in allowed:

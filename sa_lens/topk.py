@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -38,6 +37,8 @@ import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from sa_lens.validation import is_finite_real
 
 __all__ = ["TrimmedEntry", "check_top_k", "trim_stream"]
 
@@ -96,7 +97,7 @@ class _Group:
 
 def check_top_k(top_k: float) -> None:
     """Raise ValueError unless ``top_k`` is a real number in (0, 1]."""
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Real) or not 0.0 < top_k <= 1.0:
+    if not is_finite_real(top_k) or not 0.0 < top_k <= 1.0:
         raise ValueError(f"top_k must be a fraction in (0, 1] (0.1 keeps the top 10 %); got {top_k!r}.")
 
 

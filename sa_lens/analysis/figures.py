@@ -8,7 +8,6 @@ leaves no figure registered with pyplot after saving. The newer functions return
 
 from __future__ import annotations
 
-import numbers
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,8 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+
+from sa_lens.validation import is_finite_real
 
 __all__ = ["pareto_front", "plot_head_heatmaps", "plot_layer_curves", "plot_method_comparison", "plot_sweep",
            "save_figure"]
@@ -63,7 +64,7 @@ def _check_rows(rows: Sequence[Mapping], metric_keys: Sequence[str]) -> None:
                 raise ValueError(f"row {index} lacks the key {key!r}; every row needs {required}")
         for key in metric_keys:
             value = row[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            if not is_finite_real(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(
                     f"row {index} has {key}={value!r}; metrics must be fractions in [0, 1], not percent"
                 )
