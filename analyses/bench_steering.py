@@ -4,9 +4,12 @@ Measures (median of ``--repeats`` interleaved runs, greedy, KV cache on):
 1. tokens/s of steered generation (official formula, every layer's MLP output) vs unsteered, same path;
 2. that path (``sa_lens.generate`` through the bridge) vs Hugging Face ``generate`` on the same weights
    (eager attention, the bridge's arithmetic, and transformers' default sdpa kernel);
-3. ICV extraction on 64 pairs, batched vs one text per forward pass (the official code's loop).
+3. ICV extraction on 64 pairs, batched (pairs' common question prefix run once) vs one whole text per
+   forward pass through the backbone (``batch_size=1, share_prefix=False``: the official code's loop on our
+   path); beside it: batched without prefix sharing, the naive ``run_with_cache`` loop (full model per text,
+   the unit tests' reference) and the official ``get_icv`` loop on the plain Hugging Face model.
 
-Usage: ``python analyses/bench_steering.py [--repeats 3] [--batch 32] [--tokens 32]``. Targets (issue 4):
+Usage: ``python analyses/bench_steering.py [--repeats 3] [--batch 32] [--tokens 32] [--extraction-only]``. Targets (issue 4):
 ratio 1 ≥ 0.9, ratio 2 ≥ 0.7, ratio 3 ≥ 5.
 """
 
@@ -34,11 +37,56 @@ def _tokens_per_second(model, texts, tokens: int, **kwargs) -> float:
     return len(rows) * max(len(r) for r in rows) / elapsed
 
 
+def _run_with_cache_loop(model, pairs) -> torch.Tensor:
+    """The straightforward loop (the unit tests' per-example reference; the official code's shape): each
+    whole text through the full model one at a time, block outputs cached, last-4 mean; then PC1 + mean."""
+    n_layers = model.cfg.n_layers
+    names = {f"blocks.{layer}.hook_out" for layer in range(n_layers)}
+    states = []
+    with torch.no_grad():
+        for text in (t for pair in pairs for t in pair):
+            ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+            _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names)
+            states.append(torch.stack([cache[f"blocks.{layer}.hook_out"][0, -4:].mean(0) for layer in range(n_layers)]))
+    diffs = (torch.stack(states[0::2]) - torch.stack(states[1::2])).flatten(1)
+    mean = diffs.mean(0)
+    _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
+    return (vh[0] + mean).view(n_layers, -1)
+
+
+def _official_loop(hf, tokenizer, pairs) -> torch.Tensor:
+    """The official code's ``get_icv`` loop on the plain Hugging Face model (paper-notes.md §3.2): one whole
+    text per forward pass (logits included), forward hooks on every decoder layer keep ``out[0]``'s last-4
+    mean; then PC1 + mean. Tokens as the bridge tokenizes them, so every method reads the same text."""
+    layers = hf.model.layers
+    states: list[list[torch.Tensor]] = []
+
+    def keep(module, args, out, layer):
+        hidden = out[0] if isinstance(out, tuple) else out
+        states[-1][layer] = hidden[0, -4:].float().mean(0)
+
+    handles = [m.register_forward_hook(lambda m, a, o, layer=i: keep(m, a, o, layer)) for i, m in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for text in (t for pair in pairs for t in pair):
+                states.append([None] * len(layers))
+                hf(**tokenizer(text, return_tensors="pt"))
+    finally:
+        for h in handles:
+            h.remove()
+    stacked = torch.stack([torch.stack(s) for s in states])
+    diffs = (stacked[0::2] - stacked[1::2]).flatten(1)
+    mean = diffs.mean(0)
+    _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
+    return (vh[0] + mean).view(len(layers), -1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--extraction-only", action="store_true", help="skip the generation measurements")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = sa_lens.load_model()
@@ -58,28 +106,44 @@ def main() -> None:
     sv = sa_lens.SafetyVector.from_pairs(model, pairs[:16])
     hooks = sa_lens.safety_hooks(sv, alpha=0.12)
     results: dict[str, list[float]] = {k: [] for k in ("unsteered", "steered", "hf_eager", "hf_sdpa")}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.extraction_only else args.repeats):
         results["unsteered"].append(_tokens_per_second(model, texts, args.tokens))
         with model.hooks(fwd_hooks=hooks):
             results["steered"].append(_tokens_per_second(model, texts, args.tokens))
         for attn, m in hf.items():
             results[f"hf_{attn}"].append(_tokens_per_second(m, texts, args.tokens, tokenizer=model.tokenizer))
-    med = {k: statistics.median(v) for k, v in results.items()}
-    timings: dict[str, list[float]] = {"batched": [], "per_example": []}
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    # The per-example loop is the official code's: one whole text per forward pass, nothing shared.
+    runs = {"batched": (32, True), "batched_no_prefix_sharing": (32, False), "per_example": (1, False)}
+    timings: dict[str, list[float]] = {k: [] for k in [*runs, "run_with_cache_loop", "official_loop_hf"]}
     for _ in range(args.repeats):
-        for name, bs in (("batched", 32), ("per_example", 1)):
+        for name, (bs, share) in runs.items():
             start = time.perf_counter()
-            sa_lens.SafetyVector.from_pairs(model, pairs, batch_size=bs)
+            sa_lens.SafetyVector.from_pairs(model, pairs, batch_size=bs, share_prefix=share)
             timings[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _run_with_cache_loop(model, pairs)
+        timings["run_with_cache_loop"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _official_loop(hf["eager"], model.tokenizer, pairs)
+        timings["official_loop_hf"].append(time.perf_counter() - start)
     t = {k: statistics.median(v) for k, v in timings.items()}
-    print(f"generation, batch {args.batch} × {args.tokens} new tokens, tokens/s (median of {args.repeats}):")
-    for k, v in med.items():
-        print(f"  {k:<10} {v:8.1f}")
-    print(f"steered / unsteered (same path):         {med['steered'] / med['unsteered']:.2f}   (target ≥ 0.9)")
-    print(f"sa_lens path / HF generate, eager:       {med['unsteered'] / med['hf_eager']:.2f}   (target ≥ 0.7)")
-    print(f"sa_lens path / HF generate, sdpa:        {med['unsteered'] / med['hf_sdpa']:.2f}")
-    print(f"ICV extraction on 64 pairs: batched {t['batched']:.1f} s, per-example loop {t['per_example']:.1f} s, "
-          f"speed-up {t['per_example'] / t['batched']:.1f}×   (target ≥ 5)")
+    if not args.extraction_only:
+        print(f"generation, batch {args.batch} × {args.tokens} new tokens, tokens/s (median of {args.repeats}):")
+        for k, v in med.items():
+            print(f"  {k:<10} {v:8.1f}")
+        print(f"steered / unsteered (same path):         {med['steered'] / med['unsteered']:.2f}   (target ≥ 0.9)")
+        print(f"sa_lens path / HF generate, eager:       {med['unsteered'] / med['hf_eager']:.2f}   (target ≥ 0.7)")
+        print(f"sa_lens path / HF generate, sdpa:        {med['unsteered'] / med['hf_sdpa']:.2f}")
+    print(f"ICV extraction on 64 pairs: batched {t['batched']:.1f} s (without prefix sharing "
+          f"{t['batched_no_prefix_sharing']:.1f} s), per-example loop {t['per_example']:.1f} s")
+    print(f"batched / per-example loop:               {t['per_example'] / t['batched']:.1f}×   (target ≥ 5)")
+    print(f"batched / run_with_cache loop (full model per text, {t['run_with_cache_loop']:.1f} s): "
+          f"{t['run_with_cache_loop'] / t['batched']:.1f}×")
+    print(f"batched / official get_icv loop on the HF model (eager, {t['official_loop_hf']:.1f} s): "
+          f"{t['official_loop_hf'] / t['batched']:.1f}×")
+    print(f"  of which batching alone:                {t['per_example'] / t['batched_no_prefix_sharing']:.1f}×, "
+          f"prefix sharing {t['batched_no_prefix_sharing'] / t['batched']:.2f}×")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
+from sa_lens.memory import release_freed_memory
 from sa_lens.sparse_delta import DENSE_ABOVE
 from sa_lens.validation import is_finite_real
 
@@ -85,11 +86,14 @@ _SEQ = itertools.count()
 _ACTIVE: list[weakref.ref[_Level]] = []
 
 
-def _subtract(site: _Site, lam: float) -> None:
+def _subtract(site: _Site, lam: float, old: Tensor | None = None) -> None:
+    """θ̂ = θ − λ·τ at the site's entries; ``old`` = the current values there when already read (saves a copy)."""
     flat, d, idx = site.flat, site.delta, site.idx
     work = torch.promote_types(flat.dtype, torch.float32)  # fp32 arithmetic, fp64 kept as fp64
-    old = flat if idx is None else flat[idx]
-    new = (old.to(work) - lam * d.to(work)).to(flat.dtype)
+    if old is None:
+        old = flat if idx is None else flat[idx]
+    # −(λ·τ) + θ is θ − λ·τ bit for bit (a fused sub_(alpha=λ) is not), with one fp32 temporary.
+    new = (d.to(work) * lam).neg_().add_(old.to(work)).to(flat.dtype)
     # A finite λ can still overflow the weight dtype (fp16 tops out at 65504): refuse rather than write inf.
     if not bool((torch.isfinite(new) | ~torch.isfinite(old)).all()):
         raise ValueError(
@@ -108,7 +112,7 @@ def check_lam(lam: float) -> None:
 
 
 def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> ModelLike:
-    """Permanent HDR: θ̂ = θt − λ·τH′ written into the model's weights, nothing saved (paper §3.1, eq. 3).
+    """Permanent HDR: θ̂ = θt − λ·τH′ written into the model's weights, all or nothing (paper §3.1, eq. 3).
 
     For export (:func:`sa_lens.export.export_harm_removed`, ``sa-lens apply``); use the
     :func:`harm_removal` context manager to edit and restore in a session.
@@ -117,13 +121,14 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Mo
         The same model, edited.
 
     Raises:
-        ValueError: as :func:`harm_removal`.
+        ValueError: as :func:`harm_removal`; the weights are then left as they were.
+    Memory: the originals of the edited entries are held until the edit completes (as inside the block).
     """
-    check_lam(lam)
-    targets = _resolve_targets(model, hv)
-    with torch.no_grad():
-        for site in _edit_sites(targets, hv):
-            _subtract(site, lam)
+    # Edited as the context manager does, so a failure half way (an overflowing tensor, Ctrl-C) restores the
+    # tensors already edited; on success the saved originals are dropped instead of written back.
+    hr = HarmRemoval(model, hv, lam)
+    hr.__enter__()
+    hr._commit()
     return model
 
 
@@ -178,15 +183,26 @@ class HarmRemoval(contextlib.AbstractContextManager):
             with torch.no_grad():
                 for site in _edit_sites(self.targets, self.hv):
                     # Save before editing: an interruption between the two leaves nothing unrecorded.
-                    saved.append((site, site.flat[site.idx].clone() if site.idx is not None else site.flat.clone()))
-                    _subtract(site, self.lam)
+                    # (Advanced indexing already copies: no second clone of the sparse originals.)
+                    original = site.flat[site.idx] if site.idx is not None else site.flat.clone()
+                    saved.append((site, original))
+                    _subtract(site, self.lam, original)
         except BaseException:
             self._restore()
             raise
+        finally:
+            release_freed_memory()  # the fp32 intermediates of every edited tensor
         return self.model
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+    def _commit(self) -> None:
+        """Keep the newest level's edit: drop its saved originals instead of writing them back."""
+        level = self._levels.pop()
+        _ACTIVE[:] = [ref for ref in _ACTIVE if ref() is not None and ref() is not level]
+        level.saved.clear()
+        release_freed_memory()
 
     def _restore(self) -> None:
         level = self._levels.pop()
@@ -205,6 +221,9 @@ class HarmRemoval(contextlib.AbstractContextManager):
             return
         levels = sorted(level.flatten(), key=lambda lvl: lvl.seq, reverse=True)  # later-entered first
         _write_back([op for lvl in levels for op in reversed(lvl.saved)])
+        for lvl in levels:  # written back: drop the originals now, not when the last reference goes
+            lvl.saved.clear()
+        release_freed_memory()
         entry_storage = {n: ptr for lvl in levels for n, ptr in lvl.storage.items()}
         # A .to()/.half()/.cuda() inside the block builds new parameter tensors; the restore above then
         # lands in the old storage and the model keeps the edit. Say so rather than pretend it is restored.

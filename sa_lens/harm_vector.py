@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
-from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names, stream_pairs
+from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names, stream_pairs, stream_pieces
 from sa_lens.parameter_names import layer_index, select_names
 from sa_lens.sparse_delta import SparseDelta, compact
-from sa_lens.topk import check_top_k, trim_stream
+from sa_lens.topk import check_top_k, trim_stream, whole_tensors
 
 __all__ = ["HarmVector", "Scope", "checkpoint_parameters"]
 
@@ -174,10 +174,10 @@ class HarmVector:
     ) -> HarmVector:
         """Build (and trim) τH = θH − θb streaming from two safetensors checkpoint folders.
 
-        Only one tensor pair is in memory at a time, each read once: the exact top-k threshold is found
-        in the same single pass by a running radix select (:mod:`sa_lens.topk`), and only about the kept
-        entries are held, as sparse indices + values. Integer
-        and bool buffers are skipped; a tied output embedding is counted once (``tie_word_embeddings``);
+        Only a piece of one tensor pair (whole rows, about 4M entries) is in memory at a time, each read
+        once: the exact top-k threshold is found in the same single pass by a running radix select
+        (:mod:`sa_lens.topk`), and only about the kept entries are held, as sparse indices + values.
+        Integer and bool buffers are skipped; a tied output embedding is counted once (``tie_word_embeddings``);
         arithmetic is fp32 whatever the stored dtype. The result equals
         ``from_models(...).trim(top_k, scope)`` entry for entry.
 
@@ -210,8 +210,8 @@ class HarmVector:
         if top_k is None:
             pairs = tqdm(stream_pairs(cb, ch, names), total=len(names), desc="τH", unit="tensor", disable=not progress)
             return cls(dict(pairs), meta)
-        numel = {n: cb.specs[n].numel for n in names}
-        kept = trim_stream(lambda: stream_pairs(cb, ch, names), names, numel, group_of, top_k, progress)
+        shapes = {n: cb.specs[n].shape for n in names}
+        kept = trim_stream(lambda: stream_pieces(cb, ch, names), shapes, group_of, top_k, progress)
         deltas = {n: compact(e.indices, e.values, e.shape) for n, e in kept.items()}
         return cls(deltas, {**meta, "top_k": float(top_k), "scope": scope})
 
@@ -278,9 +278,8 @@ class HarmVector:
         """
         check_top_k(top_k)
         group_of = _group_of(scope)
-        names = list(self.deltas)
-        numel = {n: (t.numel if isinstance(t, SparseDelta) else t.numel()) for n, t in self.deltas.items()}
-        kept = trim_stream(lambda: ((n, self.dense(n)) for n in names), names, numel, group_of, top_k)
+        shapes = {n: tuple(t.shape) for n, t in self.deltas.items()}
+        kept = trim_stream(lambda: whole_tensors((n, self.dense(n)) for n in shapes), shapes, group_of, top_k)
         all_dense = not any(isinstance(t, SparseDelta) for t in self.deltas.values())
         trimmed = {
             n: SparseDelta(e.shape, e.indices, e.values).to_dense() if all_dense else compact(e.indices, e.values, e.shape)
@@ -352,6 +351,11 @@ class HarmVector:
                 in common with ``target``.
         """
         tensors, sidecar = load_tensors(path, FILE_FORMAT)
+        if sidecar.get("names_sha256") != _names_hash(sidecar["shapes"]):
+            raise ValueError(
+                f"{path}: the parameter names/shapes in its JSON sidecar do not match the hash recorded with them; "
+                "the sidecar was edited or corrupted. Re-save the vector with HarmVector.save."
+            )
         deltas = {}
         for name, shape in sidecar["shapes"].items():
             keys = [f"{name}.indices", f"{name}.values"] if sidecar["encoding"][name] == "sparse" else [name]

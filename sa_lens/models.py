@@ -18,6 +18,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.checkpoints import PICKLE_SUFFIXES
 from sa_lens.generation import enable_kv_cache
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -83,7 +84,12 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """Map ``None`` to the embedded model's folder; pass hub ids and local folders through."""
+    """Map ``None`` to the embedded model's folder; pass hub ids and local folders through.
+
+    Raises:
+        FileNotFoundError: a local path without ``config.json``.
+        ValueError: a local folder whose weights are only pickles (``.bin``/``.pt``): never unpickled.
+    """
     if name_or_path is None:
         return str(embedded_model_path())
     path = Path(name_or_path).expanduser()
@@ -92,6 +98,13 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
             raise FileNotFoundError(
                 f"{path} exists but has no config.json, so it is not a Hugging Face model folder. "
                 "Point to the folder that save_pretrained() wrote, or pass a hub id."
+            )
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(path.glob("*.safetensors")):
+            raise ValueError(
+                f"{path}: holds only pickle weights ({pickles[0]}); sa_lens never unpickles (it can run code). "
+                "Convert once in a trusted environment: AutoModelForCausalLM.from_pretrained(path)"
+                ".save_pretrained(out, safe_serialization=True)."
             )
         return str(path)
     return str(name_or_path)
@@ -114,12 +127,18 @@ def load_hf_model(
     Returns:
         ``(model, tokenizer)``; the model is in eval mode and uses eager attention, the same
         attention arithmetic the bridge uses, so greedy outputs can be compared token for token.
+
+    Raises:
+        FileNotFoundError: a local path that is not an HF folder.
+        ValueError: a local folder holding only pickle weights (never unpickled).
+        OSError: a hub repository without safetensors weights (transformers' message).
     """
     path = resolve_model_path(name_or_path)
     local = Path(path).exists()  # a local folder must never touch the network, even with a hub configured
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, local_files_only=local
+        path, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, local_files_only=local,
+        use_safetensors=True,  # a hub repo with only pickle weights fails here instead of being unpickled
     )
     return model.to(device).eval(), tokenizer
 
@@ -151,6 +170,7 @@ def load_model(
 
     Raises:
         FileNotFoundError: a local path that is not an HF folder, or the embedded model package missing.
+        ValueError: a local folder holding only pickle weights (never unpickled).
     """
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(

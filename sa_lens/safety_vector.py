@@ -9,6 +9,7 @@ reshaped to ``[n_layers, d_model]``. It points from safe to unsafe; Safe-Align *
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
+from sa_lens.generation import enable_kv_cache
 from sa_lens.prompts import format_prompts, tokenize_padded
 
 __all__ = ["SAFE_DEMO_ANSWER", "SafetyVector", "demonstration_text"]
@@ -93,11 +95,15 @@ class SafetyVector:
         method: Literal["pca_plus_mean", "pca", "mean_diff"] = "pca_plus_mean",
         layers: Sequence[int] | None = None,
         batch_size: int = 16,
+        share_prefix: bool = True,
     ) -> SafetyVector:
         """Extract the ICV from (unsafe_text, safe_text) demonstration pairs (official code, paper-notes.md §3.2).
 
-        Texts are batched with left padding, attention masks and mask-derived position ids, so each
-        row's last positions are its own last tokens and padding changes nothing.
+        Texts are batched with padding, attention masks and mask-derived position ids, so each row's last
+        positions are its own last tokens and padding changes nothing. The two texts of a pair start with
+        the same question: its tokens are run once and their keys/values reused for both answers (KV
+        cache), which on the official template skips about a third of the work; the states equal the
+        unshared ones up to float rounding (tests: within 1e-5).
 
         Args:
             model: the bridge to read (for Safety Arithmetic: the HDR-edited model, as in the paper).
@@ -108,7 +114,8 @@ class SafetyVector:
                 the mean diff (the paper's statement, paper-notes.md §7.3), or the mean diff alone.
             layers: compute the direction over these layers only (the official EDIT setting uses 4–6);
                 the other rows of the result are zero, which every injection formula leaves inert.
-            batch_size: texts per forward pass.
+            batch_size: texts per forward pass (with ``share_prefix``: batch_size // 2 pairs, at least one).
+            share_prefix: run each pair's common token prefix once; False runs every text whole.
 
         Returns:
             A SafetyVector ``[n_layers, d_model]``, pointing from safe toward unsafe.
@@ -128,8 +135,10 @@ class SafetyVector:
         chosen = list(range(n_layers)) if layers is None else sorted(set(layers))
         if not chosen or not all(0 <= layer < n_layers for layer in chosen):
             raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}; got {layers!r}.")
-        texts = [t for pair in pairs for t in pair]
-        states = _last_positions_mean(model, texts, batch_size, n_last)[:, chosen]  # [2n, len(chosen), d]
+        if share_prefix:
+            states = _pair_states(model, pairs, batch_size, n_last)[:, chosen]  # [2n, len(chosen), d]
+        else:
+            states = _last_positions_mean(model, [t for pair in pairs for t in pair], batch_size, n_last)[:, chosen]
         diffs = (states[0::2] - states[1::2]).flatten(1)
         mean = diffs.mean(0)
         if method == "pca_plus_mean":
@@ -255,6 +264,105 @@ def _last_positions_mean(
         out.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
     states = torch.cat(out).cpu()
     return states[torch.argsort(torch.tensor(order))]
+
+
+def _pair_states(
+    model: TransformerBridge, pairs: Sequence[tuple[str, str]], batch_size: int, n_last: int | None
+) -> Float[Tensor, "n_texts n_layers d_model"]:
+    """:func:`_last_positions_mean` of the texts ``[u0, s0, u1, s1, …]``, each pair's common prefix run once.
+
+    Per batch of pairs: the shared prefixes (left-padded) go through the backbone with the cache on; the
+    cache is repeated for the two rows of each pair and the remaining tokens (right-padded) run on top of
+    it, with positions continuing the prefix's. The read window may reach back into the prefix (an answer
+    shorter than the window), so the prefix's residuals are weighted per text as well. Pairs without a
+    common first token run whole.
+    """
+    enable_kv_cache(model)
+    tok = model.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    texts = [t for pair in pairs for t in pair]
+    ids = tok(texts, add_special_tokens=True)["input_ids"]
+    shared = [_common_prefix(ids[2 * i], ids[2 * i + 1]) for i in range(len(pairs))]
+    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+    states = torch.empty(len(texts), n_layers, d_model)
+    alone = [i for i, c in enumerate(shared) if c == 0]
+    if alone:
+        rows = [j for i in alone for j in (2 * i, 2 * i + 1)]
+        states[rows] = _last_positions_mean(model, [texts[j] for j in rows], batch_size, n_last)
+    # Batches of similar length waste less compute on padding.
+    order = sorted((i for i, c in enumerate(shared) if c), key=lambda i: len(ids[2 * i]) + len(ids[2 * i + 1]))
+    per_batch = max(1, batch_size // 2)
+    for start in range(0, len(order), per_batch):
+        batch = order[start : start + per_batch]
+        rows = [j for i in batch for j in (2 * i, 2 * i + 1)]
+        states[rows] = _shared_prefix_batch(model, [ids[j] for j in rows], [shared[i] for i in batch], n_last)
+    return states
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens both texts start with, leaving each at least one of its own (its last token is always read)."""
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _shared_prefix_batch(
+    model: TransformerBridge, ids: list[list[int]], shared: list[int], n_last: int | None
+) -> Float[Tensor, "rows n_layers d_model"]:
+    """States of the rows ``ids`` (two per pair, pair k sharing its first ``shared[k]`` tokens)."""
+    pad, device = model.tokenizer.pad_token_id, model.cfg.device
+    pairs, width = len(shared), max(shared)
+    prefix = torch.full((pairs, width), pad, dtype=torch.long)
+    prefix_mask = torch.zeros(pairs, width, dtype=torch.long)
+    for k, c in enumerate(shared):  # left-padded
+        prefix[k, width - c :] = torch.tensor(ids[2 * k][:c])
+        prefix_mask[k, width - c :] = 1
+    tails = [row[shared[j // 2] :] for j, row in enumerate(ids)]
+    tail_width = max(len(t) for t in tails)
+    tail = torch.full((len(ids), tail_width), pad, dtype=torch.long)
+    tail_mask = torch.zeros(len(ids), tail_width, dtype=torch.long)
+    for j, t in enumerate(tails):  # right-padded: a real token never attends to a pad after it
+        tail[j, : len(t)] = torch.tensor(t)
+        tail_mask[j, : len(t)] = 1
+    lengths = torch.tensor([len(row) for row in ids])
+    window = lengths if n_last is None else lengths.clamp(max=n_last)
+    first_read = (lengths - window)[:, None]  # token index (in the whole text) where the window starts
+    share = torch.tensor(shared).repeat_interleave(2)[:, None]
+    # Token index of every prefix column (negative on padding) and tail column; weight 1 inside the window.
+    prefix_tok = torch.arange(width)[None, :] - (width - share)
+    tail_tok = share + torch.arange(tail_width)[None, :]
+    prefix_w = ((prefix_tok >= first_read) & (prefix_tok >= 0)).float()[:, :, None]
+    tail_w = ((tail_tok >= first_read) & tail_mask.bool()).float()[:, :, None]
+
+    n_layers = model.cfg.n_layers
+    sums = torch.zeros(len(ids), n_layers, model.cfg.d_model)
+
+    def grab(weights: Tensor, repeat: int) -> list:
+        """Hooks adding each row's window-weighted residual sum (a prefix row counts for both texts)."""
+
+        def add(x: Tensor, layer: int) -> Tensor:
+            sums[:, layer] += (x.float().repeat_interleave(repeat, 0) * weights).sum(1).cpu()
+            return x
+
+        return [(READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: add(x, layer)) for layer in range(n_layers)]
+
+    backbone = model.original_model.base_model
+    # transformers ≥ 5 names the cache argument `cache` (and warns on `past_key_values`); 4.x only knows the latter.
+    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    with model.hooks(fwd_hooks=grab(prefix_w.to(device), 2)):
+        cache = backbone(
+            input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
+        ).past_key_values
+    cache.batch_repeat_interleave(2)
+    with model.hooks(fwd_hooks=grab(tail_w.to(device), 1)):
+        backbone(
+            input_ids=tail.to(device), attention_mask=torch.cat([prefix_mask.repeat_interleave(2, 0), tail_mask], 1).to(device),
+            position_ids=tail_tok.to(device), use_cache=True, **{cache_arg: cache},
+        )
+    return sums / window[:, None, None].float()
 
 
 def _window_weights(mask: Int[Tensor, "batch pos"], n_last: int | None) -> Float[Tensor, "batch pos 1"]:

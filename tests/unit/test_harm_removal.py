@@ -9,6 +9,7 @@ import torch
 
 import sa_lens
 from sa_lens import HarmVector, checkpoint_parameters, harm_removal
+from sa_lens.harm_removal import apply_harm_removal
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -270,3 +271,18 @@ def test_an_edit_that_overflows_fp16_is_refused_and_restored():
         with harm_removal(state, hv, lam=1e6):  # finite λ, but θ − λ·τ exceeds fp16's 65504
             pass
     _assert_bit_exact(state, before)
+
+
+def test_a_permanent_edit_that_fails_half_way_leaves_every_weight_as_it_was():
+    # Only the last tensor overflows fp16: the first two were already edited when the error came.
+    g = torch.Generator().manual_seed(4)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g).half() for i in range(3)}
+    state["model.layers.2.w"][0, 0] = 60000.0
+    before = _snapshot(state)
+    tau = {k: torch.full((30, 20), 1e-3) for k in state}
+    tau["model.layers.2.w"][0, 0] = -1.0  # θ − 10⁴·τ = 70000 > 65504 there only
+    with pytest.raises(ValueError, match="overflows torch.float16.*layers.2"):
+        apply_harm_removal(state, HarmVector(tau), lam=1e4)
+    _assert_bit_exact(state, before)
+    apply_harm_removal(state, HarmVector(tau), lam=1.0)  # and a good edit still lands, for good
+    assert torch.equal(state["model.layers.0.w"], (before["model.layers.0.w"].float() - 1e-3).half())

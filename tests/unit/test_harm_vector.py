@@ -57,7 +57,7 @@ def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slac
     hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
     trimmed = hv.trim(top_k, scope="global")
     # slack 0 prunes after every tensor (exact low-bit cuts included); None prunes rarely.
-    kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
+    kept = topk.trim_stream(lambda: topk.whole_tensors(hv.items()), {n: tuple(t.shape) for n, t in hv.items()},
                             lambda n: "all", top_k, slack=slack)
     for (name, t), ref in zip(trimmed.items(), _reference_mask(tensors, top_k)):
         orig = hv.deltas[name]
@@ -67,6 +67,32 @@ def test_global_trim_matches_kthvalue_with_ties(sizes, top_k, levels, seed, slac
         assert torch.equal(kept[name].values, orig[ref])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    top_k=st.floats(0.01, 1.0),
+    cuts=st.lists(st.integers(1, 29), max_size=6),
+    seed=st.integers(0, 2**16),
+    slack=st.sampled_from([0, None]),
+)
+def test_pieces_in_any_order_give_the_kthvalue_mask(sizes, top_k, cuts, seed, slack):
+    # Tensors cut into flat pieces at arbitrary offsets, pieces of different tensors interleaved at random:
+    # the kept entries are those of kthvalue over everything, joined per tensor in index order.
+    g = torch.Generator().manual_seed(seed)
+    tensors = [(torch.randint(-3, 4, (n,), generator=g) * 0.5).float() for n in sizes]
+    pieces = []
+    for i, t in enumerate(tensors):
+        bounds = sorted({0, t.numel(), *(c for c in cuts if c < t.numel())})
+        pieces += [(f"w{i}", a, t[a:b]) for a, b in zip(bounds, bounds[1:])]
+    order = torch.randperm(len(pieces), generator=g).tolist()
+    kept = topk.trim_stream(lambda: (pieces[j] for j in order), {f"w{i}": tuple(t.shape) for i, t in enumerate(tensors)},
+                            lambda n: "all", top_k, slack=slack)
+    for i, (t, ref) in enumerate(zip(tensors, _reference_mask(tensors, top_k))):
+        ref = ref & (t != 0)
+        assert torch.equal(kept[f"w{i}"].indices, torch.nonzero(ref).squeeze(1))
+        assert torch.equal(kept[f"w{i}"].values, t[ref])
+
+
 @pytest.mark.parametrize("slack", [0, 5, None])
 def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack):
     monkeypatch.setattr(topk, "_CHUNK", 7)  # many chunks per tensor, prunes between them
@@ -74,7 +100,7 @@ def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack
     g = torch.Generator().manual_seed(3)
     tensors = [(torch.randint(-9, 10, (n,), generator=g) * 0.5).float() for n in (50, 3, 41, 64)]
     hv = HarmVector({f"model.layers.{i}.w": t for i, t in enumerate(tensors)})
-    kept = topk.trim_stream(lambda: hv.items(), list(hv), {n: t.numel() for n, t in hv.items()},
+    kept = topk.trim_stream(lambda: topk.whole_tensors(hv.items()), {n: tuple(t.shape) for n, t in hv.items()},
                             lambda n: "all", 0.15, slack=slack)
     for (name, t), ref in zip(hv.items(), _reference_mask(tensors, 0.15)):
         ref = ref & (t != 0)
@@ -96,7 +122,8 @@ def test_trim_never_holds_the_zeros_of_a_mostly_zero_vector(top_k):
     assert sum(t.nnz for t in trimmed.deltas.values()) == 500
     for name in d:
         assert torch.equal(trimmed.dense(name), d[name])
-    kept = topk.trim_stream(lambda: d.items(), list(d), {n: t.numel() for n, t in d.items()}, lambda n: "all", 0.1)
+    kept = topk.trim_stream(lambda: topk.whole_tensors(d.items()), {n: tuple(t.shape) for n, t in d.items()},
+                            lambda n: "all", 0.1)
     assert sum(e.indices.numel() for e in kept.values()) == 500
 
 

@@ -69,12 +69,28 @@ def test_file_of_another_kind_is_refused(hv, tmp_path):
         HarmVector.load(path)
 
 
+def _write_consistent(sidecar_path, side) -> None:
+    """A crafted sidecar whose names hash agrees with its edited shapes, so the tensor-level checks are reached."""
+    from sa_lens.harm_vector import _names_hash
+
+    sidecar_path.write_text(json.dumps({**side, "names_sha256": _names_hash(side["shapes"])}))
+
+
+def test_sidecar_shapes_edited_without_their_hash_are_reported(hv, tmp_path):
+    path = hv.trim(0.1).save(tmp_path / "hv.safetensors")
+    side = json.loads((tmp_path / "hv.json").read_text())
+    side["shapes"]["model.layers.0.w"] = list(reversed(side["shapes"]["model.layers.0.w"]))
+    (tmp_path / "hv.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="sidecar was edited or corrupted"):
+        HarmVector.load(path)
+
+
 def test_missing_tensor_is_reported(hv, tmp_path):
     path = hv.trim(0.1).save(tmp_path / "hv.safetensors")
     side = json.loads((tmp_path / "hv.json").read_text())
     side["shapes"]["model.layers.9.w"] = [3]
     side["encoding"]["model.layers.9.w"] = "dense"
-    (tmp_path / "hv.json").write_text(json.dumps(side))
+    _write_consistent(tmp_path / "hv.json", side)
     with pytest.raises(ValueError, match="missing; the file is corrupted"):
         HarmVector.load(path)
 
@@ -90,7 +106,7 @@ def test_sparse_indices_outside_the_shape_are_reported(hv, tmp_path):
     path = hv.trim(0.1).save(tmp_path / "hv.safetensors")
     side = json.loads((tmp_path / "hv.json").read_text())
     side["shapes"]["model.layers.0.w"] = [2, 3]  # the stored indices run up to 40·30
-    (tmp_path / "hv.json").write_text(json.dumps(side))
+    _write_consistent(tmp_path / "hv.json", side)
     with pytest.raises(ValueError, match="fall outside its shape"):
         HarmVector.load(path, sparse=True)
 
@@ -108,7 +124,7 @@ def test_dense_entry_of_another_size_and_unsorted_indices_are_reported(hv, tmp_p
     path = hv.save(tmp_path / "hv.safetensors")  # untrimmed: dense entries
     side = json.loads((tmp_path / "hv.json").read_text())
     side["shapes"]["model.layers.0.w"] = [7, 7]
-    (tmp_path / "hv.json").write_text(json.dumps(side))
+    _write_consistent(tmp_path / "hv.json", side)
     with pytest.raises(ValueError, match="the file is corrupted"):
         HarmVector.load(path)
 

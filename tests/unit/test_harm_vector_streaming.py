@@ -70,6 +70,27 @@ def test_streaming_build_equals_in_memory_build_and_trim(tmp_path, dtype, scope)
     assert got.meta["top_k"] == 0.1 and got.meta["scope"] == scope
 
 
+@pytest.mark.parametrize("piece_numel", [1, 17, 64, 10_000])
+def test_reading_by_row_pieces_changes_nothing(tmp_path, monkeypatch, piece_numel):
+    # One row (a piece smaller than a row reads one row), a few rows that do not divide the tensor, one row of
+    # the widest tensor, whole tensors: the kept set is the in-memory kthvalue one every time.
+    from sa_lens import checkpoints
+
+    bdir, hdir = _pair(tmp_path, torch.bfloat16)
+    ref = HarmVector.from_checkpoints(bdir, hdir, top_k=0.1, progress=False)
+    monkeypatch.setattr(checkpoints, "PIECE_NUMEL", piece_numel)
+    cb, ch = Checkpoint(bdir), Checkpoint(hdir)
+    names = cb.names()
+    pieces = list(checkpoints.stream_pieces(cb, ch, names))
+    for name in names:  # the pieces tile each tensor exactly
+        mine = [(start, t) for n, start, t in pieces if n == name]
+        assert torch.equal(torch.cat([t for _, t in mine]), (ch.read(name).float() - cb.read(name).float()).reshape(-1))
+        assert [start for start, _ in mine] == sorted(start for start, _ in mine)
+    got = HarmVector.from_checkpoints(bdir, hdir, top_k=0.1, progress=False)
+    for name in ref:
+        assert torch.equal(got.dense(name), ref.dense(name)), name
+
+
 def test_untrimmed_streaming_build_is_harmful_minus_base_in_fp32(tmp_path):
     bdir, hdir = _pair(tmp_path, torch.bfloat16, shards=1)
     hv = HarmVector.from_checkpoints(bdir, hdir, progress=False)

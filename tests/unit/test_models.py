@@ -24,6 +24,26 @@ def test_folder_without_config_is_refused_with_the_fix(tmp_path):
         sa_lens.load_model(tmp_path)
 
 
+@pytest.mark.parametrize("loader", [sa_lens.load_model, sa_lens.load_hf_model])
+def test_pickle_only_model_folder_is_refused_without_unpickling(tiny_dir, tmp_path, monkeypatch, loader):
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle, and never opened")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called: the pickle was opened")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(ValueError, match="only pickle weights.*safe_serialization=True"):
+        loader(folder)
+
+
 def test_missing_embedded_package_names_the_install_command(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

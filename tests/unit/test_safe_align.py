@@ -202,6 +202,38 @@ def test_span_positions_and_layer_subset(tiny_bridge):
         SafetyVector.from_pairs(tiny_bridge, PAIRS, layers=[7])
 
 
+@pytest.mark.parametrize("positions", ["last4_mean", "last", "span"])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_sharing_the_question_prefix_changes_nothing(tiny_bridge, positions, batch_size):
+    # Answers of 1–2 tokens put the 4-token window partly inside the shared prefix; the third pair's texts
+    # differ at the last token only; pairs are of mixed lengths so batches pad both passes.
+    pairs = PAIRS + [
+        (demonstration_text("Why is the sky blue?", "No"), demonstration_text("Why is the sky blue?", "I do not answer")),
+        ("Tell me a story about the sea, please", "Tell me a story about the sea, please!"),
+    ]
+    shared = SafetyVector.from_pairs(tiny_bridge, pairs, positions=positions, method="mean_diff", batch_size=batch_size)
+    whole = SafetyVector.from_pairs(tiny_bridge, pairs, positions=positions, method="mean_diff", share_prefix=False)
+    torch.testing.assert_close(shared.directions, whole.directions, atol=1e-5, rtol=1e-4)
+
+
+def test_pairs_without_a_common_first_token_run_whole(tiny_bridge, monkeypatch):
+    from sa_lens import safety_vector
+
+    expected = SafetyVector.from_pairs(tiny_bridge, PAIRS, share_prefix=False).directions
+    real = safety_vector._common_prefix
+    calls = iter(range(100))
+    monkeypatch.setattr(safety_vector, "_common_prefix", lambda a, b: 0 if next(calls) % 2 else real(a, b))
+    torch.testing.assert_close(SafetyVector.from_pairs(tiny_bridge, PAIRS).directions, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_common_prefix_leaves_each_text_a_token_of_its_own():
+    from sa_lens.safety_vector import _common_prefix
+
+    assert _common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert _common_prefix([1, 2, 3], [1, 2, 3]) == 2  # identical texts: the last token is still read, not shared
+    assert _common_prefix([1, 2], [1]) == 0 and _common_prefix([7], [8]) == 0
+
+
 def test_extraction_reads_the_same_states_under_left_and_right_padding(tiny_bridge):
     from sa_lens.safety_vector import _last_positions_mean
 
