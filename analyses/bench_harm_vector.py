@@ -21,7 +21,7 @@ Both builds report a per-tensor SHA-256 of the kept flat indices, so "identical 
 The reference needs ~20 bytes per parameter; when the ≥ 1 B pair does not fit in ``--ref-fraction`` of the
 available memory, it runs on the largest pair that does and the streaming build also runs on the big pair alone.
 
-Each method runs ``--repeats`` times, interleaved, after the files are synced to disk; medians of wall and CPU
+Each method runs ``--repeats`` times, interleaved (S R R S S R …), after the files are synced to disk; medians of wall and CPU
 seconds and the highest peak are reported (on a shared machine the wall time depends on the neighbours' load).
 
 Usage: ``python analyses/bench_harm_vector.py [--layers 20] [--workdir /tmp/sa_bench]`` on an idle machine
@@ -273,9 +273,12 @@ def main() -> None:
     base, harmful, n = write_pair(args.workdir, ref_layers)
     vector = args.workdir / "hv.safetensors"  # written after the peak is read
     streams, refs = [], []
-    for _ in range(args.repeats):  # interleaved, so both see the same page cache and neighbours
-        streams.append(run_child("streaming", str(base), str(harmful), str(args.top_k), str(vector)))
-        refs.append(run_child("reference", str(base), str(harmful), str(args.top_k)))
+    for i in range(args.repeats):  # interleaved S R R S S R: each runs after the other as often as after itself
+        for kind in ("streaming", "reference") if i % 2 == 0 else ("reference", "streaming"):
+            if kind == "streaming":
+                streams.append(run_child("streaming", str(base), str(harmful), str(args.top_k), str(vector)))
+            else:
+                refs.append(run_child("reference", str(base), str(harmful), str(args.top_k)))
     report["runs"][f"side_by_side_{n / 1e9:.2f}B"] = _compare(n, _median_run(streams), _median_run(refs))
     if ref_layers < args.layers:
         shutil.rmtree(args.workdir / f"L{ref_layers}", ignore_errors=True)  # disk: keep one pair at a time

@@ -174,7 +174,7 @@ class HarmVector:
     ) -> HarmVector:
         """Build (and trim) τH = θH − θb streaming from two safetensors checkpoint folders.
 
-        Only a piece of one tensor pair (whole rows, about 4M entries) is in memory at a time, each read
+        Only a piece of one tensor pair (whole rows, about 8M entries) is in memory at a time, each read
         once: the exact top-k threshold is found in the same single pass by a running radix select
         (:mod:`sa_lens.topk`), and only about the kept entries are held, as sparse indices + values.
         Integer and bool buffers are skipped; a tied output embedding is counted once (``tie_word_embeddings``);

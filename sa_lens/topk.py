@@ -188,8 +188,9 @@ def trim_stream(
         g.members.append(key)
         g.cut[key] = floor_before
         bar.update(flat.numel())
-        del flat  # before the iterator reads the next piece, not after: one piece in memory, not two
-        release_freed_memory()
+        # Before the iterator reads the next piece, not after: one piece in memory, not two. (Freed pages are
+        # not trimmed here: re-faulting them for every piece cost 20 % more wall time; prunes and the end trim.)
+        del flat
     bar.close()
     for g in groups.values():
         if not g.keep_all:
