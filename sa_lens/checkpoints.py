@@ -213,11 +213,20 @@ def check_same_layout(name: str, base_shape, harmful_shape, base_dtype, harmful_
         )
 
 
+def _fp32_difference(harmful: Tensor, base: Tensor) -> Tensor:
+    """θH − θb as :meth:`sa_lens.harm_vector.HarmVector.from_models` computes it: both rounded to float32, then subtracted.
+
+    A bf16/fp16/fp32 base is cast inside ``sub_`` (exact, and no second fp32 copy is kept); an fp64 one is
+    rounded first, since ``sub_`` would subtract it in fp64 and round once, which differs in nearly every entry.
+    """
+    delta = harmful.to(torch.float32)
+    return delta.sub_(base if base.element_size() <= 4 else base.to(torch.float32))
+
+
 def stream_pairs(base: Checkpoint, harmful: Checkpoint, names: list[str]) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, τ)`` with τ = θH − θb in float32, one tensor pair in memory at a time."""
     for name in names:
-        delta = harmful.read(name).to(torch.float32)
-        delta.sub_(base.read(name))  # the base tensor is cast inside sub_, so no second fp32 copy is kept
+        delta = _fp32_difference(harmful.read(name), base.read(name))
         yield name, delta
         del delta  # else it stays alive while the next pair is read
 
@@ -236,13 +245,12 @@ def stream_pieces(
     for name in names:
         shape = base.specs[name].shape
         if not shape:  # a 0-d tensor: no rows to slice
-            yield name, 0, (harmful.read(name).to(torch.float32) - base.read(name).to(torch.float32)).reshape(-1)
+            yield name, 0, _fp32_difference(harmful.read(name), base.read(name)).reshape(-1)
             continue
         row = math.prod(shape[1:])
         step = max(1, piece_numel // max(row, 1))
         for first in range(0, shape[0], step):
             rows = slice(first, min(first + step, shape[0]))
-            delta = harmful.read_rows(name, rows).to(torch.float32)
-            delta.sub_(base.read_rows(name, rows))
+            delta = _fp32_difference(harmful.read_rows(name, rows), base.read_rows(name, rows))
             yield name, first * row, delta.reshape(-1)
             del delta

@@ -169,6 +169,10 @@ def trim_stream(
     held: dict[tuple[str, int], _Piece] = {}
     bar = tqdm(total=sum(numel.values()), desc="τH top-k", unit="param", unit_scale=True, disable=not progress)
     for name, start, flat in pieces():
+        if not flat.numel():
+            # Nothing to hold, and its key may repeat (rows of a (n, 0) tensor all start at 0): a second
+            # member under one key would end _prune's cut-order walk before the pieces cut after it.
+            continue
         g = groups[group_of(name)]
         hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
         for chunk in _chunks(flat):  # |τ| bits per chunk, twice, rather than 4 bytes per entry of the piece

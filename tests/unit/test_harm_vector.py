@@ -93,6 +93,19 @@ def test_pieces_in_any_order_give_the_kthvalue_mask(sizes, top_k, cuts, seed, sl
         assert torch.equal(kept[f"w{i}"].values, t[ref])
 
 
+def test_empty_pieces_sharing_an_offset_leave_the_kept_set_alone():
+    # The rows of a (5, 0) tensor are five empty pieces, all at offset 0 (stream_pieces with small pieces).
+    # Counted as five members under one key they stopped the final prune's walk early: 18 entries kept, not 7.
+    t = torch.randn(7, 9, generator=torch.Generator().manual_seed(0))
+    shapes = {"d": (5, 0), "e": (7, 9)}
+    pieces = [("d", 0, torch.empty(0))] * 5 + [("e", 9 * i, t[i]) for i in range(7)]
+    kept = topk.trim_stream(lambda: iter(pieces), shapes, lambda n: "all", 0.1)
+    ref = _reference_mask([t], 0.1)[0].reshape(-1)
+    assert kept["d"].shape == (5, 0) and kept["d"].indices.numel() == 0
+    assert torch.equal(kept["e"].indices, torch.nonzero(ref).squeeze(1))
+    assert torch.equal(kept["e"].values, t.reshape(-1)[ref])
+
+
 @pytest.mark.parametrize("slack", [0, 5, None])
 def test_chunked_insertion_and_pruning_keep_the_kthvalue_mask(monkeypatch, slack):
     monkeypatch.setattr(topk, "_CHUNK", 7)  # many chunks per tensor, prunes between them

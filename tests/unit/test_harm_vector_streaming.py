@@ -91,6 +91,27 @@ def test_reading_by_row_pieces_changes_nothing(tmp_path, monkeypatch, piece_nume
         assert torch.equal(got.dense(name), ref.dense(name)), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_odd_shapes_read_by_pieces_equal_the_in_memory_trim(tmp_path, monkeypatch, dtype, scope):
+    # 0-d, a 1-D tensor of many pieces, zero-size tensors ((0, n) yields no piece, (n, 0) empty ones).
+    from sa_lens import checkpoints
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.layers.0.a": (), "model.layers.0.b": (300,), "model.layers.1.c": (0, 5),
+              "model.layers.1.d": (5, 0), "model.layers.1.e": (7, 9)}
+    base = {n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in shapes.items()}
+    harmful = {n: (t.double() + 0.01 * torch.randn(s, generator=g, dtype=torch.float64)).to(dtype)
+               for (n, t), s in zip(base.items(), shapes.values())}
+    bdir, hdir = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "h", harmful)
+    monkeypatch.setattr(checkpoints, "PIECE_NUMEL", 1)
+    got = HarmVector.from_checkpoints(bdir, hdir, top_k=0.1, scope=scope, progress=False)
+    ref = HarmVector.from_models(base, harmful).trim(0.1, scope)
+    assert set(got) == set(shapes)
+    for name in shapes:
+        assert torch.equal(got.dense(name), ref.dense(name)), name
+
+
 def test_untrimmed_streaming_build_is_harmful_minus_base_in_fp32(tmp_path):
     bdir, hdir = _pair(tmp_path, torch.bfloat16, shards=1)
     hv = HarmVector.from_checkpoints(bdir, hdir, progress=False)
@@ -98,6 +119,16 @@ def test_untrimmed_streaming_build_is_harmful_minus_base_in_fp32(tmp_path):
     for name in hv:
         expected = ch.read(name).float() - cb.read(name).float()
         assert hv.deltas[name].dtype == torch.float32 and torch.equal(hv.deltas[name], expected)
+
+
+def test_untrimmed_streaming_build_of_fp64_checkpoints_rounds_both_to_fp32_first(tmp_path):
+    # from_models computes θH.float() − θb.float(); subtracting an fp64 base in place would round once instead.
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, generator=g, dtype=torch.float64)}
+    harmful = {"w": base["w"] + 1e-3 * torch.randn(64, generator=g, dtype=torch.float64)}
+    hv = HarmVector.from_checkpoints(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "h", harmful),
+                                     progress=False)
+    assert torch.equal(hv.deltas["w"], HarmVector.from_models(base, harmful).deltas["w"])
 
 
 def test_trimmed_streaming_build_is_held_sparse(tmp_path):
