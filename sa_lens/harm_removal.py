@@ -121,12 +121,22 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Mo
         The same model, edited.
 
     Raises:
-        ValueError: as :func:`harm_removal`; the weights are then left as they were.
+        ValueError: as :func:`harm_removal`, or a :func:`harm_removal` block not yet exited edits the same
+            parameters; the weights are then left as they were.
     Memory: the originals of the edited entries are held until the edit completes (as inside the block).
     """
+    hr = HarmRemoval(model, hv, lam)
+    # An open block's exit writes back what it saved: this edit would be undone where the two overlap and
+    # kept elsewhere, a model that is neither. Refused before any edit.
+    ptrs = {t.data_ptr() for t in hr.targets.values() if t.numel()}  # empty tensors may all sit at address 0
+    active = [level for level in (ref() for ref in _ACTIVE) if level is not None]
+    if ptrs & {p for level in active for lvl in level.flatten() for p in lvl.storage.values()}:
+        raise ValueError(
+            "apply_harm_removal inside a harm_removal block that edits the same parameters: the block's exit "
+            "would undo this edit only where the two overlap. Apply it after the block exits."
+        )
     # Edited as the context manager does, so a failure half way (an overflowing tensor, Ctrl-C) restores the
     # tensors already edited; on success the saved originals are dropped instead of written back.
-    hr = HarmRemoval(model, hv, lam)
     hr.__enter__()
     hr._commit()
     return model
@@ -187,11 +197,12 @@ class HarmRemoval(contextlib.AbstractContextManager):
                     original = site.flat[site.idx] if site.idx is not None else site.flat.clone()
                     saved.append((site, original))
                     _subtract(site, self.lam, original)
+            # Inside the try: a Ctrl-C during the trim (it walks the whole heap) must restore too, since a
+            # `with` whose __enter__ raises never calls __exit__. _restore trims after writing back.
+            release_freed_memory()  # the fp32 intermediates of every edited tensor
         except BaseException:
             self._restore()
             raise
-        finally:
-            release_freed_memory()  # the fp32 intermediates of every edited tensor
         return self.model
 
     def __exit__(self, *exc) -> None:

@@ -248,6 +248,50 @@ def test_a_keyboard_interrupt_during_the_restore_does_not_leave_the_weights_edit
     _assert_bit_exact(state, before)
 
 
+def test_a_keyboard_interrupt_during_the_heap_trim_after_the_edit_restores_the_weights(monkeypatch):
+    # The trim after the last edit is the slowest step once the weights are edited; a `with` whose
+    # __enter__ raises never runs __exit__, so __enter__ itself must restore.
+    import sys
+
+    module = sys.modules["sa_lens.harm_removal"]
+    g = torch.Generator().manual_seed(5)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g) for i in range(2)}
+    before = _snapshot(state)
+    hv = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    calls = []
+
+    def ctrl_c_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "release_freed_memory", ctrl_c_once)
+    with pytest.raises(KeyboardInterrupt):
+        with harm_removal(state, hv, 3.0):
+            pass
+    _assert_bit_exact(state, before)
+    assert not [ref for ref in module._ACTIVE if ref() is not None]
+
+
+def test_a_permanent_edit_inside_a_block_on_the_same_weights_is_refused_before_any_edit():
+    # The block's exit would undo the permanent edit where the two overlap and keep it elsewhere.
+    g = torch.Generator().manual_seed(6)
+    state = {f"model.layers.{i}.w": torch.randn(30, 20, generator=g) for i in range(2)}
+    other = {"model.layers.0.w": torch.randn(30, 20, generator=g)}
+    before = _snapshot(state)
+    hv = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    hv2 = HarmVector({k: torch.randn(30, 20, generator=g) for k in state}).trim(0.2)
+    with harm_removal(state, hv, 1.0):
+        inside = _snapshot(state)
+        with pytest.raises(ValueError, match="inside a harm_removal block that edits the same parameters"):
+            apply_harm_removal(state, hv2, 1.0)
+        _assert_bit_exact(state, inside)
+        apply_harm_removal(other, hv2.restrict(layers=[0]), 1.0)  # other weights: allowed
+    _assert_bit_exact(state, before)
+    apply_harm_removal(state, hv2, 1.0)  # after the block: allowed
+    assert not torch.equal(state["model.layers.1.w"], before["model.layers.1.w"])
+
+
 def test_an_abandoned_block_does_not_keep_its_saved_originals_alive():
     import gc
     import weakref
