@@ -301,16 +301,25 @@ class HarmVector:
 
         Returns:
             The safetensors path.
+
+        Raises:
+            ValueError: two parameters would be stored under one key (``w`` sparse and ``w.values``).
         """
         tensors, encoding, shapes = {}, {}, {}
         for name, t in self.deltas.items():
             sparse = t if isinstance(t, SparseDelta) else SparseDelta.from_dense(t)
             shapes[name] = list(sparse.shape)
             if isinstance(compact(sparse.indices, sparse.values, sparse.shape), SparseDelta):
-                tensors[f"{name}.indices"], tensors[f"{name}.values"] = sparse.indices, sparse.values
+                stored = {f"{name}.indices": sparse.indices, f"{name}.values": sparse.values}
                 encoding[name] = "sparse"
             else:
-                tensors[name], encoding[name] = self.dense(name), "dense"
+                stored, encoding[name] = {name: self.dense(name)}, "dense"
+            taken = sorted(set(stored) & set(tensors))
+            if taken:  # the later tensor would silently replace the earlier one in the file
+                raise ValueError(
+                    f"'{name}' would be stored as '{taken[0]}', the key of another parameter's tensor; rename one."
+                )
+            tensors.update(stored)
         sidecar = {
             "format": FILE_FORMAT,
             "space": "raw checkpoint weights",

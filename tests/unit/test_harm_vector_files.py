@@ -136,3 +136,25 @@ def test_dense_entry_of_another_size_and_unsorted_indices_are_reported(hv, tmp_p
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ValueError, match="not strictly increasing"):
         HarmVector.load(path, sparse=True)
+
+
+@pytest.mark.parametrize("order", [("w", "w.values"), ("w.values", "w")])
+def test_a_name_that_collides_with_another_parameters_sparse_key_is_refused(tmp_path, order):
+    # "w" stored sparsely is "w.indices" + "w.values": a parameter named "w.values" would overwrite (or be
+    # overwritten by) its values, and the file would load without complaint holding wrong numbers.
+    w = torch.zeros(100)
+    w[3] = 1.0
+    tensors = {"w": w, "w.values": torch.tensor([2.0])}
+    with pytest.raises(ValueError, match="stored as 'w.values', the key of another parameter"):
+        HarmVector({n: tensors[n] for n in order}).save(tmp_path / "v.safetensors")
+
+
+def test_every_kind_of_vector_save_writes_loads_back(tmp_path):
+    # Dense, sparse, a 0-d and an empty tensor, odd characters in names, the empty vector: the sidecar hash
+    # checked by load is the one save wrote.
+    g = torch.Generator().manual_seed(0)
+    d = {'odd "name"/ü✓\\.w': torch.randn(10, 4, generator=g), "zero_d": torch.randn((), generator=g),
+         "empty": torch.zeros(0, 3), "model.layers.1.w": torch.randn(50, generator=g)}
+    for i, hv in enumerate([HarmVector(d), HarmVector(d).trim(0.1), HarmVector({})]):
+        back = HarmVector.load(hv.save(tmp_path / f"v{i}.safetensors"), sparse=True)
+        assert set(back) == set(hv) and all(torch.equal(back.dense(n), hv.dense(n)) for n in hv)
