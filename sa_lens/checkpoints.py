@@ -214,7 +214,7 @@ def check_same_layout(name: str, base_shape, harmful_shape, base_dtype, harmful_
 
 
 def _fp32_difference(harmful: Tensor, base: Tensor) -> Tensor:
-    """θH − θb as :meth:`sa_lens.harm_vector.HarmVector.from_models` computes it: both rounded to float32, then subtracted.
+    """θH − θb as :meth:`sa_lens.harm_vector.HarmVector.from_models` computes it: each rounded to float32 first.
 
     A bf16/fp16/fp32 base is cast inside ``sub_`` (exact, and no second fp32 copy is kept); an fp64 one is
     rounded first, since ``sub_`` would subtract it in fp64 and round once, which differs in nearly every entry.
