@@ -28,6 +28,7 @@ __all__ = [
     "check_same_layout",
     "check_same_names",
     "paired_names",
+    "refuse_pickle_weights",
     "stream_pairs",
     "stream_pieces",
 ]
@@ -58,10 +59,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 class Checkpoint:
@@ -118,13 +116,7 @@ class Checkpoint:
         single = self.path / SINGLE_FILE
         if single.exists():
             return {name: single for name in _read_header(single)}
-        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise ValueError(
-                f"{self.path}: holds only pickle weights ({pickles[0]}); sa_lens never unpickles (it can run code). "
-                "Convert once in a trusted environment: AutoModelForCausalLM.from_pretrained(path)."
-                "save_pretrained(out, safe_serialization=True), or build τH in memory with HarmVector.from_models."
-            )
+        refuse_pickle_weights(self.path, ", or build τH in memory with HarmVector.from_models")
         raise FileNotFoundError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; not a checkpoint folder.")
 
     def _tied(self) -> bool:
@@ -162,6 +154,24 @@ class Checkpoint:
                 return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{spec.file}: cannot read '{name}' ({exc}); the file is truncated or corrupted.") from exc
+
+
+def refuse_pickle_weights(folder: Path, other_fix: str = "") -> None:
+    """Raise ValueError when ``folder`` holds pickle weights (``.bin``/``.pt``) but no ``model.safetensors`` or
+    its index — the only safetensors names transformers loads weights from, so any other ``.safetensors``
+    beside a pickle (an ``adapter_model.safetensors``) would not stop it from unpickling the ``.bin``.
+
+    ``other_fix`` is appended to the message's suggested fix.
+    """
+    if (folder / SINGLE_FILE).exists() or (folder / INDEX_FILE).exists():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder}: holds only pickle weights ({pickles[0]}); sa_lens never unpickles (it can run code). "
+            "Convert once in a trusted environment: AutoModelForCausalLM.from_pretrained(path)."
+            f"save_pretrained(out, safe_serialization=True){other_fix}."
+        )
 
 
 def _read_header(file: Path) -> dict[str, TensorSpec]:

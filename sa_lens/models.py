@@ -18,7 +18,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sa_lens.checkpoints import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
+from sa_lens.checkpoints import refuse_pickle_weights
 from sa_lens.generation import enable_kv_cache
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -100,15 +100,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
                 f"{path} exists but has no config.json, so it is not a Hugging Face model folder. "
                 "Point to the folder that save_pretrained() wrote, or pass a hub id."
             )
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        # The names transformers loads safetensors weights from: any other .safetensors beside a pickle (an
-        # adapter_model.safetensors) would not stop it from unpickling pytorch_model.bin.
-        if pickles and not ((path / SINGLE_FILE).exists() or (path / INDEX_FILE).exists()):
-            raise ValueError(
-                f"{path}: holds only pickle weights ({pickles[0]}); sa_lens never unpickles (it can run code). "
-                "Convert once in a trusted environment: AutoModelForCausalLM.from_pretrained(path)"
-                ".save_pretrained(out, safe_serialization=True)."
-            )
+        refuse_pickle_weights(path)
         return str(path)
     return str(name_or_path)
 
