@@ -4,20 +4,27 @@ Measures (median of ``--repeats`` interleaved runs, greedy, KV cache on):
 1. tokens/s of steered generation (official formula, every layer's MLP output) vs unsteered, same path;
 2. that path (``sa_lens.generate`` through the bridge) vs Hugging Face ``generate`` on the same weights
    (eager attention, the bridge's arithmetic, and transformers' default sdpa kernel);
-3. ICV extraction on 64 pairs, batched (pairs' common question prefix run once) vs one whole text per
-   forward pass through the backbone (``batch_size=1, share_prefix=False``: the official code's loop on our
-   path); beside it: batched without prefix sharing, the naive ``run_with_cache`` loop (full model per text,
-   the unit tests' reference) and the official ``get_icv`` loop on the plain Hugging Face model.
+3. ICV extraction on 64 pairs, batched (``--extract-batch`` texts per pass, pairs' common question prefix
+   run once) vs one whole text per forward pass through the backbone (``batch_size=1, share_prefix=False``:
+   the official code's loop on our path); beside it: batched without prefix sharing, the naive
+   ``run_with_cache`` loop (full model per text, the unit tests' reference) and the official ``get_icv`` loop
+   on the plain Hugging Face model. All of it twice, interleaved: with exact fp32 matmuls (PyTorch's default
+   ``torch.set_float32_matmul_precision("highest")``) and with ``"medium"`` (bf16 inputs, fp32 accumulation:
+   AMX/AVX-512-BF16 on CPU), every method under the same setting, plus the cosine of the two ICVs.
 
-Usage: ``python analyses/bench_steering.py [--repeats 3] [--batch 32] [--tokens 32] [--extraction-only]``. Targets (issue 4):
-ratio 1 ≥ 0.9, ratio 2 ≥ 0.7, ratio 3 ≥ 5.
+Usage: ``python analyses/bench_steering.py [--repeats 3] [--batch 32] [--tokens 32] [--extract-batch 64]
+[--extraction-only]``. Targets (issue 4): ratio 1 ≥ 0.9, ratio 2 ≥ 0.7, ratio 3 ≥ 5. Every run's time is also
+written to ``analyses/results/bench_steering.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -27,6 +34,8 @@ from sa_lens import data
 from sa_lens.generation import generate_tokens
 from sa_lens.models import embedded_model_path
 from sa_lens.prompts import format_prompts
+
+RESULTS = Path(__file__).parent / "results" / "bench_steering.json"
 
 
 def _tokens_per_second(model, texts, tokens: int, **kwargs) -> float:
@@ -86,6 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--extract-batch", type=int, default=64, help="texts per forward pass, batched extraction")
     parser.add_argument("--extraction-only", action="store_true", help="skip the generation measurements")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -114,19 +124,26 @@ def main() -> None:
             results[f"hf_{attn}"].append(_tokens_per_second(m, texts, args.tokens, tokenizer=model.tokenizer))
     med = {k: statistics.median(v) for k, v in results.items() if v}
     # The per-example loop is the official code's: one whole text per forward pass, nothing shared.
-    runs = {"batched": (32, True), "batched_no_prefix_sharing": (32, False), "per_example": (1, False)}
-    timings: dict[str, list[float]] = {k: [] for k in [*runs, "run_with_cache_loop", "official_loop_hf"]}
+    runs = {"batched": (args.extract_batch, True), "batched_no_prefix_sharing": (args.extract_batch, False),
+            "per_example": (1, False)}
+    precisions = ("highest", "medium")
+    timings = {(p, k): [] for p in precisions for k in [*runs, "run_with_cache_loop", "official_loop_hf"]}
+    vectors = {}
     for _ in range(args.repeats):
-        for name, (bs, share) in runs.items():
+        for precision in precisions:
+            torch.set_float32_matmul_precision(precision)
+            for name, (bs, share) in runs.items():
+                start = time.perf_counter()
+                sv = sa_lens.SafetyVector.from_pairs(model, pairs, batch_size=bs, share_prefix=share)
+                timings[precision, name].append(time.perf_counter() - start)
+                vectors[precision, name] = sv.directions
             start = time.perf_counter()
-            sa_lens.SafetyVector.from_pairs(model, pairs, batch_size=bs, share_prefix=share)
-            timings[name].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        _run_with_cache_loop(model, pairs)
-        timings["run_with_cache_loop"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        _official_loop(hf["eager"], model.tokenizer, pairs)
-        timings["official_loop_hf"].append(time.perf_counter() - start)
+            _run_with_cache_loop(model, pairs)
+            timings[precision, "run_with_cache_loop"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _official_loop(hf["eager"], model.tokenizer, pairs)
+            timings[precision, "official_loop_hf"].append(time.perf_counter() - start)
+    torch.set_float32_matmul_precision("highest")
     t = {k: statistics.median(v) for k, v in timings.items()}
     if not args.extraction_only:
         print(f"generation, batch {args.batch} × {args.tokens} new tokens, tokens/s (median of {args.repeats}):")
@@ -135,15 +152,26 @@ def main() -> None:
         print(f"steered / unsteered (same path):         {med['steered'] / med['unsteered']:.2f}   (target ≥ 0.9)")
         print(f"sa_lens path / HF generate, eager:       {med['unsteered'] / med['hf_eager']:.2f}   (target ≥ 0.7)")
         print(f"sa_lens path / HF generate, sdpa:        {med['unsteered'] / med['hf_sdpa']:.2f}")
-    print(f"ICV extraction on 64 pairs: batched {t['batched']:.1f} s (without prefix sharing "
-          f"{t['batched_no_prefix_sharing']:.1f} s), per-example loop {t['per_example']:.1f} s")
-    print(f"batched / per-example loop:               {t['per_example'] / t['batched']:.1f}×   (target ≥ 5)")
-    print(f"batched / run_with_cache loop (full model per text, {t['run_with_cache_loop']:.1f} s): "
-          f"{t['run_with_cache_loop'] / t['batched']:.1f}×")
-    print(f"batched / official get_icv loop on the HF model (eager, {t['official_loop_hf']:.1f} s): "
-          f"{t['official_loop_hf'] / t['batched']:.1f}×")
-    print(f"  of which batching alone:                {t['per_example'] / t['batched_no_prefix_sharing']:.1f}×, "
-          f"prefix sharing {t['batched_no_prefix_sharing'] / t['batched']:.2f}×")
+    for p in precisions:
+        print(f"ICV extraction on 64 pairs, float32 matmul precision {p!r} (median of {args.repeats}, seconds): "
+              + ", ".join(f"{k} {t[p, k]:.1f}" for k in [*runs, "run_with_cache_loop", "official_loop_hf"]))
+        print(f"  batched / per-example loop:             {t[p, 'per_example'] / t[p, 'batched']:.1f}×   (target ≥ 5)")
+        print(f"  batched / run_with_cache loop:          {t[p, 'run_with_cache_loop'] / t[p, 'batched']:.1f}×")
+        print(f"  batched / official get_icv loop (HF):   {t[p, 'official_loop_hf'] / t[p, 'batched']:.1f}×")
+        print(f"  of which batching alone:                {t[p, 'per_example'] / t[p, 'batched_no_prefix_sharing']:.1f}×, "
+              f"prefix sharing {t[p, 'batched_no_prefix_sharing'] / t[p, 'batched']:.2f}×")
+    exact, fast = vectors["highest", "batched"].flatten(), vectors["medium", "batched"].flatten()
+    print(f"ICV, 'medium' vs 'highest': cosine {torch.nn.functional.cosine_similarity(exact, fast, 0):.6f}, "
+          f"largest difference {(fast - exact).abs().max() / exact.abs().max():.1e} of the largest entry")
+    print(f"'medium' batched / 'highest' per-example loop: {t['highest', 'per_example'] / t['medium', 'batched']:.1f}×")
+    report = {
+        "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor(), "torch": torch.__version__},
+        "args": vars(args),
+        "generation_tokens_per_s": results,
+        "extraction_s": {f"{p}/{k}": v for (p, k), v in timings.items()},
+        "icv_cosine_medium_vs_highest": float(torch.nn.functional.cosine_similarity(exact, fast, 0)),
+    }
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,24 @@ def test_bad_layer_list_is_named(tiny_dir, tmp_path, capsys):
     src.write_text(json.dumps(ROWS[0]) + "\n")
     assert cli.main(["safety-vector", "--model", str(tiny_dir), "--pairs", str(src), "--layers", "a,b", "-o", str(tmp_path / "o.safetensors")]) == 2
     assert "--layers must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_matmul_precision_is_recorded_and_torch_setting_restored(tiny_bridge, tiny_dir, tmp_path):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    exact = SafetyVector.from_pairs(tiny_bridge, [(demonstration_text(r["question"], r["unsafe_answer"]),
+                                                   demonstration_text(r["question"], r.get("safe_answer", SAFE_DEMO_ANSWER)))
+                                                  for r in ROWS])
+    assert exact.meta["matmul_precision"] == "highest"
+    out = tmp_path / "sv.safetensors"
+    assert cli.main(["safety-vector", "--model", str(tiny_dir), "--pairs", str(src), "--matmul-precision", "medium",
+                     "-o", str(out)]) == 0
+    assert torch.get_float32_matmul_precision() == "highest"
+    fast = SafetyVector.load(out)
+    assert fast.meta["matmul_precision"] == "medium"
+    assert torch.nn.functional.cosine_similarity(fast.directions.flatten(), exact.directions.flatten(), 0) > 0.999
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nHow do I pick a lock?,Like this\n")
+    assert cli.main(["safety-vector", "--model", str(tiny_dir), "--pairs", str(bad), "--matmul-precision", "medium",
+                     "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert torch.get_float32_matmul_precision() == "highest"
