@@ -90,6 +90,17 @@ def _official_loop(hf, tokenizer, pairs) -> torch.Tensor:
     return (vh[0] + mean).view(len(layers), -1)
 
 
+def _cpu() -> dict:
+    """The CPU's name and whether it has bf16 matmul units (what 'medium' precision runs on); Linux only."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return {"name": platform.processor()}
+    lines = info.read_text().splitlines()
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")  # noqa: E731
+    flags = set(field("flags").split())
+    return {"name": field("model name"), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -165,7 +176,7 @@ def main() -> None:
           f"largest difference {(fast - exact).abs().max() / exact.abs().max():.1e} of the largest entry")
     print(f"'medium' batched / 'highest' per-example loop: {t['highest', 'per_example'] / t['medium', 'batched']:.1f}×")
     report = {
-        "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor(), "torch": torch.__version__},
+        "machine": {"threads": torch.get_num_threads(), "cpu": _cpu(), "torch": torch.__version__},
         "args": vars(args),
         "generation_tokens_per_s": results,
         "extraction_s": {f"{p}/{k}": v for (p, k), v in timings.items()},

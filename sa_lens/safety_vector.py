@@ -9,7 +9,6 @@ reshaped to ``[n_layers, d_model]``. It points from safe to unsafe; Safe-Align *
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
-from sa_lens.generation import enable_kv_cache
 from sa_lens.prompts import format_prompts, tokenize_padded
 
 __all__ = ["SAFE_DEMO_ANSWER", "SafetyVector", "demonstration_text"]
@@ -101,9 +99,9 @@ class SafetyVector:
 
         Texts are batched with padding, attention masks and mask-derived position ids, so each row's last
         positions are its own last tokens and padding changes nothing. The two texts of a pair start with
-        the same question: its tokens are run once and their keys/values reused for both answers (KV
-        cache), which on the official template skips about a third of the work; the states equal the
-        unshared ones up to float rounding (tests: within 1e-5).
+        the same question: each pair is one row, the question once and both answers behind it, kept apart
+        by a 4-D attention mask (sequence packing), which on the official template skips about a third of
+        the work; the states equal the unshared ones up to float rounding (tests: within 1e-5).
 
         Nearly all of the time is matmuls. PyTorch's ``torch.set_float32_matmul_precision("medium")`` runs
         them with bf16 inputs and fp32 accumulation where the hardware has it (AMX or AVX-512-BF16 CPUs,
@@ -120,7 +118,8 @@ class SafetyVector:
             layers: compute the direction over these layers only (the official EDIT setting uses 4–6);
                 the other rows of the result are zero, which every injection formula leaves inert.
             batch_size: texts per forward pass (with ``share_prefix``: batch_size // 2 pairs, at least one).
-            share_prefix: run each pair's common token prefix once; False runs every text whole.
+            share_prefix: pack each pair into one row, its common token prefix run once; False runs every
+                text whole in its own row.
 
         Returns:
             A SafetyVector ``[n_layers, d_model]``, pointing from safe toward unsafe.
@@ -278,32 +277,31 @@ def _pair_states(
 ) -> Float[Tensor, "n_texts n_layers d_model"]:
     """:func:`_last_positions_mean` of the texts ``[u0, s0, u1, s1, …]``, each pair's common prefix run once.
 
-    Per batch of pairs: the shared prefixes (left-padded) go through the backbone with the cache on; the
-    cache is repeated for the two rows of each pair and the remaining tokens (right-padded) run on top of
-    it, with positions continuing the prefix's. The read window may reach back into the prefix (an answer
-    shorter than the window), so the prefix's residuals are weighted per text as well. Pairs without a
-    common first token run whole.
+    Each pair becomes one row, ``prefix | rest of u | rest of s``, run with a 4-D attention mask (each rest
+    sees the prefix and itself, never the other rest) and position ids that restart both rests where the
+    prefix ends: every token gets exactly the keys and positions it has in its own text, the prefix is
+    computed once, and the two answers need no padding to a common length. Models whose positions do not
+    come from position ids (ALiBi), or with a sliding window the texts outgrow, run every text whole.
     """
-    enable_kv_cache(model)
     tok = model.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     texts = [t for pair in pairs for t in pair]
     ids = tok(texts, add_special_tokens=True)["input_ids"]
+    window = getattr(model.original_model.config, "sliding_window", None)
+    if model.cfg.positional_embedding_type not in ("rotary", "standard") or (
+        window is not None and max(map(len, ids)) > window
+    ):
+        return _last_positions_mean(model, texts, batch_size, n_last)
+    states = torch.empty(len(texts), model.cfg.n_layers, model.cfg.d_model)
     shared = [_common_prefix(ids[2 * i], ids[2 * i + 1]) for i in range(len(pairs))]
-    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    states = torch.empty(len(texts), n_layers, d_model)
-    alone = [i for i, c in enumerate(shared) if c == 0]
-    if alone:
-        rows = [j for i in alone for j in (2 * i, 2 * i + 1)]
-        states[rows] = _last_positions_mean(model, [texts[j] for j in rows], batch_size, n_last)
-    # Batches of similar length waste less compute on padding.
-    order = sorted((i for i, c in enumerate(shared) if c), key=lambda i: len(ids[2 * i]) + len(ids[2 * i + 1]))
+    # Rows of similar length waste less compute on padding.
+    order = sorted(range(len(pairs)), key=lambda i: len(ids[2 * i]) + len(ids[2 * i + 1]) - shared[i])
     per_batch = max(1, batch_size // 2)
     for start in range(0, len(order), per_batch):
         batch = order[start : start + per_batch]
         rows = [j for i in batch for j in (2 * i, 2 * i + 1)]
-        states[rows] = _shared_prefix_batch(model, [ids[j] for j in rows], [shared[i] for i in batch], n_last)
+        states[rows] = _packed_pairs(model, [(ids[2 * i], ids[2 * i + 1]) for i in batch], [shared[i] for i in batch], n_last)
     return states
 
 
@@ -315,61 +313,44 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _shared_prefix_batch(
-    model: TransformerBridge, ids: list[list[int]], shared: list[int], n_last: int | None
+def _packed_pairs(
+    model: TransformerBridge, pairs: list[tuple[list[int], list[int]]], shared: list[int], n_last: int | None
 ) -> Float[Tensor, "rows n_layers d_model"]:
-    """States of the rows ``ids`` (two per pair, pair k sharing its first ``shared[k]`` tokens)."""
-    pad, device = model.tokenizer.pad_token_id, model.cfg.device
-    pairs, width = len(shared), max(shared)
-    prefix = torch.full((pairs, width), pad, dtype=torch.long)
-    prefix_mask = torch.zeros(pairs, width, dtype=torch.long)
-    for k, c in enumerate(shared):  # left-padded
-        prefix[k, width - c :] = torch.tensor(ids[2 * k][:c])
-        prefix_mask[k, width - c :] = 1
-    tails = [row[shared[j // 2] :] for j, row in enumerate(ids)]
-    tail_width = max(len(t) for t in tails)
-    tail = torch.full((len(ids), tail_width), pad, dtype=torch.long)
-    tail_mask = torch.zeros(len(ids), tail_width, dtype=torch.long)
-    for j, t in enumerate(tails):  # right-padded: a real token never attends to a pad after it
-        tail[j, : len(t)] = torch.tensor(t)
-        tail_mask[j, : len(t)] = 1
-    lengths = torch.tensor([len(row) for row in ids])
-    window = lengths if n_last is None else lengths.clamp(max=n_last)
-    first_read = (lengths - window)[:, None]  # token index (in the whole text) where the window starts
-    share = torch.tensor(shared).repeat_interleave(2)[:, None]
-    # Token index of every prefix column (negative on padding) and tail column; weight 1 inside the window.
-    prefix_tok = torch.arange(width)[None, :] - (width - share)
-    tail_tok = share + torch.arange(tail_width)[None, :]
-    prefix_w = ((prefix_tok >= first_read) & (prefix_tok >= 0)).float().view(pairs, 2, width).transpose(1, 2)
-    tail_w = ((tail_tok >= first_read) & tail_mask.bool()).float()[:, :, None]
-
+    """States of ``[u0, s0, u1, s1, …]`` from one forward pass, pair k packed in row k (see :func:`_pair_states`)."""
+    width = max(len(u) + len(s) - c for (u, s), c in zip(pairs, shared))
+    tokens = torch.full((len(pairs), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    segment = torch.full((len(pairs), width), -1)  # 0 shared prefix, 1 rest of u, 2 rest of s, -1 padding
+    position = torch.zeros(len(pairs), width, dtype=torch.long)  # the token's index in its own text
+    weights = torch.zeros(len(pairs), width, 2)  # 1 where the token is in text u's / text s's read window
+    for k, ((u, s), c) in enumerate(zip(pairs, shared)):
+        end_u, end = len(u), len(u) + len(s) - c
+        tokens[k, :end] = torch.tensor(u + s[c:])
+        segment[k, :c], segment[k, c:end_u], segment[k, end_u:end] = 0, 1, 2
+        position[k, :end_u] = torch.arange(end_u)
+        position[k, end_u:end] = torch.arange(c, len(s))
+        for text, (length, columns) in enumerate([(len(u), range(end_u)), (len(s), [*range(c), *range(end_u, end)])]):
+            first = 0 if n_last is None else max(0, length - n_last)
+            weights[k, [j for j in columns if position[k, j] >= first], text] = 1.0
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    sees = (position[:, None, :] <= position[:, :, None]) & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+    sees |= torch.eye(width, dtype=torch.bool)  # a padding column attends to itself: no all-masked softmax rows
+    device = model.cfg.device
     n_layers = model.cfg.n_layers
-    sums = torch.zeros(len(ids), n_layers, model.cfg.d_model)
+    sums = torch.zeros(len(pairs), 2, n_layers, model.cfg.d_model)
+    read = weights.to(device)
 
-    def grab(weights: Float[Tensor, "batch pos k"]) -> list:
-        """Hooks adding each text's window-weighted residual sum (a prefix row holds k=2 texts' windows)."""
+    def add(x: Tensor, hook, layer: int) -> Tensor:
+        sums[:, :, layer] = _window_sum(read, x).cpu()
+        return x
 
-        def add(x: Tensor, layer: int) -> Tensor:
-            sums[:, layer] += _window_sum(weights, x).flatten(0, 1).cpu()
-            return x
-
-        return [(READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: add(x, layer)) for layer in range(n_layers)]
-
-    backbone = model.original_model.base_model
-    # transformers ≥ 5 names the cache argument `cache` (and warns on `past_key_values`); 4.x only knows the latter.
-    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-    with model.hooks(fwd_hooks=grab(prefix_w.to(device))):
-        cache = backbone(
-            input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
-            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
-        ).past_key_values
-    cache.batch_repeat_interleave(2)
-    with model.hooks(fwd_hooks=grab(tail_w.to(device))):
-        backbone(
-            input_ids=tail.to(device), attention_mask=torch.cat([prefix_mask.repeat_interleave(2, 0), tail_mask], 1).to(device),
-            position_ids=tail_tok.to(device), use_cache=True, **{cache_arg: cache},
+    hooks = [(READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: add(x, hook, layer)) for layer in range(n_layers)]
+    with model.hooks(fwd_hooks=hooks):
+        # A 4-D mask is taken as given by transformers and by the bridge's attention (True = may attend).
+        model.original_model.base_model(
+            input_ids=tokens.to(device), attention_mask=sees[:, None].to(device), position_ids=position.to(device),
+            use_cache=False,
         )
-    return sums / window[:, None, None].float()
+    return (sums / weights.sum(1)[:, :, None, None]).flatten(0, 1)
 
 
 def _window_sum(

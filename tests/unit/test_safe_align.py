@@ -216,13 +216,27 @@ def test_sharing_the_question_prefix_changes_nothing(tiny_bridge, positions, bat
     torch.testing.assert_close(shared.directions, whole.directions, atol=1e-5, rtol=1e-4)
 
 
-def test_pairs_without_a_common_first_token_run_whole(tiny_bridge, monkeypatch):
+def test_pairs_without_a_common_first_token_are_packed_side_by_side(tiny_bridge, monkeypatch):
     from sa_lens import safety_vector
 
     expected = SafetyVector.from_pairs(tiny_bridge, PAIRS, share_prefix=False).directions
     real = safety_vector._common_prefix
     calls = iter(range(100))
     monkeypatch.setattr(safety_vector, "_common_prefix", lambda a, b: 0 if next(calls) % 2 else real(a, b))
+    torch.testing.assert_close(SafetyVector.from_pairs(tiny_bridge, PAIRS).directions, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [{"positional_embedding_type": "alibi"}, {"sliding_window": 3}])
+def test_models_whose_positions_packing_cannot_set_run_every_text_whole(tiny_bridge, monkeypatch, config):
+    # ALiBi biases come from the 2-D mask, not position ids; a sliding window shorter than the texts is not
+    # in the packed 4-D mask. Both must fall back to one text per row.
+    from sa_lens import safety_vector
+
+    expected = SafetyVector.from_pairs(tiny_bridge, PAIRS, share_prefix=False).directions
+    for key, value in config.items():
+        target = tiny_bridge.cfg if key == "positional_embedding_type" else tiny_bridge.original_model.config
+        monkeypatch.setattr(target, key, value, raising=False)
+    monkeypatch.setattr(safety_vector, "_packed_pairs", lambda *a: pytest.fail("packed despite the model's positions"))
     torch.testing.assert_close(SafetyVector.from_pairs(tiny_bridge, PAIRS).directions, expected, atol=1e-5, rtol=1e-4)
 
 
