@@ -283,11 +283,8 @@ def _pair_states(
     computed once, and the two answers need no padding to a common length. Models whose positions do not
     come from position ids (ALiBi), or with a sliding window the texts outgrow, run every text whole.
     """
-    tok = model.tokenizer
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     texts = [t for pair in pairs for t in pair]
-    ids = tok(texts, add_special_tokens=True)["input_ids"]
+    ids = model.tokenizer(texts, add_special_tokens=True)["input_ids"]
     window = getattr(model.original_model.config, "sliding_window", None)
     if model.cfg.positional_embedding_type not in ("rotary", "standard") or (
         window is not None and max(map(len, ids)) > window
@@ -318,7 +315,8 @@ def _packed_pairs(
 ) -> Float[Tensor, "rows n_layers d_model"]:
     """States of ``[u0, s0, u1, s1, …]`` from one forward pass, pair k packed in row k (see :func:`_pair_states`)."""
     width = max(len(u) + len(s) - c for (u, s), c in zip(pairs, shared))
-    tokens = torch.full((len(pairs), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    # Padding columns are masked out and never read, so any token id fills them (no pad token is needed).
+    tokens = torch.zeros(len(pairs), width, dtype=torch.long)
     segment = torch.full((len(pairs), width), -1)  # 0 shared prefix, 1 rest of u, 2 rest of s, -1 padding
     position = torch.zeros(len(pairs), width, dtype=torch.long)  # the token's index in its own text
     weights = torch.zeros(len(pairs), width, 2)  # 1 where the token is in text u's / text s's read window

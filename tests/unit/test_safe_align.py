@@ -267,3 +267,16 @@ def test_extraction_ignores_the_tokenizers_own_padding_side(tiny_bridge):
     finally:
         tiny_bridge.tokenizer.padding_side = own
     torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_extraction_needs_no_pad_token_and_leaves_the_tokenizer_alone(tiny_bridge):
+    tok = tiny_bridge.tokenizer
+    expected = SafetyVector.from_pairs(tiny_bridge, PAIRS, share_prefix=False).directions
+    pad = tok.pad_token
+    tok.pad_token = None
+    try:
+        packed = SafetyVector.from_pairs(tiny_bridge, PAIRS, batch_size=4).directions
+        assert tok.pad_token_id is None
+    finally:
+        tok.pad_token = pad
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-4)
