@@ -10,6 +10,7 @@ from sa_lens.harm_vector import HarmVector, checkpoint_parameters
 from sa_lens.lens import SafetyLens
 from sa_lens.merging import dare, ties_merge
 from sa_lens.models import load_hf_model, load_model
+from sa_lens.precision import float32_matmul_precision
 from sa_lens.safety_vector import SafetyVector, demonstration_text
 from sa_lens.sparse_delta import SparseDelta
 from sa_lens.steering import safety_hooks
@@ -32,6 +33,7 @@ __all__ = [
     "enable_kv_cache",
     "evaluate",
     "export_harm_removed",
+    "float32_matmul_precision",
     "generate",
     "harm_removal",
     "load_hf_model",

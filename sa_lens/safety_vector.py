@@ -21,6 +21,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
+from sa_lens.precision import matmul_precision_in_force
 from sa_lens.prompts import format_prompts, tokenize_padded
 
 __all__ = ["SAFE_DEMO_ANSWER", "SafetyVector", "demonstration_text"]
@@ -101,12 +102,14 @@ class SafetyVector:
         positions are its own last tokens and padding changes nothing. The two texts of a pair start with
         the same question: each pair is one row, the question once and both answers behind it, kept apart
         by a 4-D attention mask (sequence packing), which on the official template skips about a third of
-        the work; the states equal the unshared ones up to float rounding (tests: within 1e-5).
+        the work; the states equal the unshared ones up to float rounding, as changing the batch size does
+        (tests: within 1e-5 on the tiny model; ~3e-7 relative on SmolLM2, whose residuals reach ~3000).
 
         Nearly all of the time is matmuls. PyTorch's ``torch.set_float32_matmul_precision("medium")`` runs
         them with bf16 inputs and fp32 accumulation where the hardware has it (AMX or AVX-512-BF16 CPUs,
-        GPUs): on 2 AMX cores about 1.5× faster, the ICV within cosine 0.99999 of the exact one
-        (``analyses/bench_steering.py``). The setting in force is recorded in ``meta["matmul_precision"]``.
+        GPUs; :func:`sa_lens.float32_matmul_precision` sets it for a block): on 2 AMX cores about 1.6×
+        faster, the ICV within cosine 0.99999 of the exact one (``analyses/bench_steering.py``). The
+        setting in force is recorded in ``meta["matmul_precision"]`` ("ieee" = exact, "bf16", "tf32").
 
         Args:
             model: the bridge to read (for Safety Arithmetic: the HDR-edited model, as in the paper).
@@ -232,8 +235,8 @@ def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
         "positions": positions,
         "method": method,
         "sign": "unsafe_minus_safe",
-        # "medium" (bf16 matmul inputs) gives a slightly different vector: kept so results can be traced to it.
-        "matmul_precision": torch.get_float32_matmul_precision(),
+        # "bf16" matmul inputs give a slightly different vector: kept so results can be traced to it.
+        "matmul_precision": matmul_precision_in_force(model.cfg.device),
         "model": str(getattr(model.original_model.config, "_name_or_path", "")),
     }
 
@@ -285,10 +288,11 @@ def _pair_states(
     """
     texts = [t for pair in pairs for t in pair]
     ids = model.tokenizer(texts, add_special_tokens=True)["input_ids"]
-    window = getattr(model.original_model.config, "sliding_window", None)
-    if model.cfg.positional_embedding_type not in ("rotary", "standard") or (
-        window is not None and max(map(len, ids)) > window
-    ):
+    config = model.original_model.config
+    # Local attention windows (Mistral-style `sliding_window`, GPT-Neo's `window_size`) are not in the packed
+    # mask: harmless only while every text fits in them.
+    windows = [w for w in (getattr(config, key, None) for key in ("sliding_window", "window_size")) if isinstance(w, int)]
+    if model.cfg.positional_embedding_type not in ("rotary", "standard") or any(max(map(len, ids)) > w for w in windows):
         return _last_positions_mean(model, texts, batch_size, n_last)
     states = torch.empty(len(texts), model.cfg.n_layers, model.cfg.d_model)
     shared = [_common_prefix(ids[2 * i], ids[2 * i + 1]) for i in range(len(pairs))]
@@ -333,6 +337,10 @@ def _packed_pairs(
     sees = (position[:, None, :] <= position[:, :, None]) & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     sees |= torch.eye(width, dtype=torch.bool)  # a padding column attends to itself: no all-masked softmax rows
     device = model.cfg.device
+    # Additive, in the model's dtype: attention code that adds the mask to the scores (Hugging Face's eager
+    # OPT, GPT-J, GPT-Neo, which some bridges call) would add a boolean one as 1/0 and mask nothing.
+    dtype = next(model.original_model.parameters()).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
     n_layers = model.cfg.n_layers
     sums = torch.zeros(len(pairs), 2, n_layers, model.cfg.d_model)
     read = weights.to(device)
@@ -343,9 +351,9 @@ def _packed_pairs(
 
     hooks = [(READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: add(x, hook, layer)) for layer in range(n_layers)]
     with model.hooks(fwd_hooks=hooks):
-        # A 4-D mask is taken as given by transformers and by the bridge's attention (True = may attend).
+        # A 4-D mask is taken as given by transformers and by the bridge's attention.
         model.original_model.base_model(
-            input_ids=tokens.to(device), attention_mask=sees[:, None].to(device), position_ids=position.to(device),
+            input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
             use_cache=False,
         )
     return (sums / weights.sum(1)[:, :, None, None]).flatten(0, 1)

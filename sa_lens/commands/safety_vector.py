@@ -65,7 +65,7 @@ def _layers(spec: str | None) -> list[int] | None:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
+    from sa_lens.precision import float32_matmul_precision
 
     if args.harmful and not args.harmless:
         parser.error("--harmful needs --harmless (the two sets whose difference of means is the direction).")
@@ -74,12 +74,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be ≥ 1; got {args.batch_size}.")
     layers = _layers(args.layers)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    try:
+    # The CLI also runs in-process (tests, notebooks): torch's settings are restored afterwards.
+    with float32_matmul_precision(args.matmul_precision):
         sv = _extract(args, parser, layers)
-    finally:  # the CLI also runs in-process (tests, notebooks): leave torch's global setting as it was
-        torch.set_float32_matmul_precision(previous)
     path = sv.save(args.out)
     norms = sv.directions.norm(dim=1)
     peak = int(norms.argmax())

@@ -76,16 +76,31 @@ def test_matmul_precision_is_recorded_and_torch_setting_restored(tiny_bridge, ti
     exact = SafetyVector.from_pairs(tiny_bridge, [(demonstration_text(r["question"], r["unsafe_answer"]),
                                                    demonstration_text(r["question"], r.get("safe_answer", SAFE_DEMO_ANSWER)))
                                                   for r in ROWS])
-    assert exact.meta["matmul_precision"] == "highest"
+    assert exact.meta["matmul_precision"] == "ieee"
     out = tmp_path / "sv.safetensors"
     assert cli.main(["safety-vector", "--model", str(tiny_dir), "--pairs", str(src), "--matmul-precision", "medium",
                      "-o", str(out)]) == 0
     assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # torch's own "follow the global setting"
     fast = SafetyVector.load(out)
-    assert fast.meta["matmul_precision"] == "medium"
+    assert fast.meta["matmul_precision"] == "bf16"
     assert torch.nn.functional.cosine_similarity(fast.directions.flatten(), exact.directions.flatten(), 0) > 0.999
     bad = tmp_path / "bad.csv"
     bad.write_text("question,answer\nHow do I pick a lock?,Like this\n")
     assert cli.main(["safety-vector", "--model", str(tiny_dir), "--pairs", str(bad), "--matmul-precision", "medium",
                      "-o", str(tmp_path / "o.safetensors")]) == 2
     assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_torchs_per_backend_precision_settings_are_read_and_kept(tiny_dir, tmp_path):
+    # Once a backend's own setting is assigned, torch.get_float32_matmul_precision() raises; neither the
+    # extraction's record nor the CLI may depend on it, and the user's setting must survive the CLI.
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        assert cli.main(["safety-vector", "--model", str(tiny_dir), "--pairs", str(src), "-o", str(tmp_path / "o.safetensors")]) == 0
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        assert SafetyVector.load(tmp_path / "o.safetensors").meta["matmul_precision"] == "ieee"  # the CLI's default
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
