@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["float32_matmul_precision", "matmul_precision_in_force"]
 
-_LEGACY_NAMES = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+_PRECISIONS = ("highest", "high", "medium")
 
 
 def _backends() -> dict[str, object]:
@@ -57,7 +57,7 @@ def float32_matmul_precision(precision: Literal["highest", "high", "medium"]) ->
     Raises:
         ValueError: ``precision`` is not one of "highest", "high", "medium".
     """
-    if precision not in _LEGACY_NAMES:
+    if precision not in _PRECISIONS:
         raise ValueError(f"precision must be 'highest', 'high' or 'medium'; got {precision!r}.")
     backends = _backends()
     saved = {name: obj.fp32_precision for name, obj in backends.items()}

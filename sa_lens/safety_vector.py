@@ -107,7 +107,7 @@ class SafetyVector:
 
         Nearly all of the time is matmuls. PyTorch's ``torch.set_float32_matmul_precision("medium")`` runs
         them with bf16 inputs and fp32 accumulation where the hardware has it (AMX or AVX-512-BF16 CPUs,
-        GPUs; :func:`sa_lens.float32_matmul_precision` sets it for a block): on 2 AMX cores about 1.6×
+        GPUs; :func:`sa_lens.float32_matmul_precision` sets it for a block): on 2 AMX cores about 2×
         faster, the ICV within cosine 0.99999 of the exact one (``analyses/bench_steering.py``). The
         setting in force is recorded in ``meta["matmul_precision"]`` ("ieee" = exact, "bf16", "tf32").
 
@@ -323,16 +323,18 @@ def _packed_pairs(
     tokens = torch.zeros(len(pairs), width, dtype=torch.long)
     segment = torch.full((len(pairs), width), -1)  # 0 shared prefix, 1 rest of u, 2 rest of s, -1 padding
     position = torch.zeros(len(pairs), width, dtype=torch.long)  # the token's index in its own text
-    weights = torch.zeros(len(pairs), width, 2)  # 1 where the token is in text u's / text s's read window
     for k, ((u, s), c) in enumerate(zip(pairs, shared)):
         end_u, end = len(u), len(u) + len(s) - c
         tokens[k, :end] = torch.tensor(u + s[c:])
         segment[k, :c], segment[k, c:end_u], segment[k, end_u:end] = 0, 1, 2
         position[k, :end_u] = torch.arange(end_u)
         position[k, end_u:end] = torch.arange(c, len(s))
-        for text, (length, columns) in enumerate([(len(u), range(end_u)), (len(s), [*range(c), *range(end_u, end)])]):
-            first = 0 if n_last is None else max(0, length - n_last)
-            weights[k, [j for j in columns if position[k, j] >= first], text] = 1.0
+    # Each text's read window: its last n_last tokens (all if None), wherever they sit in the row.
+    weights = torch.zeros(len(pairs), width, 2)
+    for text, rest in enumerate((1, 2)):
+        length = torch.tensor([len(pair[text]) for pair in pairs])[:, None]
+        first = torch.zeros_like(length) if n_last is None else (length - n_last).clamp(min=0)
+        weights[:, :, text] = (((segment == 0) | (segment == rest)) & (position >= first)).float()
     q_seg, k_seg = segment[:, :, None], segment[:, None, :]
     sees = (position[:, None, :] <= position[:, :, None]) & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     sees |= torch.eye(width, dtype=torch.bool)  # a padding column attends to itself: no all-masked softmax rows
@@ -364,8 +366,8 @@ def _window_sum(
 ) -> Float[Tensor, "batch k d_model"]:
     """``out[b, k] = sum_pos weights[b, pos, k] * x[b, pos]`` in fp32, as one batched matmul.
 
-    Multiplying then summing over positions cost 6-75× more on CPU (a strided reduction, plus a copy
-    when a prefix row serves two texts), and this runs once per layer and forward pass.
+    Multiplying then summing over positions costs about 7× more on CPU (a strided reduction), and this
+    runs once per layer and forward pass.
     """
     return torch.bmm(weights.transpose(1, 2), x.float())
 
