@@ -142,10 +142,12 @@ class SafetyVector:
         chosen = list(range(n_layers)) if layers is None else sorted(set(layers))
         if not chosen or not all(0 <= layer < n_layers for layer in chosen):
             raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}; got {layers!r}.")
+        n_read = chosen[-1] + 1  # the blocks above the deepest chosen layer are not run
         if share_prefix:
-            states = _pair_states(model, pairs, batch_size, n_last)[:, chosen]  # [2n, len(chosen), d]
+            states = _pair_states(model, pairs, batch_size, n_last, n_read)[:, chosen]  # [2n, len(chosen), d]
         else:
-            states = _last_positions_mean(model, [t for pair in pairs for t in pair], batch_size, n_last)[:, chosen]
+            texts = [t for pair in pairs for t in pair]
+            states = _last_positions_mean(model, texts, batch_size, n_last, n_read=n_read)[:, chosen]
         diffs = (states[0::2] - states[1::2]).flatten(1)
         mean = diffs.mean(0)
         if method == "pca_plus_mean":
@@ -243,10 +245,11 @@ def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
 
 def _last_positions_mean(
     model: TransformerBridge, texts: Sequence[str], batch_size: int, n_last: int | None = LAST_N_POSITIONS,
-    add_special_tokens: bool = True, padding_side: Literal["left", "right"] = "left",
-) -> Float[Tensor, "n_texts n_layers d_model"]:
-    """Residual stream after every block, averaged over each text's last ``n_last`` real tokens (all if None)."""
-    n_layers = model.cfg.n_layers
+    add_special_tokens: bool = True, padding_side: Literal["left", "right"] = "left", n_read: int | None = None,
+) -> Float[Tensor, "n_texts n_read d_model"]:
+    """Residual stream after blocks ``0..n_read-1`` (all if None), averaged over each text's last ``n_last``
+    real tokens (all if None)."""
+    n_read = n_read or model.cfg.n_layers
     # Batches of similar length waste less compute on padding; results go back to input order below.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = []
@@ -256,28 +259,16 @@ def _last_positions_mean(
             add_special_tokens=add_special_tokens, device=model.cfg.device,
         )
         window = _window_weights(enc["attention_mask"], n_last)
-        captured: dict[int, Tensor] = {}
-
-        def grab(x: Tensor, hook, layer: int) -> Tensor:
-            captured[layer] = _window_sum(window, x)[:, 0] / window.sum(1)
-            return x
-
-        hooks = [
-            (READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: grab(x, hook, layer))
-            for layer in range(n_layers)
-        ]
         position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        with model.hooks(fwd_hooks=hooks):
-            # The backbone only: the unembedding over every position is not needed to read the residual.
-            model.original_model.base_model(**enc, position_ids=position_ids, use_cache=False)
-        out.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
+        sums = _read_windows(model, window, n_read, **enc, position_ids=position_ids)[:, 0]
+        out.append(sums / window.sum(1)[:, :, None].cpu())
     states = torch.cat(out).cpu()
     return states[torch.argsort(torch.tensor(order))]
 
 
 def _pair_states(
-    model: TransformerBridge, pairs: Sequence[tuple[str, str]], batch_size: int, n_last: int | None
-) -> Float[Tensor, "n_texts n_layers d_model"]:
+    model: TransformerBridge, pairs: Sequence[tuple[str, str]], batch_size: int, n_last: int | None, n_read: int
+) -> Float[Tensor, "n_texts n_read d_model"]:
     """:func:`_last_positions_mean` of the texts ``[u0, s0, u1, s1, …]``, each pair's common prefix run once.
 
     Each pair becomes one row, ``prefix | rest of u | rest of s``, run with a 4-D attention mask (each rest
@@ -293,8 +284,8 @@ def _pair_states(
     # mask: harmless only while every text fits in them.
     windows = [w for w in (getattr(config, key, None) for key in ("sliding_window", "window_size")) if isinstance(w, int)]
     if model.cfg.positional_embedding_type not in ("rotary", "standard") or any(max(map(len, ids)) > w for w in windows):
-        return _last_positions_mean(model, texts, batch_size, n_last)
-    states = torch.empty(len(texts), model.cfg.n_layers, model.cfg.d_model)
+        return _last_positions_mean(model, texts, batch_size, n_last, n_read=n_read)
+    states = torch.empty(len(texts), n_read, model.cfg.d_model)
     shared = [_common_prefix(ids[2 * i], ids[2 * i + 1]) for i in range(len(pairs))]
     # Rows of similar length waste less compute on padding.
     order = sorted(range(len(pairs)), key=lambda i: len(ids[2 * i]) + len(ids[2 * i + 1]) - shared[i])
@@ -302,7 +293,7 @@ def _pair_states(
     for start in range(0, len(order), per_batch):
         batch = order[start : start + per_batch]
         rows = [j for i in batch for j in (2 * i, 2 * i + 1)]
-        states[rows] = _packed_pairs(model, [(ids[2 * i], ids[2 * i + 1]) for i in batch], [shared[i] for i in batch], n_last)
+        states[rows] = _packed_pairs(model, [(ids[2 * i], ids[2 * i + 1]) for i in batch], [shared[i] for i in batch], n_last, n_read)
     return states
 
 
@@ -315,8 +306,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _packed_pairs(
-    model: TransformerBridge, pairs: list[tuple[list[int], list[int]]], shared: list[int], n_last: int | None
-) -> Float[Tensor, "rows n_layers d_model"]:
+    model: TransformerBridge, pairs: list[tuple[list[int], list[int]]], shared: list[int], n_last: int | None, n_read: int
+) -> Float[Tensor, "rows n_read d_model"]:
     """States of ``[u0, s0, u1, s1, …]`` from one forward pass, pair k packed in row k (see :func:`_pair_states`)."""
     width = max(len(u) + len(s) - c for (u, s), c in zip(pairs, shared))
     # Padding columns are masked out and never read, so any token id fills them (no pad token is needed).
@@ -343,22 +334,40 @@ def _packed_pairs(
     # OPT, GPT-J, GPT-Neo, which some bridges call) would add a boolean one as 1/0 and mask nothing.
     dtype = next(model.original_model.parameters()).dtype
     mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
-    n_layers = model.cfg.n_layers
-    sums = torch.zeros(len(pairs), 2, n_layers, model.cfg.d_model)
-    read = weights.to(device)
+    # A 4-D mask is taken as given by transformers and by the bridge's attention.
+    sums = _read_windows(model, weights, n_read, input_ids=tokens.to(device), attention_mask=mask.to(device),
+                         position_ids=position.to(device))
+    return (sums / weights.sum(1)[:, :, None, None]).flatten(0, 1)
+
+
+class _ReadDone(Exception):
+    """Raised by the deepest read hook: the blocks above it are not needed."""
+
+
+def _read_windows(
+    model: TransformerBridge, weights: Float[Tensor, "batch pos k"], n_read: int, **inputs: Tensor
+) -> Float[Tensor, "batch k n_read d_model"]:
+    """Window sums (:func:`_window_sum`) of the residual after blocks ``0..n_read-1``, on the CPU.
+
+    One pass of the backbone (the unembedding over every position is not needed to read the residual),
+    cut short after block ``n_read - 1``.
+    """
+    sums = torch.zeros(weights.shape[0], weights.shape[2], n_read, model.cfg.d_model)
+    read = weights.to(model.cfg.device)
 
     def add(x: Tensor, hook, layer: int) -> Tensor:
         sums[:, :, layer] = _window_sum(read, x).cpu()
+        if layer == n_read - 1 and n_read < model.cfg.n_layers:
+            raise _ReadDone
         return x
 
-    hooks = [(READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: add(x, hook, layer)) for layer in range(n_layers)]
+    hooks = [(READ_HOOK.format(layer=layer), lambda x, hook, layer=layer: add(x, hook, layer)) for layer in range(n_read)]
     with model.hooks(fwd_hooks=hooks):
-        # A 4-D mask is taken as given by transformers and by the bridge's attention.
-        model.original_model.base_model(
-            input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
-            use_cache=False,
-        )
-    return (sums / weights.sum(1)[:, :, None, None]).flatten(0, 1)
+        try:
+            model.original_model.base_model(**inputs, use_cache=False)
+        except _ReadDone:
+            pass
+    return sums
 
 
 def _window_sum(
