@@ -142,19 +142,18 @@ def main() -> None:
     vectors = {}
     for _ in range(args.repeats):
         for precision in precisions:
-            torch.set_float32_matmul_precision(precision)
-            for name, (bs, share) in runs.items():
+            with sa_lens.float32_matmul_precision(precision):
+                for name, (bs, share) in runs.items():
+                    start = time.perf_counter()
+                    sv = sa_lens.SafetyVector.from_pairs(model, pairs, batch_size=bs, share_prefix=share)
+                    timings[precision, name].append(time.perf_counter() - start)
+                    vectors[precision, name] = sv.directions
                 start = time.perf_counter()
-                sv = sa_lens.SafetyVector.from_pairs(model, pairs, batch_size=bs, share_prefix=share)
-                timings[precision, name].append(time.perf_counter() - start)
-                vectors[precision, name] = sv.directions
-            start = time.perf_counter()
-            _run_with_cache_loop(model, pairs)
-            timings[precision, "run_with_cache_loop"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            _official_loop(hf["eager"], model.tokenizer, pairs)
-            timings[precision, "official_loop_hf"].append(time.perf_counter() - start)
-    torch.set_float32_matmul_precision("highest")
+                _run_with_cache_loop(model, pairs)
+                timings[precision, "run_with_cache_loop"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                _official_loop(hf["eager"], model.tokenizer, pairs)
+                timings[precision, "official_loop_hf"].append(time.perf_counter() - start)
     t = {k: statistics.median(v) for k, v in timings.items()}
     if not args.extraction_only:
         print(f"generation, batch {args.batch} × {args.tokens} new tokens, tokens/s (median of {args.repeats}):")
