@@ -15,6 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sa_lens.errors import InputError
+
 __all__ = ["load_tensors", "save_tensors", "sidecar_path"]
 
 _META_KEY = "sa_lens"
@@ -36,7 +38,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], sidecar: d
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: vector files end in .safetensors (the sidecar goes to {path.stem}.json).")
+        raise InputError(f"{path}: vector files end in .safetensors (the sidecar goes to {path.stem}.json).")
     from sa_lens import __version__
 
     sidecar = {**sidecar, "sa_lens_version": __version__}
@@ -65,15 +67,15 @@ def load_tensors(path: str | os.PathLike, expected_format: str) -> tuple[dict[st
         with safe_open(str(path), "pt") as f:
             header = (f.metadata() or {}).get(_META_KEY)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a readable safetensors file ({exc}). It may be truncated or corrupted; re-create it."
         ) from exc
     side = sidecar_path(path)
     sidecar = json.loads(side.read_text()) if side.exists() else json.loads(header) if header else None
     if sidecar is None:
-        raise ValueError(f"{path}: a safetensors file without sa_lens metadata or sidecar; it was not written by sa_lens.")
+        raise InputError(f"{path}: a safetensors file without sa_lens metadata or sidecar; it was not written by sa_lens.")
     if sidecar.get("format") != expected_format:
-        raise ValueError(
+        raise InputError(
             f"{path}: holds a {sidecar.get('format')!r}, not a {expected_format!r}; load it with the matching class."
         )
     return tensors, sidecar

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from sa_lens.errors import InputError
 from sa_lens.parameter_names import select_names
 
 __all__ = [
@@ -90,7 +91,7 @@ class Checkpoint:
         headers = {file: _read_header(file) for file in self.files}
         unlisted = sorted(n for n, f in files.items() if n not in headers[f])
         if unlisted:
-            raise ValueError(f"{self.path}: the index names '{unlisted[0]}' but its shard does not hold it; the checkpoint is corrupted.")
+            raise InputError(f"{self.path}: the index names '{unlisted[0]}' but its shard does not hold it; the checkpoint is corrupted.")
         self.specs: dict[str, TensorSpec] = {n: headers[f][n] for n, f in files.items() if headers[f][n].is_float}
         if self._tied():
             for name in _TIED_OUTPUT_NAMES:
@@ -104,7 +105,7 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{index}: not a safetensors index (no 'weight_map'): {exc}.") from exc
+                raise InputError(f"{index}: not a safetensors index (no 'weight_map'): {exc}.") from exc
             files = {name: self.path / shard for name, shard in weight_map.items()}
             missing = sorted({str(f.name) for f in files.values() if not f.exists()})
             if missing:
@@ -153,7 +154,7 @@ class Checkpoint:
             with safe_open(str(spec.file), "pt") as f:
                 return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
         except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{spec.file}: cannot read '{name}' ({exc}); the file is truncated or corrupted.") from exc
+            raise InputError(f"{spec.file}: cannot read '{name}' ({exc}); the file is truncated or corrupted.") from exc
 
 
 def refuse_pickle_weights(folder: Path, other_fix: str = "") -> None:
@@ -167,7 +168,7 @@ def refuse_pickle_weights(folder: Path, other_fix: str = "") -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
+        raise InputError(
             f"{folder}: holds only pickle weights ({pickles[0]}); sa_lens never unpickles (it can run code). "
             "Convert once in a trusted environment: AutoModelForCausalLM.from_pretrained(path)."
             f"save_pretrained(out, safe_serialization=True){other_fix}."
@@ -179,7 +180,7 @@ def _read_header(file: Path) -> dict[str, TensorSpec]:
         with safe_open(str(file), "pt") as f:
             return {n: TensorSpec(file, f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{file}: not a readable safetensors file ({exc}); it is corrupted or of another format.") from exc
+        raise InputError(f"{file}: not a readable safetensors file ({exc}); it is corrupted or of another format.") from exc
 
 
 def paired_names(
@@ -201,7 +202,7 @@ def check_same_names(base_names: Collection[str], harmful_names: Collection[str]
     """Raise ValueError naming the first parameters only one of θb, θH has."""
     only_b, only_h = sorted(set(base_names) - set(harmful_names)), sorted(set(harmful_names) - set(base_names))
     if only_b or only_h:
-        raise ValueError(
+        raise InputError(
             "Base and harmful models have different parameter names "
             f"(only in base: {only_b[:3]}{'…' if len(only_b) > 3 else ''}; "
             f"only in harmful: {only_h[:3]}{'…' if len(only_h) > 3 else ''}). "
@@ -212,12 +213,12 @@ def check_same_names(base_names: Collection[str], harmful_names: Collection[str]
 def check_same_layout(name: str, base_shape, harmful_shape, base_dtype, harmful_dtype) -> None:
     """Raise ValueError when a parameter's shape or dtype differs between θb and θH."""
     if tuple(base_shape) != tuple(harmful_shape):
-        raise ValueError(
+        raise InputError(
             f"Parameter '{name}' has shape {tuple(base_shape)} in base but {tuple(harmful_shape)} in harmful; "
             "the two models must share one architecture and vocabulary."
         )
     if base_dtype != harmful_dtype:
-        raise ValueError(
+        raise InputError(
             f"Parameter '{name}' is {base_dtype} in base but {harmful_dtype} in harmful; the difference would be "
             "mostly rounding noise. Load both checkpoints in the same dtype (float32 recommended)."
         )

@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from sa_lens.commands import evaluate, lab, safety_vector, trace, vectors
-from sa_lens.data import DataError
-from sa_lens.evaluation.judge_registry import JudgeUnavailableError
+from sa_lens.errors import SaLensError
 
 __all__ = ["main"]
 
@@ -19,8 +18,9 @@ _COMMANDS = (lab, evaluate, vectors, safety_vector, trace)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sa-lens`` console script; returns 0 on success and 2 on bad input.
 
-    Bad input (a missing file, a vector for another model, a malformed data set) is reported on stderr as
-    ``sa-lens <command>: <what is wrong and the fix>`` rather than as a traceback.
+    Bad input (a missing file, a vector for another model, a malformed data set: a :class:`SaLensError` or a
+    missing file) is reported on stderr as ``sa-lens <command>: <what is wrong and the fix>``. Any other
+    exception is a bug and keeps its traceback.
     """
     parser = argparse.ArgumentParser(prog="sa-lens", description="Safety Arithmetic on TransformerLens.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args, parser)
-    except (ValueError, FileNotFoundError, DataError, JudgeUnavailableError) as e:
+    except (SaLensError, FileNotFoundError) as e:
         print(f"sa-lens {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names
+from sa_lens.checkpoints import (
+    Checkpoint,
+    check_same_layout,
+    check_same_names,
+    paired_names,
+)
+from sa_lens.errors import InputError
 from sa_lens.harm_vector import ModelLike, checkpoint_parameters
 from sa_lens.parameter_names import layer_index
 
@@ -62,10 +68,10 @@ def detect_edit_area(
             :class:`~sa_lens.checkpoints.Checkpoint`.
     """
     if not isinstance(neighbours, int) or neighbours < 0:
-        raise ValueError(f"neighbours must be a non-negative number of layers; got {neighbours!r}.")
+        raise InputError(f"neighbours must be a non-negative number of layers; got {neighbours!r}.")
     folders = isinstance(base, (str, os.PathLike)), isinstance(edited, (str, os.PathLike))
     if folders[0] != folders[1]:
-        raise ValueError(
+        raise InputError(
             "detect_edit_area compares two checkpoint folders or two in-memory models, not one of each; "
             "pass both as folders (streamed) or load both with sa_lens.load_hf_model."
         )

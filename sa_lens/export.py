@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.checkpoints import PICKLE_SUFFIXES, Checkpoint
+from sa_lens.defaults import DEFAULT_LAM
+from sa_lens.errors import InputError
 from sa_lens.harm_removal import apply_harm_removal, check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector, ModelLike
 
@@ -28,7 +30,7 @@ def export_harm_removed(
     target: ModelLike | str | os.PathLike,
     hv: HarmVector,
     out_dir: str | os.PathLike,
-    lam: float = 3.0,
+    lam: float = DEFAULT_LAM,
     *,
     progress: bool = True,
 ) -> Path:
@@ -56,7 +58,7 @@ def export_harm_removed(
         return _export_folder(Path(target), hv, out, lam, progress)
     model = target.original_model if isinstance(target, TransformerBridge) else target
     if not hasattr(model, "save_pretrained"):
-        raise ValueError("export_harm_removed needs a checkpoint folder or a model with save_pretrained; got a state dict.")
+        raise InputError("export_harm_removed needs a checkpoint folder or a model with save_pretrained; got a state dict.")
     with harm_removal(target, hv, lam):
         model.save_pretrained(out)
     return out
@@ -64,11 +66,11 @@ def export_harm_removed(
 
 def _export_folder(src: Path, hv: HarmVector, out: Path, lam: float, progress: bool) -> Path:
     if out.resolve() == src.resolve():
-        raise ValueError(f"{out}: export into a new folder, not onto the target checkpoint.")
+        raise InputError(f"{out}: export into a new folder, not onto the target checkpoint.")
     ckpt = Checkpoint(src)
     missing = sorted(n for n in hv.deltas if n not in ckpt.specs or ckpt.specs[n].shape != tuple(hv.deltas[n].shape))
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The harm vector has {len(missing)} parameter(s) the target lacks or shapes otherwise (e.g. "
             f"{missing[:3]}); build τH "
             "from checkpoints of the target's architecture, or load it with restrict=True."

@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.errors import InputError
+
 __all__ = ["finetune", "supervised_batch"]
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
@@ -77,7 +79,7 @@ def finetune(
         ValueError: no examples or ``steps < 1``.
     """
     if len(examples) == 0 or steps < 1:
-        raise ValueError(f"finetune needs at least one example and steps ≥ 1 (got {len(examples)}, {steps}).")
+        raise InputError(f"finetune needs at least one example and steps ≥ 1 (got {len(examples)}, {steps}).")
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -25,9 +25,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+from transformer_lens.model_bridge.generalized_components.attention import (
+    AttentionBridge,
+)
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.errors import InputError
 from sa_lens.positions import prompt_length
 from sa_lens.prompts import format_prompts, tokenize_left_padded
 
@@ -69,7 +72,7 @@ def _hf_and_tokenizer(
         return model.original_model, tokenizer or model.tokenizer
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError("A plain Hugging Face model needs its tokenizer: generate(model, prompts, tokenizer=tok).")
+            raise InputError("A plain Hugging Face model needs its tokenizer: generate(model, prompts, tokenizer=tok).")
         return model, tokenizer
     raise TypeError(f"Expected a TransformerBridge or a transformers PreTrainedModel, got {type(model).__name__}.")
 
@@ -177,7 +180,7 @@ def generate(
         ValueError: empty prompts, a bare string, ``max_new_tokens < 1`` or ``batch_size < 1``.
     """
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be ≥ 1 (got {max_new_tokens}, {batch_size}).")
+        raise InputError(f"max_new_tokens and batch_size must be ≥ 1 (got {max_new_tokens}, {batch_size}).")
     _, tok = _hf_and_tokenizer(model, tokenizer)
     texts = format_prompts(tok, prompts, chat_template=chat_template, system_prompt=system_prompt)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

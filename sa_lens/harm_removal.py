@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sa_lens.defaults import DEFAULT_LAM
+from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
 from sa_lens.memory import release_freed_memory
 from sa_lens.sparse_delta import DENSE_ABOVE
@@ -29,19 +31,19 @@ def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
     params = checkpoint_parameters(model)
     missing = sorted(set(hv.deltas) - set(params))
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The harm vector has {len(missing)} parameter(s) the target lacks (e.g. {missing[:3]}). "
             "Build τH from checkpoints of the target's architecture, or keep only shared keys with "
             "HarmVector.load(path, target=model, restrict=True)."
         )
     for name, delta in hv.items():
         if tuple(params[name].shape) != tuple(delta.shape):
-            raise ValueError(
+            raise InputError(
                 f"Parameter '{name}' has shape {tuple(params[name].shape)} in the target but "
                 f"{tuple(delta.shape)} in the harm vector; they come from different architectures."
             )
         if not params[name].is_contiguous():
-            raise ValueError(f"Target parameter '{name}' is not contiguous; call .contiguous() on the model first.")
+            raise InputError(f"Target parameter '{name}' is not contiguous; call .contiguous() on the model first.")
     return {name: params[name] for name in hv.deltas}
 
 
@@ -96,7 +98,7 @@ def _subtract(site: _Site, lam: float, old: Tensor | None = None) -> None:
     new = (d.to(work) * lam).neg_().add_(old.to(work)).to(flat.dtype)
     # A finite λ can still overflow the weight dtype (fp16 tops out at 65504): refuse rather than write inf.
     if not bool((torch.isfinite(new) | ~torch.isfinite(old)).all()):
-        raise ValueError(
+        raise InputError(
             f"θt − λ·τH′ overflows {flat.dtype} in '{site.name}' with λ = {lam}; use a smaller λ or a wider weight dtype."
         )
     if idx is None:
@@ -108,10 +110,10 @@ def _subtract(site: _Site, lam: float, old: Tensor | None = None) -> None:
 def check_lam(lam: float) -> None:
     """Raise ValueError unless λ is a finite real number (NaN/inf would silently destroy the weights)."""
     if not is_finite_real(lam):
-        raise ValueError(f"lam (λ) must be a finite number, got {lam!r}.")
+        raise InputError(f"lam (λ) must be a finite number, got {lam!r}.")
 
 
-def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> ModelLike:
+def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> ModelLike:
     """Permanent HDR: θ̂ = θt − λ·τH′ written into the model's weights, all or nothing (paper §3.1, eq. 3).
 
     For export (:func:`sa_lens.export.export_harm_removed`, ``sa-lens apply``); use the
@@ -131,7 +133,7 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> Mo
     ptrs = {t.data_ptr() for t in hr.targets.values() if t.numel()}  # empty tensors may all sit at address 0
     active = [level for level in (ref() for ref in _ACTIVE) if level is not None]
     if ptrs & {p for level in active for lvl in level.flatten() for p in lvl.storage.values()}:
-        raise ValueError(
+        raise InputError(
             "apply_harm_removal inside a harm_removal block that edits the same parameters: the block's exit "
             "would undo this edit only where the two overlap. Apply it after the block exits."
         )
@@ -273,7 +275,7 @@ def _write_back(ops: list[tuple[_Site, Tensor]]) -> None:
         raise interrupted
 
 
-def harm_removal(model: ModelLike, hv: HarmVector, lam: float = 3.0) -> HarmRemoval:
+def harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> HarmRemoval:
     """Subtract λ·τH′ from the target's weights inside a ``with`` block; restore them bit-exactly on exit.
 
     Args:

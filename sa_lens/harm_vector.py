@@ -12,8 +12,8 @@ import json
 import math
 import os
 from collections.abc import Collection, Iterator, Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
-from sa_lens.checkpoints import Checkpoint, check_same_layout, check_same_names, paired_names, stream_pairs, stream_pieces
+from sa_lens.checkpoints import (
+    Checkpoint,
+    check_same_layout,
+    check_same_names,
+    paired_names,
+    stream_pairs,
+    stream_pieces,
+)
+from sa_lens.errors import InputError
 from sa_lens.parameter_names import layer_index, select_names
 from sa_lens.sparse_delta import SparseDelta, compact
 from sa_lens.topk import check_top_k, trim_stream, whole_tensors
@@ -51,7 +59,7 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
     """
     if isinstance(model, TransformerBridge):
         if getattr(model, "_weights_processed", False):
-            raise ValueError(
+            raise InputError(
                 "This bridge's weights were folded/centred by enable_compatibility_mode(), so a harm vector in "
                 "raw checkpoint coordinates does not apply to them. Apply the vector before "
                 "enable_compatibility_mode(), or load a fresh bridge with sa_lens.load_model()."
@@ -83,7 +91,7 @@ def _model_name(model: ModelLike) -> str:
 
 def _check_finite(name: str, t: Tensor) -> None:
     if not torch.isfinite(t).all():
-        raise ValueError(
+        raise InputError(
             f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
             "(e.g. a diverged fine-tune) before building τH."
         )
@@ -96,7 +104,7 @@ def _group_of(scope: str):
         return lambda name: name
     if scope == "per_layer":
         return lambda name: f"layer.{layer_index(name)}"  # "layer.None": every parameter outside the layers
-    raise ValueError(f"scope must be 'global', 'per_layer' or 'per_tensor'; got {scope!r}.")
+    raise InputError(f"scope must be 'global', 'per_layer' or 'per_tensor'; got {scope!r}.")
 
 
 @dataclass
@@ -120,7 +128,7 @@ class HarmVector:
     def __post_init__(self) -> None:
         for name, t in self.deltas.items():
             if t.dtype != torch.float32:
-                raise ValueError(f"Harm vector entry '{name}' is {t.dtype}; τH is stored in float32.")
+                raise InputError(f"Harm vector entry '{name}' is {t.dtype}; τH is stored in float32.")
             _check_finite(name, t.values if isinstance(t, SparseDelta) else t)
 
     @classmethod
@@ -316,7 +324,7 @@ class HarmVector:
                 stored, encoding[name] = {name: self.dense(name)}, "dense"
             taken = sorted(set(stored) & set(tensors))
             if taken:  # the later tensor would silently replace the earlier one in the file
-                raise ValueError(
+                raise InputError(
                     f"'{name}' would be stored as '{taken[0]}', the key of another parameter's tensor; rename one."
                 )
             tensors.update(stored)
@@ -361,7 +369,7 @@ class HarmVector:
         """
         tensors, sidecar = load_tensors(path, FILE_FORMAT)
         if sidecar.get("names_sha256") != _names_hash(sidecar["shapes"]):
-            raise ValueError(
+            raise InputError(
                 f"{path}: the parameter names/shapes in its JSON sidecar do not match the hash recorded with them; "
                 "the sidecar was edited or corrupted. Re-save the vector with HarmVector.save."
             )
@@ -369,17 +377,17 @@ class HarmVector:
         for name, shape in sidecar["shapes"].items():
             keys = [f"{name}.indices", f"{name}.values"] if sidecar["encoding"][name] == "sparse" else [name]
             if any(k not in tensors for k in keys):
-                raise ValueError(f"{path}: tensor '{keys[0]}' listed in the sidecar is missing; the file is corrupted.")
+                raise InputError(f"{path}: tensor '{keys[0]}' listed in the sidecar is missing; the file is corrupted.")
             if sidecar["encoding"][name] == "sparse":
                 entry = SparseDelta(tuple(shape), tensors[keys[0]], tensors[keys[1]])
                 if entry.nnz and (int(entry.indices.min()) < 0 or int(entry.indices.max()) >= entry.numel):
-                    raise ValueError(f"{path}: indices of '{name}' fall outside its shape {shape}; the file is corrupted.")
+                    raise InputError(f"{path}: indices of '{name}' fall outside its shape {shape}; the file is corrupted.")
                 if not bool((entry.indices[1:] > entry.indices[:-1]).all()):
-                    raise ValueError(f"{path}: indices of '{name}' are not strictly increasing; the file is corrupted.")
+                    raise InputError(f"{path}: indices of '{name}' are not strictly increasing; the file is corrupted.")
                 deltas[name] = entry if sparse else entry.to_dense()
             else:
                 if tensors[name].numel() != math.prod(shape):
-                    raise ValueError(
+                    raise InputError(
                         f"{path}: '{name}' holds {tensors[name].numel()} entries, not the {shape} its sidecar "
                         "records; the file is corrupted."
                     )
@@ -396,13 +404,13 @@ class HarmVector:
             return hv
         if not restrict:
             bad = sorted(set(deltas) - fits)
-            raise ValueError(
+            raise InputError(
                 f"{path}: {len(bad)} of {len(deltas)} parameters (e.g. '{bad[0]}') are missing from the target or "
                 "have another shape: the vector was built for another architecture. Pass restrict=True to keep "
                 "only the common part."
             )
         if not fits:
-            raise ValueError(
+            raise InputError(
                 f"{path}: none of its {len(deltas)} parameters (e.g. '{next(iter(deltas))}') is in the target with "
                 "the same shape, so restrict=True would apply nothing; the vector is for another model."
             )

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from sa_lens import data
 from sa_lens.analysis.figures import plot_method_comparison
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
 from sa_lens.evaluation.runner import EvalSet, StateResult, evaluate_state
 from sa_lens.finetune import finetune
@@ -100,15 +101,15 @@ class LabConfig:
         # Checked here, not after minutes of fine-tuning; the train split is refused: it is what the
         # models were fine-tuned on, so measuring there would report memorisation.
         if self.split not in ("dev", "test"):
-            raise ValueError(f"split must be 'dev' or 'test' (train is what the models learned from); got {self.split!r}.")
+            raise InputError(f"split must be 'dev' or 'test' (train is what the models learned from); got {self.split!r}.")
         if not 0.0 < self.top_k <= 1.0:
-            raise ValueError(f"top_k must be a fraction in (0, 1]; got {self.top_k!r}.")
+            raise InputError(f"top_k must be a fraction in (0, 1]; got {self.top_k!r}.")
         for name in ("lam", "tv_lam", "alpha", "lr"):
             if not is_finite_real(getattr(self, name)):
-                raise ValueError(f"{name} must be finite; got {getattr(self, name)!r}.")
+                raise InputError(f"{name} must be finite; got {getattr(self, name)!r}.")
         for name in ("harmful_limit", "n_icv_pairs", "aligned_steps", "harmful_steps", "sft_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1; got {getattr(self, name)!r}.")
+                raise InputError(f"{name} must be ≥ 1; got {getattr(self, name)!r}.")
 
     def recipe(self) -> dict:
         """The fields that determine the fine-tuned models (part of the cache key)."""

@@ -7,10 +7,12 @@ from collections.abc import Iterator, Sequence
 
 from transformer_lens.model_bridge import TransformerBridge
 
+from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM
+from sa_lens.errors import InputError
 from sa_lens.harm_removal import harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.safety_vector import SafetyVector
-from sa_lens.steering import DEFAULT_ALPHA, HookFn, safety_hooks
+from sa_lens.steering import HookFn, safety_hooks
 
 __all__ = ["SafetyLens"]
 
@@ -27,7 +29,7 @@ class SafetyLens:
             raise TypeError(f"SafetyLens wraps a TransformerBridge (see sa_lens.load_model), got {type(model).__name__}.")
         self.model = model
 
-    def harm_removal(self, hv: HarmVector, lam: float = 3.0) -> contextlib.AbstractContextManager:
+    def harm_removal(self, hv: HarmVector, lam: float = DEFAULT_LAM) -> contextlib.AbstractContextManager:
         """HDR: θ̂ = θt − λ·τH′ inside the block (see :func:`sa_lens.harm_removal`)."""
         return harm_removal(self.model, hv, lam)
 
@@ -42,7 +44,7 @@ class SafetyLens:
         """
         cfg = self.model.cfg
         if (sv.n_layers, sv.d_model) != (cfg.n_layers, cfg.d_model):
-            raise ValueError(
+            raise InputError(
                 f"Safety vector is [{sv.n_layers}, {sv.d_model}] but the model has {cfg.n_layers} layers of "
                 f"width {cfg.d_model}; extract the vector from this model (SafetyVector.from_pairs)."
             )
@@ -61,7 +63,7 @@ class SafetyLens:
         self,
         hv: HarmVector,
         pairs: Sequence[tuple[str, str]] | SafetyVector,
-        lam: float = 3.0,
+        lam: float = DEFAULT_LAM,
         alpha: float = DEFAULT_ALPHA,
         layers: Sequence[int] | None = None,
     ) -> Iterator[TransformerBridge]:

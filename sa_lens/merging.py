@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector, Scope
 from sa_lens.sparse_delta import SparseDelta, compact
 from sa_lens.validation import is_finite_real
@@ -52,11 +53,11 @@ def ties_merge(vectors: Sequence[HarmVector], top_k: float | None = 0.2, scope: 
         ValueError: no vectors, vectors over different names or shapes, or a bad ``top_k``/``scope``.
     """
     if not vectors:
-        raise ValueError("ties_merge needs at least one harm vector.")
+        raise InputError("ties_merge needs at least one harm vector.")
     names = list(vectors[0].deltas)
     for v in vectors[1:]:
         if set(v.deltas) != set(names) or any(tuple(v.deltas[n].shape) != tuple(vectors[0].deltas[n].shape) for n in names):
-            raise ValueError("ties_merge needs harm vectors over the same parameter names and shapes (one architecture).")
+            raise InputError("ties_merge needs harm vectors over the same parameter names and shapes (one architecture).")
     trimmed = [v.trim(top_k, scope) if top_k is not None else v for v in vectors]
 
     def elected(name: str) -> tuple[Tensor, Tensor]:
@@ -105,7 +106,7 @@ def dare(hv: HarmVector, p: float, seed: int = 0) -> HarmVector:
         ValueError: ``p`` not in [0, 1).
     """
     if not is_finite_real(p) or not 0.0 <= p < 1.0:
-        raise ValueError(f"DARE's drop probability p must be in [0, 1); got {p!r}.")
+        raise InputError(f"DARE's drop probability p must be in [0, 1); got {p!r}.")
     out = {}
     for name, t in hv.deltas.items():
         numel = t.numel if isinstance(t, SparseDelta) else t.numel()

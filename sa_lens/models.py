@@ -16,7 +16,12 @@ from pathlib import Path
 import platformdirs
 import torch
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sa_lens.checkpoints import refuse_pickle_weights
 from sa_lens.generation import enable_kv_cache

@@ -12,6 +12,8 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Literal
 
+from sa_lens.errors import InputError
+
 __all__ = ["KINDS", "Kind", "layer_index", "parameter_kind", "select_names"]
 
 Kind = Literal["attention", "mlp", "embeddings", "norms", "other"]
@@ -55,9 +57,9 @@ def select_names(
     if kinds is not None:
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown:
-            raise ValueError(f"Unknown parameter kind(s) {unknown}; choose from {list(KINDS)}.")
+            raise InputError(f"Unknown parameter kind(s) {unknown}; choose from {list(KINDS)}.")
     if layers is not None and any(not isinstance(i, int) or i < 0 for i in layers):
-        raise ValueError(f"layers must be non-negative layer indices; got {sorted(layers, key=str)}.")
+        raise InputError(f"layers must be non-negative layer indices; got {sorted(layers, key=str)}.")
     return [
         n
         for n in names

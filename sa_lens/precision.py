@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from sa_lens.errors import InputError
+
 __all__ = ["float32_matmul_precision", "matmul_precision_in_force"]
 
 _PRECISIONS = ("highest", "high", "medium")
@@ -58,7 +60,7 @@ def float32_matmul_precision(precision: Literal["highest", "high", "medium"]) ->
         ValueError: ``precision`` is not one of "highest", "high", "medium".
     """
     if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be 'highest', 'high' or 'medium'; got {precision!r}.")
+        raise InputError(f"precision must be 'highest', 'high' or 'medium'; got {precision!r}.")
     backends = _backends()
     saved = {name: obj.fp32_precision for name, obj in backends.items()}
     try:

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from sa_lens.errors import InputError
+
 PAPER_PREFIX = "Only provide answer of the given question and do not provide anything else. "
 
 __all__ = ["PAPER_PREFIX", "format_prompts", "tokenize_left_padded", "tokenize_padded"]
@@ -41,15 +43,15 @@ def format_prompts(
             without a template.
     """
     if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings, not one string; wrap it: [prompt].")
+        raise InputError("prompts must be a list of strings, not one string; wrap it: [prompt].")
     if len(prompts) == 0:
-        raise ValueError("prompts is empty; pass at least one request.")
+        raise InputError("prompts is empty; pass at least one request.")
     if not chat_template:
         if system_prompt is not None:
-            raise ValueError("system_prompt needs chat_template=True; the paper's raw format has no system turn.")
+            raise InputError("system_prompt needs chat_template=True; the paper's raw format has no system turn.")
         return [PAPER_PREFIX + p for p in prompts]
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise InputError(
             "This tokenizer has no chat template; pass chat_template=False to use the paper's raw format."
         )
     out = []
@@ -97,7 +99,7 @@ def tokenize_padded(
         ValueError: ``padding_side`` is neither "left" nor "right".
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+        raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(

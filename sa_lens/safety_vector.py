@@ -21,6 +21,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
+from sa_lens.errors import InputError
 from sa_lens.precision import matmul_precision_in_force
 from sa_lens.prompts import format_prompts, tokenize_padded
 
@@ -72,9 +73,9 @@ class SafetyVector:
 
     def __post_init__(self) -> None:
         if self.directions.ndim != 2:
-            raise ValueError(f"directions must be [n_layers, d_model], got shape {tuple(self.directions.shape)}.")
+            raise InputError(f"directions must be [n_layers, d_model], got shape {tuple(self.directions.shape)}.")
         if not torch.isfinite(self.directions).all():
-            raise ValueError("Safety vector holds NaN or inf; re-extract it (check the model's activations for overflow).")
+            raise InputError("Safety vector holds NaN or inf; re-extract it (check the model's activations for overflow).")
 
     @property
     def n_layers(self) -> int:
@@ -132,17 +133,17 @@ class SafetyVector:
             ValueError: no pairs, a pair that is not two non-empty strings, or an unknown option.
         """
         if len(pairs) == 0:
-            raise ValueError("pairs is empty; pass at least one (unsafe_text, safe_text) demonstration pair.")
+            raise InputError("pairs is empty; pass at least one (unsafe_text, safe_text) demonstration pair.")
         for i, pair in enumerate(pairs):
             if len(pair) != 2 or not all(isinstance(t, str) and t.strip() for t in pair):
-                raise ValueError(f"pairs[{i}] must be two non-empty strings (unsafe_text, safe_text).")
+                raise InputError(f"pairs[{i}] must be two non-empty strings (unsafe_text, safe_text).")
         n_last = _positions_window(positions)
         if method not in ("pca_plus_mean", "pca", "mean_diff"):
-            raise ValueError(f"method must be 'pca_plus_mean', 'pca' or 'mean_diff'; got {method!r}.")
+            raise InputError(f"method must be 'pca_plus_mean', 'pca' or 'mean_diff'; got {method!r}.")
         n_layers = model.cfg.n_layers
         chosen = list(range(n_layers)) if layers is None else sorted(set(layers))
         if not chosen or not all(0 <= layer < n_layers for layer in chosen):
-            raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}; got {layers!r}.")
+            raise InputError(f"layers must be a non-empty subset of 0..{n_layers - 1}; got {layers!r}.")
         n_read = chosen[-1] + 1  # the blocks above the deepest chosen layer are not run
         if share_prefix:
             states = _pair_states(model, pairs, batch_size, n_last, n_read)[:, chosen]  # [2n, len(chosen), d]
@@ -192,7 +193,7 @@ class SafetyVector:
             ValueError: an empty set or an unknown option.
         """
         if len(harmful) == 0 or len(harmless) == 0:
-            raise ValueError("from_prompts needs at least one harmful and one harmless request.")
+            raise InputError("from_prompts needs at least one harmful and one harmless request.")
         n_last = _positions_window(positions)
         formatted = [format_prompts(model.tokenizer, list(group)) for group in (harmful, harmless)]
         means = [_last_positions_mean(model, t, batch_size, n_last, add_special_tokens=False).mean(0) for t in formatted]
@@ -215,10 +216,10 @@ class SafetyVector:
         """
         tensors, sidecar = load_tensors(path, FILE_FORMAT)
         if "directions" not in tensors:
-            raise ValueError(f"{path}: no 'directions' tensor; the file is corrupted.")
+            raise InputError(f"{path}: no 'directions' tensor; the file is corrupted.")
         sv = cls(tensors["directions"], dict(sidecar["meta"]))
         if model is not None and (sv.n_layers, sv.d_model) != (model.cfg.n_layers, model.cfg.d_model):
-            raise ValueError(
+            raise InputError(
                 f"{path}: vector is [{sv.n_layers}, {sv.d_model}] but the model has {model.cfg.n_layers} layers of "
                 f"width {model.cfg.d_model}; it was extracted from another model."
             )
@@ -228,7 +229,7 @@ class SafetyVector:
 def _positions_window(positions: str) -> int | None:
     windows = {"last4_mean": LAST_N_POSITIONS, "last": 1, "span": None}
     if positions not in windows:
-        raise ValueError(f"positions must be one of {sorted(windows)}; got {positions!r}.")
+        raise InputError(f"positions must be one of {sorted(windows)}; got {positions!r}.")
     return windows[positions]
 
 

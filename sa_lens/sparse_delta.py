@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
 
+from sa_lens.errors import InputError
+
 __all__ = ["SparseDelta", "compact"]
 
 # Above this density a dense fp32 tensor (4 bytes/entry) is smaller than int64 index + fp32 value (12 bytes).
@@ -36,9 +38,9 @@ class SparseDelta:
 
     def __post_init__(self) -> None:
         if self.indices.dtype != torch.int64 or self.values.dtype != torch.float32:
-            raise ValueError(f"SparseDelta needs int64 indices and float32 values; got {self.indices.dtype}, {self.values.dtype}.")
+            raise InputError(f"SparseDelta needs int64 indices and float32 values; got {self.indices.dtype}, {self.values.dtype}.")
         if self.indices.shape != self.values.shape or self.indices.dim() != 1:
-            raise ValueError(f"indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} must be equal 1-D.")
+            raise InputError(f"indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} must be equal 1-D.")
 
     @classmethod
     def from_dense(cls, t: Float[Tensor, "..."]) -> SparseDelta:

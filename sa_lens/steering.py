@@ -21,6 +21,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from sa_lens.defaults import DEFAULT_ALPHA
+from sa_lens.errors import InputError
 from sa_lens.positions import generated_mask
 from sa_lens.safety_vector import SafetyVector
 from sa_lens.validation import is_finite_real
@@ -28,7 +30,6 @@ from sa_lens.validation import is_finite_real
 __all__ = ["DEFAULT_ALPHA", "FORMULAS", "OFFICIAL_FACTOR", "POSITIONS", "SITES", "ablate_direction", "add_step",
            "inject_official", "safety_hooks"]
 
-DEFAULT_ALPHA = 0.12  # paper A.6 and the official notebooks
 OFFICIAL_FACTOR = 0.1  # the code's extra factor, not in the paper (paper-notes.md §7.4)
 
 HookFn = Callable[..., Tensor]
@@ -114,14 +115,14 @@ def safety_hooks(
     per_layer_alpha = dict(per_layer_alpha or {})
     for a in [alpha, *per_layer_alpha.values()]:
         if not is_finite_real(a):
-            raise ValueError(f"alpha must be a finite number, got {a!r}.")
+            raise InputError(f"alpha must be a finite number, got {a!r}.")
     for name, value, allowed in (("site", site, SITES), ("formula", formula, FORMULAS), ("positions", positions, POSITIONS)):
         if value not in allowed:
-            raise ValueError(f"{name} must be one of {sorted(allowed)}; got {value!r}.")
+            raise InputError(f"{name} must be one of {sorted(allowed)}; got {value!r}.")
     layers = list(range(sv.n_layers)) if layers is None else list(layers)
     bad = [layer for layer in [*layers, *per_layer_alpha] if not 0 <= layer < sv.n_layers]
     if bad:
-        raise ValueError(f"Layer indices {bad} are outside the safety vector's {sv.n_layers} layers.")
+        raise InputError(f"Layer indices {bad} are outside the safety vector's {sv.n_layers} layers.")
     step = FORMULAS[formula]
     hooks = []
     for layer in layers:

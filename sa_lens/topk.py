@@ -41,6 +41,7 @@ from jaxtyping import Float, Int64
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sa_lens.errors import InputError
 from sa_lens.memory import release_freed_memory
 from sa_lens.validation import is_finite_real
 
@@ -103,7 +104,7 @@ class _Group:
 def check_top_k(top_k: float) -> None:
     """Raise ValueError unless ``top_k`` is a real number in (0, 1]."""
     if not is_finite_real(top_k) or not 0.0 < top_k <= 1.0:
-        raise ValueError(f"top_k must be a fraction in (0, 1] (0.1 keeps the top 10 %); got {top_k!r}.")
+        raise InputError(f"top_k must be a fraction in (0, 1] (0.1 keeps the top 10 %); got {top_k!r}.")
 
 
 def _abs_bits(t: Tensor) -> Tensor:
@@ -178,7 +179,7 @@ def trim_stream(
         for chunk in _chunks(flat):  # |τ| bits per chunk, twice, rather than 4 bytes per entry of the piece
             hist += torch.bincount(_abs_bits(chunk) >> 16, minlength=_HIGH_BINS)
         if hist[_NON_FINITE_BIN:].any():
-            raise ValueError(
+            raise InputError(
                 f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
                 "(e.g. a diverged fine-tune) before building τH."
             )

@@ -18,6 +18,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.analysis.logit_diff import TokenSets, logit_diff
+from sa_lens.errors import InputError
 from sa_lens.prompts import format_prompts, tokenize_left_padded
 
 __all__ = ["Capture", "capture", "encode", "post_instruction_length"]
@@ -92,13 +93,13 @@ def capture(
         ValueError: no prompts, or a prompt shorter than ``n_positions`` tokens.
     """
     if len(prompts) == 0:
-        raise ValueError("capture() got no prompts.")
+        raise InputError("capture() got no prompts.")
     n_layers = model.cfg.n_layers
     parts: list[dict[str, Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode(model, prompts[start : start + batch_size])
         if int(enc["attention_mask"].sum(1).min()) < n_positions:
-            raise ValueError(f"A prompt has fewer than n_positions={n_positions} tokens; lower n_positions.")
+            raise InputError(f"A prompt has fewer than n_positions={n_positions} tokens; lower n_positions.")
         store: dict[str, Tensor] = {}
 
         def keep(x: Tensor, hook, key: str) -> Tensor:

@@ -18,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from sa_lens.errors import InputError
 from sa_lens.validation import is_finite_real
 
 __all__ = ["pareto_front", "plot_head_heatmaps", "plot_layer_curves", "plot_method_comparison", "plot_sweep",
@@ -61,16 +62,16 @@ def _check_rows(rows: Sequence[Mapping], metric_keys: Sequence[str]) -> None:
     for index, row in enumerate(rows):
         for key in required:
             if key not in row:
-                raise ValueError(f"row {index} lacks the key {key!r}; every row needs {required}")
+                raise InputError(f"row {index} lacks the key {key!r}; every row needs {required}")
         for key in metric_keys:
             value = row[key]
             if not is_finite_real(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(
+                raise InputError(
                     f"row {index} has {key}={value!r}; metrics must be fractions in [0, 1], not percent"
                 )
         pair = (str(row["scenario"]), str(row["method"]))
         if pair in seen:
-            raise ValueError(f"two rows for scenario {pair[0]!r} and method {pair[1]!r}; keep one per pair")
+            raise InputError(f"two rows for scenario {pair[0]!r} and method {pair[1]!r}; keep one per pair")
         seen.add(pair)
 
 
@@ -112,14 +113,14 @@ def plot_method_comparison(
             does not support the suffix of ``path``.
     """
     if not rows:
-        raise ValueError("plot_method_comparison() got no rows; pass one mapping per (scenario, method)")
+        raise InputError("plot_method_comparison() got no rows; pass one mapping per (scenario, method)")
     metrics = [*_METRICS, _DEGENERATE] if all(_DEGENERATE[0] in row for row in rows) else list(_METRICS)
     _check_rows(rows, [key for key, _ in metrics])
 
     scenarios = _first_seen(rows, "scenario")
     methods = _first_seen(rows, "method")
     if len(methods) > len(_PALETTE):
-        raise ValueError(f"{len(methods)} methods exceed the {len(_PALETTE)} distinguishable colours; split the figure")
+        raise InputError(f"{len(methods)} methods exceed the {len(_PALETTE)} distinguishable colours; split the figure")
     values = {(str(row["scenario"]), str(row["method"])): row for row in rows}
 
     bar_width = min(0.8 / len(methods), _MAX_BAR_WIDTH)
@@ -239,7 +240,7 @@ def plot_sweep(rows: Sequence[Mapping], scenario: str = "SFT", title: str | None
     rows = [r for r in rows if r["scenario"] == scenario]
     original = next((r for r in rows if r["method"] == "Original"), None)
     if original is None:
-        raise ValueError(f"No Original row for scenario {scenario!r}; the sweep needs its reference point.")
+        raise InputError(f"No Original row for scenario {scenario!r}; the sweep needs its reference point.")
     figure = Figure(figsize=(17, 4.4), layout="constrained")
     axes = figure.subplots(1, 4)
     panels = (("HDR (TIES top-k)", "lam", "λ (top-k = 10 %)"), ("HDR (task vector)", "tv_lam", "λ (untrimmed τH)"),
@@ -307,7 +308,7 @@ def plot_head_heatmaps(df: pd.DataFrame, measures: Sequence[str], titles: Mappin
     for ax, measure in zip(axes, measures):
         rows = df[(df["measure"] == measure) & df["head"].notna()]
         if rows.empty:
-            raise ValueError(f"No head rows for measure {measure!r}.")
+            raise InputError(f"No head rows for measure {measure!r}.")
         grid = rows.pivot_table(index="layer", columns="head", values="value").reindex(range(n_layers))
         values = grid.to_numpy(float)
         finite = values[np.isfinite(values)]
@@ -346,7 +347,7 @@ def plot_layer_curves(df: pd.DataFrame, title: str | None = None,
     labels = dict(labels or {})
     metrics = [(m, t) for m, t in _LAYER_METRICS if m in set(df["metric"])]
     if not metrics:
-        raise ValueError("plot_layer_curves needs rows with metric asr, over_refusal or utility.")
+        raise InputError("plot_layer_curves needs rows with metric asr, over_refusal or utility.")
     figure = Figure(figsize=(5.2 * len(metrics), 4.2), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(metrics), sharey=True))
     methods = list(dict.fromkeys(df["method"]))

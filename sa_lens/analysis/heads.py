@@ -26,8 +26,15 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.analysis.capture import Capture, capture, post_instruction_length
-from sa_lens.analysis.logit_diff import COMPLIANCE_WORDS, REFUSAL_WORDS, TokenSets, token_sets, unembed_direction
+from sa_lens.analysis.logit_diff import (
+    COMPLIANCE_WORDS,
+    REFUSAL_WORDS,
+    TokenSets,
+    token_sets,
+    unembed_direction,
+)
 from sa_lens.analysis.patching import attribution_patch, patch_heads
+from sa_lens.errors import InputError
 from sa_lens.safety_vector import SafetyVector
 
 __all__ = ["COLUMNS", "dla_components", "head_outputs", "top_heads", "trace_heads"]
@@ -106,13 +113,13 @@ def _directions(model: TransformerBridge, direction: SafetyVector | Tensor) -> F
     if d.ndim == 1:
         d = d.expand(model.cfg.n_layers, -1)
     if tuple(d.shape) != (model.cfg.n_layers, model.cfg.d_model):
-        raise ValueError(
+        raise InputError(
             f"direction must be [d_model] or [n_layers, d_model] = [{model.cfg.n_layers}, {model.cfg.d_model}]; "
             f"got {tuple(d.shape)}."
         )
     norms = d.norm(dim=-1, keepdim=True)
     if (norms == 0).any():
-        raise ValueError("direction has an all-zero layer; pass layers= to trace only the layers it covers.")
+        raise InputError("direction has an all-zero layer; pass layers= to trace only the layers it covers.")
     return d / norms
 
 
@@ -162,7 +169,7 @@ def trace_heads(
     """
     n = min(len(harmful_prompts), len(harmless_prompts))
     if n == 0:
-        raise ValueError("trace_heads needs at least one harmful and one harmless prompt.")
+        raise InputError("trace_heads needs at least one harmful and one harmless prompt.")
     harmful, harmless = list(harmful_prompts[:n]), list(harmless_prompts[:n])
     units = _directions(model, direction)
     sets = token_sets(model.tokenizer, refusal_tokens, compliance_tokens)
@@ -225,7 +232,7 @@ def top_heads(df: pd.DataFrame, measure: str, k: int = 10, by_abs: bool = False)
     """
     rows = df[(df["measure"] == measure) & df["head"].notna()]
     if rows.empty:
-        raise ValueError(f"No head rows for measure {measure!r}; measures present: {sorted(df['measure'].unique())}.")
+        raise InputError(f"No head rows for measure {measure!r}; measures present: {sorted(df['measure'].unique())}.")
     key = rows["value"].abs() if by_abs else rows["value"]
     best = rows.loc[key.sort_values(ascending=False).index[:k]]
     return [(int(l), int(h)) for l, h in zip(best["layer"], best["head"])]

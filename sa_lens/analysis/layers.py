@@ -22,11 +22,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM
+from sa_lens.errors import InputError
 from sa_lens.evaluation.runner import EvalSet, evaluate_state
 from sa_lens.harm_removal import harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.safety_vector import SafetyVector
-from sa_lens.steering import DEFAULT_ALPHA, safety_hooks
+from sa_lens.steering import safety_hooks
 
 __all__ = ["METHODS", "layer_intervention", "layer_sweep", "restrict_to_layers"]
 
@@ -43,17 +45,17 @@ def restrict_to_layers(hv: HarmVector, layers: Sequence[int]) -> HarmVector:
     wanted = set(layers)
     kept = {n: t for n, t in hv.items() if (m := _LAYER.search(n)) and int(m.group(1)) in wanted}
     if not kept:
-        raise ValueError(f"The harm vector has no parameters in layers {sorted(wanted)}.")
+        raise InputError(f"The harm vector has no parameters in layers {sorted(wanted)}.")
     return HarmVector(kept, {**hv.meta, "layers": sorted(wanted)})
 
 
 def _check(method: str, sv: SafetyVector | None, hv: HarmVector | None) -> None:
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+        raise InputError(f"method must be one of {METHODS}; got {method!r}.")
     if method == "harm_removal" and hv is None:
-        raise ValueError("harm_removal needs hv=HarmVector.")
+        raise InputError("harm_removal needs hv=HarmVector.")
     if method != "harm_removal" and sv is None:
-        raise ValueError(f"{method} needs sv=SafetyVector.")
+        raise InputError(f"{method} needs sv=SafetyVector.")
 
 
 @contextlib.contextmanager
@@ -65,7 +67,7 @@ def layer_intervention(
     sv: SafetyVector | None = None,
     hv: HarmVector | None = None,
     alpha: float = DEFAULT_ALPHA,
-    lam: float = 3.0,
+    lam: float = DEFAULT_LAM,
     site: str = "resid_post",
 ) -> Iterator[TransformerBridge]:
     """One intervention at one layer, active inside the block (hooks removed / weights restored on exit).

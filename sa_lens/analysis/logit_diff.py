@@ -18,6 +18,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from sa_lens.errors import InputError
+
 __all__ = ["COMPLIANCE_WORDS", "REFUSAL_WORDS", "TokenSets", "logit_diff", "token_sets", "unembed_direction"]
 
 # First words of the lab's refusal templates and of common refusals (sa_lens/data/refusal_templates.json
@@ -48,7 +50,7 @@ def _resolve(tokenizer: PreTrainedTokenizerBase, items: Sequence[str | int]) -> 
         # vocabulary splits is represented by its first piece.
         pieces = tokenizer.encode(item, add_special_tokens=False)
         if not pieces:
-            raise ValueError(f"{item!r} encodes to no token; drop it from the token set.")
+            raise InputError(f"{item!r} encodes to no token; drop it from the token set.")
         ids.setdefault(pieces[0], item)
     return tuple(ids), tuple(ids.values())
 
@@ -73,12 +75,12 @@ def token_sets(
             cancel it; pick words whose first tokens differ).
     """
     if not refusal or not compliance:
-        raise ValueError("Both the refusal and the compliance token sets need at least one word or id.")
+        raise InputError("Both the refusal and the compliance token sets need at least one word or id.")
     r_ids, r_words = _resolve(tokenizer, refusal)
     c_ids, c_words = _resolve(tokenizer, compliance)
     shared = sorted(set(r_ids) & set(c_ids))
     if shared:
-        raise ValueError(
+        raise InputError(
             f"Token(s) {[tokenizer.decode([t]) for t in shared]} are in both the refusal and the compliance set "
             "(their first tokens coincide in this vocabulary); choose words that start with different tokens."
         )

@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from sa_lens.errors import InputError
 from sa_lens.prompts import format_prompts
 from sa_lens.safety_vector import SafetyVector
 
@@ -49,10 +50,10 @@ def attention_view(model: TransformerBridge, prompt: str, heads: Sequence[tuple[
         ValueError: no heads, or a head outside the model.
     """
     if not heads:
-        raise ValueError("attention_view needs at least one (layer, head).")
+        raise InputError("attention_view needs at least one (layer, head).")
     bad = [(l, h) for l, h in heads if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads)]
     if bad:
-        raise ValueError(f"Heads {bad} are outside the model ({model.cfg.n_layers} layers × {model.cfg.n_heads} heads).")
+        raise InputError(f"Heads {bad} are outside the model ({model.cfg.n_layers} layers × {model.cfg.n_heads} heads).")
     layers = sorted({l for l, _ in heads})
     tokens, store = _run(model, prompt, [f"blocks.{l}.attn.hook_pattern" for l in layers])
     patterns = torch.stack([store[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])  # [heads, q, k]

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector
 
 __all__ = ["head_mass", "layer_mass", "o_alignment", "rank_agreement"]
@@ -91,7 +92,7 @@ def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k
     """
     n_kv = n_kv_heads or n_heads
     if n_heads % n_kv:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}.")
+        raise InputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}.")
     group = n_heads // n_kv
     kept = _kept(hv, top_k)
     total_kept = max(1, sum(int(m.sum()) for m in kept.values()))
@@ -101,12 +102,12 @@ def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k
         if m:
             mats.setdefault(int(m.group(1)), {})[m.group(2)] = name
     if not mats:
-        raise ValueError("No attention projections (…layers.{l}.self_attn.{q,k,v,o}_proj.weight) in the harm vector.")
+        raise InputError("No attention projections (…layers.{l}.self_attn.{q,k,v,o}_proj.weight) in the harm vector.")
     rows = []
     for layer, names in sorted(mats.items()):
         d_head = hv.deltas[names["o"]].shape[1] // n_heads
         if d_head * n_heads != hv.deltas[names["o"]].shape[1]:
-            raise ValueError(f"o_proj of layer {layer} has {hv.deltas[names['o']].shape[1]} inputs, not {n_heads} heads.")
+            raise InputError(f"o_proj of layer {layer} has {hv.deltas[names['o']].shape[1]} inputs, not {n_heads} heads.")
         for head in range(n_heads):
             kv = head // group
             parts = {}
@@ -160,7 +161,7 @@ def o_alignment(
         layer = int(m.group(1))
         v = direction if direction.ndim == 1 else direction[layer]
         if v.shape[0] != t.shape[0]:
-            raise ValueError(f"direction has width {v.shape[0]} but o_proj writes {t.shape[0]} dimensions.")
+            raise InputError(f"direction has width {v.shape[0]} but o_proj writes {t.shape[0]} dimensions.")
         v = v / v.norm()
         d_head = t.shape[1] // n_heads
         for head in range(n_heads):
@@ -173,7 +174,7 @@ def o_alignment(
                 row["delta_write"] = float(along @ mean_z[layer, head].float())
             rows.append(row)
     if not rows:
-        raise ValueError("No o_proj entries (…layers.{l}.self_attn.o_proj.weight) in the harm vector.")
+        raise InputError("No o_proj entries (…layers.{l}.self_attn.o_proj.weight) in the harm vector.")
     return pd.DataFrame(rows).sort_values(["layer", "head"]).reset_index(drop=True)
 
 
@@ -195,7 +196,7 @@ def rank_agreement(a: pd.Series, b: pd.Series, n_permutations: int = 10_000, see
     joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
     n = len(joined)
     if n < 3:
-        raise ValueError(f"rank_agreement needs at least 3 common units; got {n}.")
+        raise InputError(f"rank_agreement needs at least 3 common units; got {n}.")
     if groups is None:
         labels = np.zeros(n, dtype=int)
         ra, rb = joined["a"].rank().to_numpy(float), joined["b"].rank().to_numpy(float)

@@ -8,6 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from sa_lens.defaults import DEFAULT_LAM, DEFAULT_TOP_K
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judge_registry import JUDGES
 
 
@@ -44,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--harmful", required=True, help="θH: θb fine-tuned on harmful QA")
     p.add_argument("--pairs", help="ICV demonstrations: CSV/JSON/JSONL with columns question, unsafe (a harmful answer) "
                    "and optional safe; default: θH's answers to the bundled harmful-train requests")
-    p.add_argument("--lam", type=float, default=3.0, help="λ of HDR (default: %(default)s, the paper's)")
-    p.add_argument("--top-k", type=float, default=0.10, help="fraction of τH kept (default: %(default)s)")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ of HDR (default: %(default)s, the paper's)")
+    p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="fraction of τH kept (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.12, help="Safe-Align α (default: %(default)s)")
     _common(p)
     p.set_defaults(run=_run_safety_arithmetic)
@@ -97,7 +99,7 @@ def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]
         rows = load_records(args.pairs, "question")
         missing = [i + 1 for i, r in enumerate(rows) if not str(r.get("unsafe") or "").strip()]
         if missing:
-            raise ValueError(f"{args.pairs}: rows {missing[:5]} have no 'unsafe' answer; each pair needs one.")
+            raise InputError(f"{args.pairs}: rows {missing[:5]} have no 'unsafe' answer; each pair needs one.")
         return [(demonstration_text(r["prompt"], r["unsafe"]), demonstration_text(r["prompt"], r.get("safe") or SAFE_DEMO_ANSWER))
                 for r in rows]
     # Default as in the lab: θH's own answers where it complied, against the official safe answer.
@@ -108,7 +110,7 @@ def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]
     pairs = [(demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER))
              for q, a in zip(questions, answers) if judge.judge(a) is Verdict.COMPLIANCE][:30]
     if not pairs:
-        raise ValueError("θH refused every bundled harmful request, so no ICV pairs; pass --pairs.")
+        raise InputError("θH refused every bundled harmful request, so no ICV pairs; pass --pairs.")
     return pairs
 
 
@@ -159,7 +161,7 @@ def _check_same_run(path: Path, run_config: dict) -> None:
     changed = [k for k in _RUN_FIELDS if k in old and old[k] != run_config[k]]
     if changed:
         diff = ", ".join(f"{k}: {old[k]!r} → {run_config[k]!r}" for k in changed)
-        raise ValueError(
+        raise InputError(
             f"{path.parent} holds the results of another run ({diff}); its Safe-Align records would be reused as "
             "if they were this run's. Write to another folder (-o) or delete that one."
         )

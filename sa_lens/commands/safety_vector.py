@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sa_lens.data import DataError
+from sa_lens.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +62,7 @@ def _layers(spec: str | None) -> list[int] | None:
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--layers must be comma-separated integers such as 4,5,6; got {spec!r}.") from None
+        raise InputError(f"--layers must be comma-separated integers such as 4,5,6; got {spec!r}.") from None
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 
 from sa_lens.checkpoints import INDEX_FILE, SINGLE_FILE
+from sa_lens.defaults import DEFAULT_LAM, DEFAULT_TOP_K
+from sa_lens.errors import InputError
 from sa_lens.parameter_names import KINDS, layer_index
 
 
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base", required=True, help="θb: hub id or local HF folder")
     p.add_argument("--harmful", required=True, help="θH: fine-tuned from θb on harmful QA (hub id or folder)")
-    p.add_argument("--top-k", type=float, default=0.10, help="fraction kept, in (0, 1] (default: %(default)s)")
+    p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="fraction kept, in (0, 1] (default: %(default)s)")
     p.add_argument("--scope", choices=("global", "per_layer", "per_tensor"), default="global")
     p.add_argument("--no-trim", action="store_true", help="keep the full task vector (the paper's HDR‡ baseline)")
     p.add_argument("--layers", type=_layers, help="only these decoder layers, e.g. 4,5,6 or 4-6")
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="Subtract λ·τH′ from a target checkpoint and save the edited model.")
     p.add_argument("--target", required=True, help="θt: hub id or local HF folder")
     p.add_argument("--harm-vector", required=True, help="a .safetensors file written by `sa-lens harm-vector`")
-    p.add_argument("--lam", type=float, default=3.0, help="λ (default: %(default)s)")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ (default: %(default)s)")
     p.add_argument("--restrict", action="store_true", help="apply only the parameters the target shares with the vector")
     p.add_argument("-o", "--out", required=True, help="output folder (save_pretrained layout)")
     p.set_defaults(run=_run_apply)
@@ -60,7 +62,7 @@ def _check_layers(layers: list[int] | None, names) -> None:
     n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
     absent = sorted(set(layers) - set(range(n_layers)))
     if absent:
-        raise ValueError(f"--layers {absent}: the model has {n_layers} decoder layers (0–{n_layers - 1}).")
+        raise InputError(f"--layers {absent}: the model has {n_layers} decoder layers (0–{n_layers - 1}).")
 
 
 def _local_or_hub(name_or_path: str) -> str:
@@ -90,7 +92,7 @@ def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     from sa_lens.models import load_hf_model
 
     if Path(args.out).suffix != ".safetensors":  # before the build, which can take hours
-        raise ValueError(f"{args.out}: vector files end in .safetensors (the sidecar goes beside it as .json).")
+        raise InputError(f"{args.out}: vector files end in .safetensors (the sidecar goes beside it as .json).")
     for path in (args.base, args.harmful, args.edit_area):
         if path is not None:
             _local_or_hub(path)
@@ -101,7 +103,7 @@ def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         else:
             area = detect_edit_area(load_hf_model(args.base)[0], load_hf_model(args.edit_area)[0])
         if not area.layers:
-            raise ValueError(f"{args.edit_area} does not differ from {args.base} in any decoder layer; no edit area.")
+            raise InputError(f"{args.edit_area} does not differ from {args.base} in any decoder layer; no edit area.")
         print(f"Edit area: layers {list(area.layers)} (changed: {list(area.changed_layers)}).")
         layers = sorted(set(area.layers) & set(layers)) if layers is not None else list(area.layers)
     top_k = None if args.no_trim else args.top_k
@@ -114,7 +116,7 @@ def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         hv = HarmVector.from_models(base, load_hf_model(args.harmful)[0], layers=layers, kinds=args.kinds)
         hv = hv if top_k is None else hv.trim(top_k, args.scope)
     if not hv.deltas:
-        raise ValueError(f"No parameters left after --layers {args.layers} / --kinds {args.kinds}; widen the selection.")
+        raise InputError(f"No parameters left after --layers {args.layers} / --kinds {args.kinds}; widen the selection.")
     path = hv.save(args.out, lam=args.lam)
     print(f"{path}: {hv.nnz:,} of {hv.numel:,} entries non-zero ({hv.nnz / hv.numel:.1%}).")
     return 0

@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sa_lens.errors import InputError
+
 __all__ = [
     "BUNDLED",
     "PROMPT_COLUMNS",
@@ -52,7 +54,7 @@ PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "goal", "behavior", "question", "in
 _SUFFIXES: tuple[str, ...] = (".csv", ".json", ".jsonl")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file is missing, malformed or has no usable prompts.
 
     The message names the file, the problem (with a 1-based line or row number where one
@@ -132,11 +134,11 @@ def load_bundled(name: str, split: str | None = None) -> list[dict[str, Any]]:
         DataError: If the bundled file is missing or malformed.
     """
     if name not in BUNDLED:
-        raise ValueError(f"unknown bundled data set {name!r}; valid names: {', '.join(BUNDLED)}")
+        raise InputError(f"unknown bundled data set {name!r}; valid names: {', '.join(BUNDLED)}")
     if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)} (or None for all)")
+        raise InputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)} (or None for all)")
     if split is not None and name == "sft_task":
-        raise ValueError("sft_task has no splits (it is all training data); call load_bundled('sft_task')")
+        raise InputError("sft_task has no splits (it is all training data); call load_bundled('sft_task')")
     filename = f"{name}.jsonl"
     records = _parse_jsonl(_read_bundled(filename), filename)
     if split is None:

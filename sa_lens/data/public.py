@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sa_lens.data import DataError, load_records
+from sa_lens.errors import InputError
 
 __all__ = [
     "ALIASES",
@@ -166,7 +167,7 @@ def load_bundled_set(name: str, split: str = "test") -> PromptSet | QASet:
     from sa_lens.data import load_bundled
 
     if name not in ("harmful", "safe", "qa"):
-        raise ValueError(f"bundled evaluation sets are harmful, safe and qa; got {name!r}.")
+        raise InputError(f"bundled evaluation sets are harmful, safe and qa; got {name!r}.")
     rows = load_bundled(name, split)
     where = f"bundled:{name}/{split}"
     if name == "qa":
@@ -185,7 +186,7 @@ def _sample(size: int, n: int | None, seed: int) -> list[int]:
     if n is None or n >= size:
         return list(range(size))
     if n < 1:
-        raise ValueError(f"a subsample needs n ≥ 1, got {n}.")
+        raise InputError(f"a subsample needs n ≥ 1, got {n}.")
     return sorted(random.Random(seed).sample(range(size), n))
 
 
@@ -365,7 +366,7 @@ def load_public(
         )
     src = PUBLIC_SETS[key]
     if split is not None and split not in src.splits:
-        raise ValueError(f"{src.name} has no split {split!r}; valid: {', '.join(src.splits) or 'none (omit split)'}.")
+        raise InputError(f"{src.name} has no split {split!r}; valid: {', '.join(src.splits) or 'none (omit split)'}.")
     if path is None and split is not None and src.name == "harmbench":
         raise DataError(
             "the hub copy of HarmBench (walledai/HarmBench, standard behaviours) has no val/test split; pass the "
@@ -557,13 +558,13 @@ def _mmlu_item(row: dict[str, Any], i: int) -> MCItem:
     else:  # the local copy's layout: choice0..choice3
         raw = [_get(row, f"choice{k}") for k in range(4)]
     if any(c is None for c in raw):
-        raise ValueError(f"missing choice in {raw!r}")
+        raise InputError(f"missing choice in {raw!r}")
     choices = tuple(str(c) for c in raw)
     answer = _get(row, "answer")
     letters = tuple(_MMLU_LETTERS)
     index = letters.index(answer.strip()) if isinstance(answer, str) and answer.strip() in letters else int(answer)
     if not 0 <= index < len(choices):
-        raise ValueError(f"answer {answer!r} out of range")
+        raise InputError(f"answer {answer!r} out of range")
     labels = tuple(int(k == index) for k in range(len(choices)))
     subject = str(_get(row, "subject") or "")
     return MCItem(str(row.get("id", i)), str(_get(row, "question")), choices, labels, subject)
@@ -576,7 +577,7 @@ def _truthfulqa_item(row: dict[str, Any], i: int, which: str) -> MCItem:
     else:  # mc_task.json layout: {option: 0/1}
         choices, labels = tuple(targets), tuple(int(v) for v in targets.values())
     if not any(labels):
-        raise ValueError("no true option")
+        raise InputError("no true option")
     return MCItem(str(i), str(row["question"]), choices, labels)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sa_lens.errors import InputError
 from sa_lens.evaluation.metrics import Rate
 
 __all__ = ["bootstrap_mean", "macro_mean"]
@@ -21,11 +22,11 @@ __all__ = ["bootstrap_mean", "macro_mean"]
 def _check(values: Sequence[float], n_boot: int) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
-        raise ValueError("the bootstrap needs a non-empty 1-d sequence of per-item scores.")
+        raise InputError("the bootstrap needs a non-empty 1-d sequence of per-item scores.")
     if not np.all((x >= 0) & (x <= 1)):
-        raise ValueError("per-item scores must lie in [0, 1] (flags or probabilities).")
+        raise InputError("per-item scores must lie in [0, 1] (flags or probabilities).")
     if n_boot < 100:
-        raise ValueError(f"n_boot must be ≥ 100 for a 95 % percentile interval, got {n_boot}.")
+        raise InputError(f"n_boot must be ≥ 100 for a 95 % percentile interval, got {n_boot}.")
     return x
 
 
@@ -70,7 +71,7 @@ def macro_mean(values: Sequence[float], groups: Sequence[str], n_boot: int = 200
     """
     x = _check(values, n_boot)
     if len(groups) != x.size:
-        raise ValueError(f"{len(groups)} groups for {x.size} values; give one category per item.")
+        raise InputError(f"{len(groups)} groups for {x.size} values; give one category per item.")
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups, dtype=object)
     per_group, boot = [], []

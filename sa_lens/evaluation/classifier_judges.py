@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import Verdict
 from sa_lens.generation import generate_tokens
 from sa_lens.models import load_hf_model
@@ -71,7 +72,7 @@ class _ClassifierJudge(ABC):
             ValueError: a loaded model without its tokenizer.
         """
         if isinstance(model, PreTrainedModel) and tokenizer is None:
-            raise ValueError("a loaded classifier model needs its tokenizer: tokenizer=...")
+            raise InputError("a loaded classifier model needs its tokenizer: tokenizer=...")
         self._spec, self._model, self._tok = model or self.default_model, None, tokenizer
         if isinstance(model, PreTrainedModel):
             self._model = model
@@ -101,7 +102,7 @@ class _ClassifierJudge(ABC):
             ValueError: misaligned inputs.
         """
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
         model, tok = self._load()
         texts = [self.build_input(tok, p, r) for p, r in zip(prompts, responses)]
         verdicts: list[Verdict] = []

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from sa_lens.errors import InputError
+
 __all__ = ["PRESETS", "PROMPT_FORMATS", "GenerationSettings", "preset"]
 
 PROMPT_FORMATS: tuple[str, ...] = ("chat", "raw")
@@ -51,13 +53,13 @@ class GenerationSettings:
                 budget or temperature.
         """
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}.")
+            raise InputError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}.")
         if self.prompt_format == "raw" and self.system_prompt is not None:
-            raise ValueError("system_prompt needs prompt_format='chat'; the paper's raw format has no system turn.")
+            raise InputError("system_prompt needs prompt_format='chat'; the paper's raw format has no system turn.")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}.")
+            raise InputError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}.")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}.")
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}.")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for :func:`sa_lens.generate` (all but the prompts and the batch)."""
@@ -94,5 +96,5 @@ def preset(name: str, **overrides) -> GenerationSettings:
         ValueError: an unknown preset name or an invalid override.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown decoding preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        raise InputError(f"unknown decoding preset {name!r}; choose one of {', '.join(PRESETS)}.")
     return dataclasses.replace(PRESETS[name], **overrides)

@@ -29,7 +29,16 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data import DataError
-from sa_lens.data.public import PUBLIC_SETS, MCSet, PromptSet, QASet, load_bundled_set, load_public, resolve_names
+from sa_lens.data.public import (
+    PUBLIC_SETS,
+    MCSet,
+    PromptSet,
+    QASet,
+    load_bundled_set,
+    load_public,
+    resolve_names,
+)
+from sa_lens.errors import InputError
 from sa_lens.evaluation.decoding import GenerationSettings, preset
 from sa_lens.evaluation.judge_registry import Judge, get_judge
 from sa_lens.evaluation.metrics import exact_match
@@ -249,11 +258,11 @@ def evaluate(
     """
     t0 = time.perf_counter()
     if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+        raise InputError(f"batch_size must be ≥ 1, got {batch_size}.")
     if not datasets:
-        raise ValueError("no data sets given; name at least one (e.g. ['advbench', 'xstest']).")
+        raise InputError("no data sets given; name at least one (e.g. ['advbench', 'xstest']).")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"out_dir {out_dir} is a file, not a folder; the report needs a folder of its own.")
+        raise InputError(f"out_dir {out_dir} is a file, not a folder; the report needs a folder of its own.")
     model = model_or_lens.model if isinstance(model_or_lens, SafetyLens) else model_or_lens
     settings = preset(settings) if isinstance(settings, str) else settings
     harm_judge = get_judge(judge)

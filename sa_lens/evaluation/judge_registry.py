@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from sa_lens.errors import InputError, SaLensError
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
 
 __all__ = ["JUDGES", "Judge", "JudgeUnavailableError", "get_judge"]
@@ -15,7 +16,7 @@ __all__ = ["JUDGES", "Judge", "JudgeUnavailableError", "get_judge"]
 JUDGES: tuple[str, ...] = ("keyword", "llm", "llama-guard", "harmbench-classifier")
 
 
-class JudgeUnavailableError(RuntimeError):
+class JudgeUnavailableError(SaLensError, RuntimeError):
     """A judge cannot be used at all (endpoint unreachable after retries, or it rejects the request)."""
 
 
@@ -49,4 +50,4 @@ def get_judge(judge: str | Judge, **options: Any) -> Judge:
         from sa_lens.evaluation.classifier_judges import HarmBenchClassifierJudge
 
         return HarmBenchClassifierJudge(**options)
-    raise ValueError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)} or pass a judge object.")
+    raise InputError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)} or pass a judge object.")

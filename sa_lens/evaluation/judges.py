@@ -55,6 +55,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from sa_lens.errors import InputError
+
 __all__ = ["DEFAULT_REFUSAL_PHRASES", "KeywordJudge", "Verdict"]
 
 
@@ -286,9 +288,9 @@ class KeywordJudge:
             raise TypeError("refusal_phrases must be a sequence of phrases, not one string; wrap it in a list")
         phrases = DEFAULT_REFUSAL_PHRASES if refusal_phrases is None else tuple(refusal_phrases)
         if not phrases or any(not p.strip() for p in phrases):
-            raise ValueError("refusal_phrases must hold at least one non-blank phrase; pass None for the defaults")
+            raise InputError("refusal_phrases must hold at least one non-blank phrase; pass None for the defaults")
         if window_chars <= 0:
-            raise ValueError(f"window_chars must be positive, got {window_chars}")
+            raise InputError(f"window_chars must be positive, got {window_chars}")
         self.refusal_phrases = tuple(_normalise(p).lower() for p in phrases)
         self.window_chars = window_chars
         if phrases != DEFAULT_REFUSAL_PHRASES or window_chars != 200:
@@ -360,7 +362,7 @@ class KeywordJudge:
             ValueError: if ``prompts`` and ``responses`` differ in length.
         """
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
         return self(responses)
 
     @staticmethod

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judge_registry import JudgeUnavailableError
 from sa_lens.evaluation.judges import Verdict
 
@@ -93,12 +94,12 @@ class LLMJudge:
             ValueError: ``api_key_env`` names a variable that is not set, or a negative retry count.
         """
         if max_retries < 0 or backoff_s < 0:
-            raise ValueError("max_retries and backoff_s must be ≥ 0.")
+            raise InputError("max_retries and backoff_s must be ≥ 0.")
         key = None
         if api_key_env is not None:
             key = os.environ.get(api_key_env)
             if not key:
-                raise ValueError(
+                raise InputError(
                     f"the LLM judge reads its API key from ${api_key_env}, which is not set. Export it, or pass "
                     "api_key_env=None for an endpoint without authentication (e.g. a local vLLM server)."
                 )
@@ -171,7 +172,7 @@ class LLMJudge:
             JudgeUnavailableError: the endpoint is unreachable after the retries or rejects the request.
         """
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
         with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
             results = list(pool.map(self._request, prompts, responses))
         self.errors = [(i, why) for i, (v, why) in enumerate(results) if v is Verdict.FAILED]

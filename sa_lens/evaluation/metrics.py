@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import Verdict
 
 __all__ = [
@@ -59,9 +60,9 @@ class Rate:
             ValueError: If n < 1 or the bounds do not satisfy 0 <= low <= value <= high <= 1.
         """
         if self.n < 1:
-            raise ValueError(f"a Rate needs n >= 1, got n={self.n}")
+            raise InputError(f"a Rate needs n >= 1, got n={self.n}")
         if not 0.0 <= self.low <= self.value <= self.high <= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"a Rate needs 0 <= low <= value <= high <= 1, got low={self.low}, value={self.value}, high={self.high}"
             )
 
@@ -103,10 +104,10 @@ def rate(flags: Sequence[bool]) -> Rate:
         ValueError: If ``flags`` is empty or holds something other than a boolean.
     """
     if len(flags) == 0:
-        raise ValueError("rate() got no flags; score at least one item (check that generation produced outputs)")
+        raise InputError("rate() got no flags; score at least one item (check that generation produced outputs)")
     bad = [f for f in flags if f not in (True, False)]
     if bad:
-        raise ValueError(f"rate() takes booleans, got {bad[0]!r}; compare to a threshold first")
+        raise InputError(f"rate() takes booleans, got {bad[0]!r}; compare to a threshold first")
     successes = sum(1 for f in flags if f)
     low, high = _wilson(successes, len(flags))
     return Rate(value=successes / len(flags), n=len(flags), low=low, high=high)
@@ -121,7 +122,7 @@ def _share_of(verdicts: Sequence[Verdict | str], target: Verdict) -> Rate:
     parsed = [Verdict(v) for v in verdicts]
     judged = [v for v in parsed if v is not Verdict.FAILED]
     if parsed and not judged:
-        raise ValueError(f"all {len(parsed)} judgements failed; nothing to score (see the judge's errors).")
+        raise InputError(f"all {len(parsed)} judgements failed; nothing to score (see the judge's errors).")
     return rate([v is target for v in judged])
 
 
@@ -230,7 +231,7 @@ def exact_match(prediction: str, answers: Sequence[str]) -> bool:
         raise TypeError("exact_match() takes a sequence of aliases; wrap a single answer in a list")
     aliases = [alias for alias in (normalize_answer(a) for a in answers) if alias]
     if not aliases:
-        raise ValueError(f"exact_match() needs at least one alias that survives normalisation, got {list(answers)!r}")
+        raise InputError(f"exact_match() needs at least one alias that survives normalisation, got {list(answers)!r}")
     padded = f" {normalize_answer(prediction)} "
     return any(f" {alias} " in padded for alias in aliases)
 
@@ -250,7 +251,7 @@ def accuracy(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) 
             usable alias.
     """
     if len(predictions) != len(answer_lists):
-        raise ValueError(
+        raise InputError(
             f"accuracy() got {len(predictions)} predictions but {len(answer_lists)} answer lists; align them one to one"
         )
     return rate([exact_match(p, answers) for p, answers in zip(predictions, answer_lists, strict=True)])

@@ -18,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data.public import MCItem, MCSet
+from sa_lens.errors import InputError
 from sa_lens.generation import enable_kv_cache
 
 __all__ = ["continuation_logprobs", "mc_prompt", "score_items"]
@@ -55,7 +56,7 @@ def _hf(model: TransformerBridge | PreTrainedModel, tokenizer: PreTrainedTokeniz
         enable_kv_cache(model)
         return model.original_model, tokenizer or model.tokenizer
     if tokenizer is None:
-        raise ValueError("A plain Hugging Face model needs its tokenizer: tokenizer=...")
+        raise InputError("A plain Hugging Face model needs its tokenizer: tokenizer=...")
     return model, tokenizer
 
 
@@ -89,7 +90,7 @@ def continuation_logprobs(
         ValueError: misaligned inputs or an empty continuation.
     """
     if len(contexts) != len(continuations):
-        raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations.")
+        raise InputError(f"{len(contexts)} contexts for {len(continuations)} continuations.")
     hf, tok = _hf(model, tokenizer)
     # Every context starts with BOS where the tokenizer has one, whatever its add_bos_token says: the bridge's
     # tokenizer always adds it (TransformerLens) and a checkpoint's own often does not, so a plain model
@@ -98,7 +99,7 @@ def continuation_logprobs(
     ctx_ids = [bos + tok(c, add_special_tokens=False)["input_ids"] for c in contexts]
     cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
     if any(len(c) == 0 for c in cont_ids):
-        raise ValueError("an empty continuation has no tokens to score.")
+        raise InputError("an empty continuation has no tokens to score.")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # The input is context + continuation minus its last token (that token is only predicted). Options
     # of one token therefore share one input — MMLU's four letters cost one forward pass, not four.

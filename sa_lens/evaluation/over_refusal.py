@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
 
 __all__ = ["OverRefusalJudge", "RefusalClass"]
@@ -62,5 +63,5 @@ class OverRefusalJudge:
             ValueError: ``prompts`` and ``responses`` differ in length.
         """
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
         return [self.classify(r) for r in responses]

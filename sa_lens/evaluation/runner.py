@@ -12,8 +12,16 @@ from typing import Literal
 
 from transformer_lens.model_bridge import TransformerBridge
 
+from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import KeywordJudge
-from sa_lens.evaluation.metrics import Rate, accuracy, attack_success_rate, degenerate_rate, exact_match, refusal_rate
+from sa_lens.evaluation.metrics import (
+    Rate,
+    accuracy,
+    attack_success_rate,
+    degenerate_rate,
+    exact_match,
+    refusal_rate,
+)
 from sa_lens.generation import generate
 
 __all__ = ["EvalSet", "StateResult", "evaluate_state"]
@@ -44,13 +52,13 @@ class EvalSet:
 
     def __post_init__(self) -> None:
         if len(self.prompts) == 0:
-            raise ValueError(f"Evaluation set '{self.name}' is empty; give it at least one prompt.")
+            raise InputError(f"Evaluation set '{self.name}' is empty; give it at least one prompt.")
         if len(self.ids) != len(self.prompts):
-            raise ValueError(f"Evaluation set '{self.name}': {len(self.ids)} ids for {len(self.prompts)} prompts.")
+            raise InputError(f"Evaluation set '{self.name}': {len(self.ids)} ids for {len(self.prompts)} prompts.")
         if self.kind == "qa" and len(self.answers) != len(self.prompts):
-            raise ValueError(f"QA set '{self.name}' needs one answer list per question.")
+            raise InputError(f"QA set '{self.name}' needs one answer list per question.")
         if self.groups and len(self.groups) != len(self.prompts):
-            raise ValueError(f"Evaluation set '{self.name}': {len(self.groups)} groups for {len(self.prompts)} prompts.")
+            raise InputError(f"Evaluation set '{self.name}': {len(self.groups)} groups for {len(self.prompts)} prompts.")
 
 
 @dataclass

@@ -10,10 +10,11 @@ import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
+from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM
+from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector
 from sa_lens.lens import SafetyLens
 from sa_lens.safety_vector import SafetyVector
-from sa_lens.steering import DEFAULT_ALPHA
 
 __all__ = ["STATE_NAMES", "safety_arithmetic_states"]
 
@@ -24,7 +25,7 @@ def safety_arithmetic_states(
     lens: SafetyLens,
     hv: HarmVector,
     pairs: Sequence[tuple[str, str]],
-    lam: float = 3.0,
+    lam: float = DEFAULT_LAM,
     alpha: float = DEFAULT_ALPHA,
     which: Sequence[str] = STATE_NAMES,
 ) -> dict[str, Callable[[], AbstractContextManager]]:
@@ -47,7 +48,7 @@ def safety_arithmetic_states(
     """
     unknown = [w for w in which if w not in STATE_NAMES]
     if unknown:
-        raise ValueError(f"unknown state(s) {unknown}; choose from {', '.join(STATE_NAMES)}.")
+        raise InputError(f"unknown state(s) {unknown}; choose from {', '.join(STATE_NAMES)}.")
 
     @contextlib.contextmanager
     def safe_align():

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from sa_lens.errors import InputError
+
 __all__ = ["ResultStore", "record_key"]
 
 
@@ -58,12 +60,12 @@ class ResultStore:
                 if lineno == len(lines):  # the torn tail of an interrupted write (no newline yet): redo that item
                     self._cut_torn_tail(text)
                     continue
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: line {lineno} is not valid JSON ({exc.msg}); the results file was edited "
                     "or corrupted. Delete that line (its item is then redone) and rerun."
                 ) from exc
             if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: line {lineno} is not an evaluation record (no 'key'); this file was not written by "
                     "sa_lens.evaluate. Use another report folder."
                 )
