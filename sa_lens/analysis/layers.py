@@ -15,7 +15,6 @@ The sweep returns a tidy DataFrame (``method, layer, metric, value, n, ci_low, c
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 
 import pandas as pd
@@ -33,20 +32,18 @@ from sa_lens.steering import safety_hooks
 __all__ = ["METHODS", "layer_intervention", "layer_sweep", "restrict_to_layers"]
 
 METHODS = ("directional_ablation", "safe_align", "harm_removal")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def restrict_to_layers(hv: HarmVector, layers: Sequence[int]) -> HarmVector:
-    """The harm vector's entries of the given transformer layers only (embeddings, final norm and others dropped).
+    """``hv.restrict(layers=layers)`` (embeddings, final norm and others dropped), refusing an empty result.
 
     Raises:
-        ValueError: no parameter of ``hv`` belongs to those layers.
+        ValueError: no parameter of ``hv`` belongs to those layers, or a negative layer.
     """
-    wanted = set(layers)
-    kept = {n: t for n, t in hv.items() if (m := _LAYER.search(n)) and int(m.group(1)) in wanted}
-    if not kept:
-        raise InputError(f"The harm vector has no parameters in layers {sorted(wanted)}.")
-    return HarmVector(kept, {**hv.meta, "layers": sorted(wanted)})
+    kept = hv.restrict(layers=set(layers))
+    if not len(kept):
+        raise InputError(f"The harm vector has no parameters in layers {sorted(set(layers))}.")
+    return kept
 
 
 def _check(method: str, sv: SafetyVector | None, hv: HarmVector | None) -> None:

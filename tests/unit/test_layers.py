@@ -23,6 +23,13 @@ def test_restrict_to_layers_keeps_only_that_layers_parameters(tiny_bridge):
         restrict_to_layers(hv, [0])
 
 
+def test_restrict_to_layers_reads_gpt2_block_names():
+    names = ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",
+             "transformer.h.1.ln_2.weight", "transformer.ln_f.weight"]
+    hv = HarmVector({n: torch.ones(2, 2) for n in names})
+    assert list(restrict_to_layers(hv, [1]).deltas) == ["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.ln_2.weight"]
+
+
 def test_harm_removal_at_one_layer_edits_only_that_layer_and_restores(tiny_bridge):
     params = checkpoint_parameters(tiny_bridge)
     before = {n: p.detach().clone() for n, p in params.items()}
