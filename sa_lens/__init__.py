@@ -1,6 +1,12 @@
-"""sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives."""
+"""sa_lens: Safety Arithmetic (Hazra et al., EMNLP 2024) on TransformerLens 4, and where the harm lives.
 
-from sa_lens import analysis
+``import sa_lens`` loads no plotting library and no pandas: :mod:`sa_lens.analysis` (figures, tables, views)
+is imported on first use of ``sa_lens.analysis`` (PEP 562 ``__getattr__`` below).
+"""
+
+import importlib
+from importlib.metadata import version
+
 from sa_lens.edit_area import EditArea, detect_edit_area
 from sa_lens.evaluation.harness import evaluate
 from sa_lens.export import export_harm_removed
@@ -15,21 +21,24 @@ from sa_lens.safety_vector import SafetyVector, demonstration_text
 from sa_lens.sparse_delta import SparseDelta
 from sa_lens.steering import safety_hooks
 
-__version__ = "0.1.0"
+__version__ = version("sa_lens")
+
+# Submodules imported on first attribute access, because they pull in heavy optional libraries.
+_LAZY_SUBMODULES = ("analysis",)
 
 __all__ = [
     "EditArea",
     "HarmRemoval",
     "HarmVector",
+    "SafetyLens",
+    "SafetyVector",
     "SparseDelta",
     "analysis",
     "apply_harm_removal",
-    "SafetyLens",
-    "SafetyVector",
     "checkpoint_parameters",
     "dare",
-    "detect_edit_area",
     "demonstration_text",
+    "detect_edit_area",
     "enable_kv_cache",
     "evaluate",
     "export_harm_removed",
@@ -41,3 +50,13 @@ __all__ = [
     "safety_hooks",
     "ties_merge",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here, so this runs once
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

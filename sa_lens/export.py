@@ -15,8 +15,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
 
+from sa_lens.bridge import is_bridge
 from sa_lens.checkpoints import PICKLE_SUFFIXES, Checkpoint
 from sa_lens.defaults import DEFAULT_LAM
 from sa_lens.errors import InputError
@@ -56,7 +56,7 @@ def export_harm_removed(
     out = Path(out_dir)
     if isinstance(target, (str, os.PathLike)):
         return _export_folder(Path(target), hv, out, lam, progress)
-    model = target.original_model if isinstance(target, TransformerBridge) else target
+    model = target.original_model if is_bridge(target) else target
     if not hasattr(model, "save_pretrained"):
         raise InputError("export_harm_removed needs a checkpoint folder or a model with save_pretrained; got a state dict.")
     with harm_removal(target, hv, lam):

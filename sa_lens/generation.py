@@ -20,19 +20,19 @@ its speed. We use path 2: it is right, fast, honours hooks, and is Hugging Face'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.generalized_components.attention import (
-    AttentionBridge,
-)
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.bridge import is_bridge
 from sa_lens.errors import InputError
 from sa_lens.positions import prompt_length
 from sa_lens.prompts import format_prompts, tokenize_left_padded
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["enable_kv_cache", "generate", "generate_tokens"]
 
@@ -57,6 +57,11 @@ def enable_kv_cache(bridge: TransformerBridge) -> TransformerBridge:
     """
     if getattr(bridge, _KV_FLAG, False):
         return bridge
+    # A bridge exists, so TransformerLens is already imported; at module level it would slow `import sa_lens`.
+    from transformer_lens.model_bridge.generalized_components.attention import (
+        AttentionBridge,
+    )
+
     for module in bridge.modules():
         if isinstance(module, AttentionBridge):
             module.register_forward_pre_hook(_route_cache, with_kwargs=True)
@@ -67,7 +72,7 @@ def enable_kv_cache(bridge: TransformerBridge) -> TransformerBridge:
 def _hf_and_tokenizer(
     model: TransformerBridge | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if isinstance(model, TransformerBridge):
+    if is_bridge(model):
         enable_kv_cache(model)
         return model.original_model, tokenizer or model.tokenizer
     if isinstance(model, PreTrainedModel):

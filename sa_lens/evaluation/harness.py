@@ -21,11 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data import DataError
@@ -48,6 +47,9 @@ from sa_lens.evaluation.report import comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.generation import generate
 from sa_lens.lens import SafetyLens
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["EvalReport", "evaluate", "load_sets", "state_fingerprint"]
 

@@ -10,16 +10,20 @@ Zero-shot (the paper's MMLU is 5-shot; ``shots`` lets a caller pass dev examples
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.bridge import is_bridge
 from sa_lens.data.public import MCItem, MCSet
 from sa_lens.errors import InputError
 from sa_lens.generation import enable_kv_cache
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["continuation_logprobs", "mc_prompt", "score_items"]
 
@@ -52,7 +56,7 @@ def mc_prompt(item: MCItem, scoring: str, shots: Sequence[MCItem] = ()) -> tuple
 
 
 def _hf(model: TransformerBridge | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None):
-    if isinstance(model, TransformerBridge):
+    if is_bridge(model):
         enable_kv_cache(model)
         return model.original_model, tokenizer or model.tokenizer
     if tokenizer is None:
