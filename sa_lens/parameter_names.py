@@ -1,9 +1,13 @@
-"""What a checkpoint parameter name says: its transformer layer and its kind (attention, MLP, embeddings, norms).
+"""What a checkpoint parameter name says: its transformer layer, its kind and its attention projection.
 
 Harm vectors are keyed by checkpoint names (``model.layers.3.mlp.down_proj.weight``), so restricting τH to
-some layers or kinds (the EDIT scenario, paper-notes.md §2.4 and §7.6) is a question about names only. The
-patterns cover the Llama/Mistral/Qwen/Gemma (``model.layers.N``), GPT-2 (``transformer.h.N``) and GPT-NeoX
-(``gpt_neox.layers.N``) layouts.
+some layers or kinds (the EDIT scenario, paper-notes.md §2.4 and §7.6) and splitting it per layer or head
+(:mod:`sa_lens.analysis.weights`) are questions about names only; this module is the one place that reads
+them. The patterns cover the Llama/Mistral/Qwen/Gemma/Phi-3 (``model.layers.N``), GPT-2 (``transformer.h.N``)
+and GPT-NeoX (``gpt_neox.layers.N``) layouts, the same names as a TransformerBridge lists them (with
+``._original_component`` after each wrapped module), and the language model of a multimodal checkpoint
+(``model.language_model.layers.N``). A vision or audio tower and its projector (``vision_tower…layers.N``,
+``visual.blocks.N``) are kind ``"tower"`` and outside the layers: their blocks are not the decoder's.
 """
 
 from __future__ import annotations
@@ -14,33 +18,76 @@ from typing import Literal
 
 from sa_lens.errors import InputError
 
-__all__ = ["KINDS", "Kind", "layer_index", "parameter_kind", "select_names"]
+__all__ = ["KINDS", "Kind", "Projection", "attention_projection", "layer_index", "parameter_kind", "select_names"]
 
-Kind = Literal["attention", "mlp", "embeddings", "norms", "other"]
-KINDS: tuple[Kind, ...] = ("attention", "mlp", "embeddings", "norms", "other")
+Kind = Literal["attention", "mlp", "embeddings", "norms", "tower", "other"]
+KINDS: tuple[Kind, ...] = ("attention", "mlp", "embeddings", "norms", "tower", "other")
+Projection = Literal["q", "k", "v", "o"]
 
+# A bridge wraps every HF module and lists its parameters under "<module>._original_component.<param>".
+_BRIDGE_WRAPPER = "._original_component"
+_TOWER = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder|vision_embed_tokens|image_encoder|audio_tower"
+    r"|multi_modal_projector|mm_projector|connector)\."
+)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_ATTENTION = r"\.(?:self_attn|attn|attention|self_attention)\."
 # Checked in this order: "post_attention_layernorm" is a norm, not attention, so norms come first.
 _KIND_PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
-    ("norms", re.compile(r"(?:norm|ln_\w+|ln_f)\.(?:weight|bias)$")),
+    ("norms", re.compile(r"(?:norm|ln_\w+)\.(?:weight|bias)$")),
     ("embeddings", re.compile(r"(?:embed_tokens|embed_in|embed_out|wte|wpe|lm_head|embed_positions)\.")),
-    ("attention", re.compile(r"\.(?:self_attn|attn|attention)\.")),
+    ("attention", re.compile(_ATTENTION)),
     ("mlp", re.compile(r"\.(?:mlp|feed_forward|block_sparse_moe)\.")),
 )
+_PROJECTION = re.compile(_ATTENTION + r"(?:([qkvo])_proj|(dense))\.weight$")
+
+
+def _checkpoint_name(name: str) -> str:
+    return name.replace(_BRIDGE_WRAPPER, "")
 
 
 def layer_index(name: str) -> int | None:
-    """The transformer layer a parameter belongs to (``model.layers.3.…`` → 3), or None outside the layers."""
+    """The decoder layer a parameter belongs to (``model.layers.3.…`` → 3), or None outside the layers.
+
+    None as well for a vision/audio tower's blocks: ``vision_tower.encoder.layers.3`` is not decoder layer 3.
+    """
+    name = _checkpoint_name(name)
+    if _TOWER.search(name):
+        return None
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
 
 
 def parameter_kind(name: str) -> Kind:
-    """Classify a checkpoint parameter name as attention, MLP, embeddings (incl. ``lm_head``), norms or other."""
+    """Classify a parameter name as attention, MLP, embeddings (incl. ``lm_head``), norms, tower or other.
+
+    ``"tower"`` is every parameter of a multimodal checkpoint's vision/audio tower and of its projector into
+    the language model, whatever its role inside the tower.
+    """
+    name = _checkpoint_name(name)
+    if _TOWER.search(name):
+        return "tower"
     for kind, pattern in _KIND_PATTERNS:
         if pattern.search(name):
             return kind
     return "other"
+
+
+def attention_projection(name: str) -> Projection | None:
+    """Which per-head-sliceable attention matrix a decoder weight is: ``"q"``, ``"k"``, ``"v"``, ``"o"`` or None.
+
+    Only separate ``nn.Linear`` weights in HF's ``[out, in]`` layout have a role: ``{q,k,v,o}_proj`` and
+    GPT-NeoX's ``attention.dense`` (= o). Fused q/k/v matrices (Phi-3's ``qkv_proj``, GPT-NeoX's
+    ``query_key_value``) and GPT-2's ``Conv1D`` ``c_attn`` / ``c_proj`` (stored ``[in, out]``) get None, as do
+    biases and tower weights: slicing them by head rows/columns would mix heads.
+    """
+    name = _checkpoint_name(name)
+    if layer_index(name) is None:
+        return None
+    m = _PROJECTION.search(name)
+    if not m:
+        return None
+    return m.group(1) or "o"
 
 
 def select_names(
@@ -48,8 +95,8 @@ def select_names(
 ) -> list[str]:
     """Keep the names in the given layers and of the given kinds (None = no restriction on that axis).
 
-    A name outside the transformer layers (embeddings, final norm) is dropped by any ``layers`` restriction:
-    the paper's edit area (Eqs. 11–13, paper-notes.md §2.4) is a set of decoder layers.
+    A name outside the transformer layers (embeddings, final norm, a vision tower) is dropped by any
+    ``layers`` restriction: the paper's edit area (Eqs. 11–13, paper-notes.md §2.4) is a set of decoder layers.
 
     Raises:
         ValueError: an unknown kind, or a negative layer index.
