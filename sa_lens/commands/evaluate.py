@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, help="θt: the model to make safe (hub id or folder)")
     p.add_argument("--base", required=True, help="θb: the base θH was fine-tuned from")
     p.add_argument("--harmful", required=True, help="θH: θb fine-tuned on harmful QA")
-    p.add_argument("--pairs", help="ICV demonstrations: CSV/JSON/JSONL with columns question, unsafe (a harmful answer) "
-                   "and optional safe; default: θH's answers to the bundled harmful-train requests")
+    p.add_argument("--pairs", help="ICV demonstrations, the file `sa-lens safety-vector --pairs` reads: CSV/JSON/JSONL "
+                   "with columns question, unsafe_answer and optionally safe_answer; without it, θH's answers to the "
+                   "bundled harmful-train requests")
     p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ of HDR (default: %(default)s, the paper's)")
     p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="fraction of τH kept (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.12, help="Safe-Align α (default: %(default)s)")
@@ -88,7 +89,8 @@ def _run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]:
-    from sa_lens.data import load_bundled, load_records
+    from sa_lens.data import load_bundled
+    from sa_lens.demonstrations import demonstration_pairs, load_demonstrations
     from sa_lens.evaluation.judges import KeywordJudge, Verdict
     from sa_lens.generation import generate
     from sa_lens.lab import SAFE_DEMO_ANSWER
@@ -96,12 +98,7 @@ def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]
     from sa_lens.safety_vector import demonstration_text
 
     if args.pairs:
-        rows = load_records(args.pairs, "question")
-        missing = [i + 1 for i, r in enumerate(rows) if not str(r.get("unsafe") or "").strip()]
-        if missing:
-            raise InputError(f"{args.pairs}: rows {missing[:5]} have no 'unsafe' answer; each pair needs one.")
-        return [(demonstration_text(r["prompt"], r["unsafe"]), demonstration_text(r["prompt"], r.get("safe") or SAFE_DEMO_ANSWER))
-                for r in rows]
+        return demonstration_pairs(load_demonstrations(args.pairs))
     # Default as in the lab: θH's own answers where it complied, against the official safe answer.
     model, tok = load_hf_model(harmful_path)
     questions = [r["prompt"] for r in load_bundled("harmful", "train")]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sa_lens.data import DataError
-from sa_lens.errors import InputError
+from sa_lens.layer_spec import check_layers, layers_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="hub id or local HF folder (default: the embedded SmolLM2-135M-Instruct)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help="CSV/JSON/JSONL with columns question, unsafe_answer and optionally safe_answer "
-                     "(default safe answer: the official refusal)")
+    src.add_argument("--pairs", help="demonstrations: CSV/JSON/JSONL with columns question, unsafe_answer and "
+                     "optionally safe_answer (default: the official refusal)")
     src.add_argument("--harmful", help="file of harmful requests (used with --harmless)")
     p.add_argument("--harmless", help="file of harmless requests (with --harmful)")
     p.add_argument("--column", help="prompt column of --harmful/--harmless (default: the first of prompt/goal/behavior/…)")
@@ -26,43 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "for pairs, as the official code; last for prompts)")
     p.add_argument("--method", choices=("pca_plus_mean", "pca", "mean_diff"),
                    help="how pairs' differences become one vector (default: pca_plus_mean, the official code's)")
-    p.add_argument("--layers", help="comma-separated layers to extract over, e.g. 4,5,6 (default: all)")
+    p.add_argument("--layers", type=layers_argument, help="layers to extract over, counted from 0: 4-6, 4,5,6 or "
+                   "4-6,10 (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: %(default)s)")
     p.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
                    help="torch.set_float32_matmul_precision for the extraction: 'medium' runs matmuls with bf16 "
                         "inputs on AMX CPUs and GPUs (faster, ICV within cosine ≈ 0.99999; default: %(default)s, exact)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors path (a .json sidecar is written beside it)")
     p.set_defaults(run=_run)
-
-
-def _pairs(path: str) -> list[tuple[str, str]]:
-    from sa_lens.data import load_records
-    from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
-
-    records = load_records(path, column="question")
-    by_lower = {k.lower(): k for k in records[0]}
-    if "unsafe_answer" not in by_lower:
-        raise DataError(f"{path}: no 'unsafe_answer' column; columns found: {', '.join(map(repr, records[0]))}. "
-                        "Each row needs question, unsafe_answer and optionally safe_answer.")
-    unsafe, safe = by_lower["unsafe_answer"], by_lower.get("safe_answer")
-    pairs = []
-    for rowno, r in enumerate(records, start=1):
-        answer = r.get(unsafe)
-        if not isinstance(answer, str) or not answer.strip():
-            raise DataError(f"{path}: row {rowno}: 'unsafe_answer' is empty. Fill in or delete that row.")
-        safe_answer = r.get(safe) if safe else None
-        pairs.append((demonstration_text(r["prompt"], answer.strip()),
-                      demonstration_text(r["prompt"], safe_answer.strip() if safe_answer else SAFE_DEMO_ANSWER)))
-    return pairs
-
-
-def _layers(spec: str | None) -> list[int] | None:
-    if spec is None:
-        return None
-    try:
-        return [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--layers must be comma-separated integers such as 4,5,6; got {spec!r}.") from None
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -74,10 +44,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--harmless is used with --harmful; for demonstration pairs pass --pairs alone.")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be ≥ 1; got {args.batch_size}.")
-    layers = _layers(args.layers)
     # The CLI also runs in-process (tests, notebooks): torch's settings are restored afterwards.
     with float32_matmul_precision(args.matmul_precision):
-        sv = _extract(args, parser, layers)
+        sv = _extract(args, parser)
     path = sv.save(args.out)
     norms = sv.directions.norm(dim=1)
     peak = int(norms.argmax())
@@ -86,17 +55,20 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser, layers: list[int] | None):
+def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from sa_lens.data import load_prompts
+    from sa_lens.demonstrations import demonstration_pairs, load_demonstrations
     from sa_lens.models import load_model
     from sa_lens.safety_vector import SafetyVector
 
     if args.pairs:
-        pairs = _pairs(args.pairs)
+        pairs = demonstration_pairs(load_demonstrations(args.pairs))
         model = load_model(args.model)
+        if args.layers is not None:
+            check_layers(args.layers, model.cfg.n_layers)
         return SafetyVector.from_pairs(model, pairs, positions=args.positions or "last4_mean",
-                                       method=args.method or "pca_plus_mean", layers=layers, batch_size=args.batch_size)
-    if args.positions == "span" or layers is not None or args.method is not None:
+                                       method=args.method or "pca_plus_mean", layers=args.layers, batch_size=args.batch_size)
+    if args.positions == "span" or args.layers is not None or args.method is not None:
         parser.error("--harmful/--harmless take a difference of means at the template end: "
                      "--positions last or last4_mean only, and no --method or --layers.")
     harmful, harmless = load_prompts(args.harmful, args.column), load_prompts(args.harmless, args.column)

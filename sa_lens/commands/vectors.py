@@ -12,6 +12,7 @@ from pathlib import Path
 from sa_lens.checkpoints import INDEX_FILE, SINGLE_FILE
 from sa_lens.defaults import DEFAULT_LAM, DEFAULT_TOP_K
 from sa_lens.errors import InputError
+from sa_lens.layer_spec import check_layers, layers_argument
 from sa_lens.parameter_names import KINDS, layer_index
 
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="fraction kept, in (0, 1] (default: %(default)s)")
     p.add_argument("--scope", choices=("global", "per_layer", "per_tensor"), default="global")
     p.add_argument("--no-trim", action="store_true", help="keep the full task vector (the paper's HDR‡ baseline)")
-    p.add_argument("--layers", type=_layers, help="only these decoder layers, e.g. 4,5,6 or 4-6")
+    p.add_argument("--layers", type=layers_argument, help="only these decoder layers, counted from 0: 4-6, 4,5,6 or 4-6,10")
     p.add_argument("--kinds", type=_kinds, help=f"only these parameter kinds, comma-separated: {','.join(KINDS)}")
     p.add_argument("--edit-area", metavar="EDITED", help="only the layers where EDITED differs from --base, ±1 (paper Eq. 11)")
     p.add_argument("--lam", type=float, help="λ to record as the suggested strength")
@@ -41,28 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_apply)
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        out = []
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            lo, hi = int(lo), int(hi or lo)
-            if hi < lo:
-                raise ValueError
-            out.extend(range(lo, hi + 1))
-        return out
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers look like 4,5,6 or 4-6 (low-high); got {text!r}") from None
-
-
 def _check_layers(layers: list[int] | None, names) -> None:
-    """Refuse --layers naming a layer the model lacks (a typo would otherwise shrink τH silently)."""
+    """Refuse --layers naming a layer the model lacks (a typo would otherwise shrink τH silently); the model's
+    layers are counted from its parameter names."""
     if layers is None:
         return
     n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
-    absent = sorted(set(layers) - set(range(n_layers)))
-    if absent:
-        raise InputError(f"--layers {absent}: the model has {n_layers} decoder layers (0–{n_layers - 1}).")
+    check_layers(layers, n_layers)
 
 
 def _local_or_hub(name_or_path: str) -> str:
