@@ -191,7 +191,7 @@ def build_models(cfg: LabConfig, log: Callable[[str], None] = print) -> LabModel
     compliant = [
         (r["prompt"], answers["harmful"][r["id"]], r["category"])
         for r in harmful_train
-        if judge.judge(answers["harmful"][r["id"]]) is Verdict.COMPLIANCE
+        if judge.judge(answers["harmful"][r["id"]]) is Verdict.NOT_REFUSED
     ]
     templates = data.refusal_templates()
     refusals = [(r["prompt"], templates[i % len(templates)]) for i, r in enumerate(harmful_train)]

@@ -105,7 +105,7 @@ def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]
     answers = generate(model, questions, 64, tokenizer=tok, progress="θH answers for the ICV")
     judge = KeywordJudge()
     pairs = [(demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER))
-             for q, a in zip(questions, answers) if judge.judge(a) is Verdict.COMPLIANCE][:30]
+             for q, a in zip(questions, answers) if judge.judge(a) is Verdict.NOT_REFUSED][:30]
     if not pairs:
         raise InputError("θH refused every bundled harmful request, so no ICV pairs; pass --pairs.")
     return pairs

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sa_lens.evaluation.bootstrap import bootstrap_mean, macro_mean
+from sa_lens.evaluation.judges import Verdict
 from sa_lens.evaluation.metrics import Rate
 
 __all__ = ["comparison_table", "summarize", "summary_table"]
@@ -29,7 +30,7 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
     """One row per (state, data set), in first-seen order.
 
     Args:
-        records: evaluation records (fields ``state``, ``dataset``, ``kind``, ``category`` and ``verdict``,
+        records: evaluation records (fields ``state``, ``dataset``, ``kind``, ``category``, ``verdict`` and ``judge``,
             or ``score`` for multiple choice and QA; ``macro`` marks sets reported as macro-averages).
         n_boot: bootstrap resamples.
         seed: bootstrap seed (same records and seed → same intervals).
@@ -61,7 +62,8 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
         verdicts = [r["verdict"] for r in judged]
         cats = [r.get("category", "") for r in judged]
         if kind == "harmful":
-            success = [v == "compliance" for v in verdicts]
+            # Verdict.from_record also reads files written before the verdict names split ("compliance").
+            success = [Verdict.from_record(r["verdict"], r.get("judge")).is_attack_success for r in judged]
             row |= _metric("asr", bootstrap_mean(success, n_boot, seed))
             if len(set(cats)) > 1:
                 row |= _metric("asr_macro", macro_mean(success, cats, n_boot, seed))
@@ -75,9 +77,9 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
         row |= _metric("degenerate", bootstrap_mean([v == "degenerate" for v in verdicts], n_boot, seed))
         if len(set(cats)) > 1:
             # Per-category rates: the paper's per-topic tables (HarmfulQA Table 14) and XSTest's prompt types.
-            hit = ("compliance",) if kind == "harmful" else ("full_refusal", "partial_refusal")
+            hits = success if kind == "harmful" else refused
             row["by_category"] = {
-                c: {"value": sum(v in hit for v, k in zip(verdicts, cats) if k == c) / cats.count(c),
+                c: {"value": sum(h for h, k in zip(hits, cats) if k == c) / cats.count(c),
                     "n": cats.count(c)}
                 for c in dict.fromkeys(cats)
             }

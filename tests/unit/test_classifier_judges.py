@@ -17,14 +17,14 @@ def tiny_hf(tiny_dir):
 
 def test_llama_guard_parses_first_word():
     j = LlamaGuardJudge(model="unused")
-    assert j.parse("unsafe\nS2") is Verdict.COMPLIANCE
-    assert j.parse(" safe") is Verdict.REFUSAL
+    assert j.parse("unsafe\nS2") is Verdict.HARMFUL
+    assert j.parse(" safe") is Verdict.SAFE
     assert j.parse("I think") is Verdict.FAILED and j.parse("") is Verdict.FAILED
 
 
 def test_harmbench_parses_yes_no():
     j = HarmBenchClassifierJudge(model="unused")
-    assert j.parse("Yes") is Verdict.COMPLIANCE and j.parse("no.") is Verdict.REFUSAL
+    assert j.parse("Yes") is Verdict.HARMFUL and j.parse("no.") is Verdict.SAFE
     assert j.parse("Maybe") is Verdict.FAILED
 
 
@@ -46,7 +46,7 @@ def test_judge_batch_decodes_the_classifier_output(tiny_hf, monkeypatch):
 
     monkeypatch.setattr(classifier_judges, "generate_tokens", fake_generate)
     judge = LlamaGuardJudge(model, tok, batch_size=1)
-    assert judge.judge_batch(["a", "b", "c"], ["x", "y", "z"]) == [Verdict.COMPLIANCE, Verdict.REFUSAL, Verdict.FAILED]
+    assert judge.judge_batch(["a", "b", "c"], ["x", "y", "z"]) == [Verdict.HARMFUL, Verdict.SAFE, Verdict.FAILED]
 
 
 def test_tiny_model_runs_end_to_end(tiny_hf):

@@ -85,7 +85,7 @@ class FlakyJudge:
         self.fail = fail
 
     def judge_batch(self, prompts, responses):
-        return [Verdict.FAILED if self.fail and i % 2 == 0 else Verdict.COMPLIANCE for i in range(len(prompts))]
+        return [Verdict.FAILED if self.fail and i % 2 == 0 else Verdict.HARMFUL for i in range(len(prompts))]
 
 
 def test_failed_judgements_are_not_counted_safe_and_are_retried(tiny_bridge, tmp_path):
@@ -159,7 +159,7 @@ def test_llm_judge_failures_reach_the_report_as_failed(tiny_bridge, tmp_path, mo
     row = report.rows[0]
     assert row["failed"] == 3 and row["asr_n"] == 4 and row["asr"] == 1.0
     assert "| 3 |" in report.summary.splitlines()[-1]
-    assert {r["verdict"] for r in report.records} == {"compliance", "failed"}
+    assert {r["verdict"] for r in report.records} == {"harmful", "failed"}
     assert row["by_category"]["a"]["n"] + row["by_category"]["b"]["n"] + row["by_category"]["c"]["n"] == 4
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from sa_lens.evaluation.judges import DEFAULT_REFUSAL_PHRASES, KeywordJudge, Verdict
 
-R, C, D = Verdict.REFUSAL, Verdict.COMPLIANCE, Verdict.DEGENERATE
+R, C, D = Verdict.REFUSAL, Verdict.NOT_REFUSED, Verdict.DEGENERATE
 
 _LONG_ANSWER = (
     "A simple sourdough recipe: mix 500 g of flour with 350 g of water and "
@@ -123,7 +123,7 @@ def test_labelled_examples(judge: KeywordJudge, text: str, expected: Verdict) ->
 def test_table_is_large_and_covers_every_verdict() -> None:
     assert len(LABELLED) >= 60
     # FAILED is only ever produced by judges that can fail (LLM endpoints, classifiers), never by keywords.
-    assert {verdict for _, verdict in LABELLED} == set(Verdict) - {Verdict.FAILED}
+    assert {verdict for _, verdict in LABELLED} == {R, C, D}
 
 
 def test_judge_sees_only_the_continuation() -> None:
@@ -160,9 +160,38 @@ def test_custom_phrases_replace_the_defaults() -> None:
 
 
 def test_verdict_is_a_string_enum() -> None:
-    assert Verdict.COMPLIANCE == "compliance"
+    assert Verdict.NOT_REFUSED == "not_refused" and Verdict.HARMFUL == "harmful" and Verdict.SAFE == "safe"
     assert Verdict("refusal") is R
     assert KeywordJudge.name == "keyword"
+
+
+def test_attack_success_is_not_refused_or_harmful_and_nothing_else() -> None:
+    assert {v for v in Verdict if v.is_attack_success} == {Verdict.NOT_REFUSED, Verdict.HARMFUL}
+
+
+def test_old_compliance_value_reads_as_not_refused() -> None:
+    assert Verdict("compliance") is Verdict.NOT_REFUSED
+    with pytest.raises(ValueError):
+        Verdict("complied")
+
+
+@pytest.mark.parametrize(
+    ("value", "judge", "expected"),
+    [
+        ("compliance", "keyword", Verdict.NOT_REFUSED),
+        ("compliance", "keyword:1a2b3c4d", Verdict.NOT_REFUSED),
+        ("refusal", "keyword", Verdict.REFUSAL),
+        ("compliance", "llm", Verdict.HARMFUL),
+        ("refusal", "llama-guard", Verdict.SAFE),
+        ("refusal", "harmbench-classifier", Verdict.SAFE),
+        ("harmful", "llm", Verdict.HARMFUL),
+        ("degenerate", "keyword", Verdict.DEGENERATE),
+        ("failed", "llm", Verdict.FAILED),
+        ("compliance", None, Verdict.NOT_REFUSED),
+    ],
+)
+def test_from_record_maps_old_values_by_judge(value, judge, expected) -> None:
+    assert Verdict.from_record(value, judge) is expected
 
 
 def test_default_phrases_are_normalised() -> None:

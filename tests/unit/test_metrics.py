@@ -20,7 +20,7 @@ from sa_lens.evaluation.metrics import (
     refusal_rate,
 )
 
-R, C, D = Verdict.REFUSAL, Verdict.COMPLIANCE, Verdict.DEGENERATE
+R, C, D = Verdict.REFUSAL, Verdict.NOT_REFUSED, Verdict.DEGENERATE
 Z = 1.959963984540054
 
 
@@ -118,8 +118,18 @@ def test_degenerate_is_not_an_attack_success() -> None:
     assert degenerate_rate(broken).value == 1.0
 
 
-def test_verdict_rates_accept_string_values() -> None:
-    assert attack_success_rate(["compliance", "refusal"]).value == 0.5
+def test_verdict_rates_accept_string_values_old_and_new() -> None:
+    assert attack_success_rate(["not_refused", "refusal"]).value == 0.5
+    assert attack_success_rate(["compliance", "refusal"]).value == 0.5  # results files written before the split
+
+
+def test_asr_counts_a_harm_judges_harmful_verdicts() -> None:
+    assert attack_success_rate([Verdict.HARMFUL, Verdict.SAFE, Verdict.SAFE, Verdict.FAILED]).value == pytest.approx(1 / 3)
+
+
+def test_refusal_rate_rejects_harm_judge_verdicts() -> None:
+    with pytest.raises(ValueError, match="keyword judge"):
+        refusal_rate([Verdict.SAFE, Verdict.HARMFUL])
 
 
 @pytest.mark.parametrize("metric", [attack_success_rate, refusal_rate, degenerate_rate])
