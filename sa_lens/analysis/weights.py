@@ -1,83 +1,111 @@
-"""Where τH = θH − θb lives in weight space: mass per layer, per attention head (GQA aware) and per MLP.
+"""Where τH = θH − θb lives in weight space: mass per layer and kind, per attention head (GQA aware).
 
 A head's weights are slices of the checkpoint's projection matrices (HF layout ``[out, in]``):
 ``q_proj`` rows ``h·d_head … (h+1)·d_head``, ``o_proj`` columns of the same range, and ``k_proj`` /
 ``v_proj`` rows of its *key-value* head ``h // (n_heads / n_kv_heads)`` (grouped-query attention shares
 one K/V head among a group of query heads). The head-wise alignment of ΔW_O with an activation-space
 direction links the two spaces (anchors.md §4.4: no peer tool connects them).
+
+Layers, kinds and projections are read from parameter names by :mod:`sa_lens.parameter_names`. Every form
+of harm vector is read one tensor at a time through :meth:`HarmVector.sparse` / :meth:`HarmVector.dense`
+(dense, trimmed, streamed from checkpoints, loaded sparse), never densifying more than one tensor, and the
+same vector in any form gives the same numbers: a tensor's sums run over its non-zero entries in row-major
+order in float64, and sums over tensors are exactly rounded (``math.fsum``), whatever their order.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int64
 from torch import Tensor
 
 from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector
+from sa_lens.parameter_names import attention_projection, layer_index, parameter_kind
+from sa_lens.topk import trim_stream, whole_tensors
 
 __all__ = ["head_mass", "layer_mass", "o_alignment", "rank_agreement"]
 
-_ATTN = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight$")
-_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
+def _kept(hv: HarmVector, top_k: float) -> dict[str, Int64[Tensor, " kept"]]:
+    """Flat positions of the entries a global top-k trim keeps (the paper's HDR selection, as ``hv.trim``).
 
-def _kept(hv: HarmVector, top_k: float) -> dict[str, Tensor]:
-    """Boolean mask of the entries kept by a global top-k trim (the paper's HDR selection)."""
-    return {name: t != 0 for name, t in hv.trim(top_k, scope="global").items()}
-
-
-def _part(name: str) -> str:
-    if _ATTN.search(name):
-        return "attn"
-    if _MLP.search(name):
-        return "mlp"
-    return "norm" if "norm" in name else "other"
+    Read one dense tensor at a time, so a dense vector is not copied whole as ``hv.trim`` would return it.
+    """
+    shapes = {name: tuple(hv.deltas[name].shape) for name in hv}
+    kept = trim_stream(lambda: whole_tensors((name, hv.dense(name)) for name in shapes), shapes, lambda name: "all", top_k)
+    return {name: entry.indices for name, entry in kept.items()}
 
 
 def layer_mass(hv: HarmVector, top_k: float = 0.10) -> pd.DataFrame:
-    """τH mass per layer and part (attention, MLP, norms); parameters outside layers get layer NA.
+    """τH mass per layer and parameter kind; parameters outside the layers get layer NA.
 
     Args:
-        hv: the harm vector (untrimmed for mass; a trimmed one shows the mass HDR subtracts).
+        hv: the harm vector in any form (untrimmed for mass; a trimmed one shows the mass HDR subtracts).
         top_k: fraction of the global top-k trim used for ``topk_share`` (paper: 0.10).
 
     Returns:
-        One row per (layer, part): ``l2sq`` (Σ τ², weight units²), ``l1`` (Σ |τ|), ``numel``, ``l2sq_share``
-        (of the whole vector), ``topk_share`` (share of all top-k entries that lie here) and ``topk_density``
-        (share of this part's entries in the top-k).
+        One row per (layer, kind) with ``kind`` from :data:`sa_lens.parameter_names.KINDS`: ``l2sq``
+        (Σ τ², weight units²), ``l1`` (Σ |τ|), ``numel``, ``l2sq_share`` (of the whole vector), ``topk_share``
+        (share of all top-k entries that lie here) and ``topk_density`` (share of these entries in the top-k).
+
+    Raises:
+        ValueError: ``top_k`` outside (0, 1].
     """
     kept = _kept(hv, top_k)
-    total_l2 = sum(float(t.pow(2).sum()) for t in hv.deltas.values())
-    total_kept = sum(int(m.sum()) for m in kept.values())
-    acc: dict[tuple, list[float]] = {}
-    for name, t in hv.items():
-        m = _LAYER.search(name)
-        key = (int(m.group(1)) if m else pd.NA, _part(name) if m else ("embed" if "embed" in name or "lm_head" in name else "norm"))
-        a = acc.setdefault(key, [0.0, 0.0, 0, 0])
-        a[0] += float(t.pow(2).sum())
-        a[1] += float(t.abs().sum())
-        a[2] += t.numel()
-        a[3] += int(kept[name].sum())
-    rows = [{"layer": layer, "part": part, "l2sq": l2, "l1": l1, "numel": n,
+    per_tensor: dict[tuple, list[tuple[float, float, int, int]]] = {}
+    for name in hv:
+        entry = hv.sparse(name)
+        values = entry.values.double()
+        layer = layer_index(name)
+        per_tensor.setdefault((pd.NA if layer is None else layer, parameter_kind(name)), []).append(
+            (float(values.pow(2).sum()), float(values.abs().sum()), entry.numel, kept[name].numel())
+        )
+    # fsum: exactly rounded whatever the order of the tensors (a streamed vector lists them in file order).
+    acc = {key: (math.fsum(t[0] for t in ts), math.fsum(t[1] for t in ts), sum(t[2] for t in ts), sum(t[3] for t in ts))
+           for key, ts in per_tensor.items()}
+    total_l2 = math.fsum(a[0] for a in acc.values())
+    total_kept = sum(a[3] for a in acc.values())
+    rows = [{"layer": layer, "kind": kind, "l2sq": l2, "l1": l1, "numel": n,
              "l2sq_share": l2 / total_l2 if total_l2 else 0.0, "topk_share": k / total_kept if total_kept else 0.0,
-             "topk_density": k / n} for (layer, part), (l2, l1, n, k) in acc.items()]
-    df = pd.DataFrame(rows)
+             "topk_density": k / n if n else 0.0} for (layer, kind), (l2, l1, n, k) in acc.items()]
+    df = pd.DataFrame(rows, columns=["layer", "kind", "l2sq", "l1", "numel", "l2sq_share", "topk_share", "topk_density"])
     df["layer"] = df["layer"].astype("Int64")
-    return df.sort_values(["layer", "part"], na_position="first").reset_index(drop=True)
+    return df.sort_values(["layer", "kind"], na_position="first").reset_index(drop=True)
+
+
+def _head_sums(hv: HarmVector, name: str, kept: Int64[Tensor, " kept"], n: int, axis: int) -> Float[Tensor, "n 4"]:
+    """Per block of rows (``axis`` 0) or columns (1), ``n`` equal blocks: Σ τ², Σ |τ|, kept entries, entries."""
+    entry = hv.sparse(name)
+    rows, cols = entry.shape
+    size = (rows, cols)[axis]
+    if size % n:
+        raise InputError(f"'{name}' has {size} {('rows', 'columns')[axis]}, which do not split into {n} heads.")
+    width = size // n
+
+    def head_of(flat: Int64[Tensor, " k"]) -> Int64[Tensor, " k"]:
+        return (flat // cols if axis == 0 else flat % cols) // width
+
+    heads = head_of(entry.indices)
+    values = entry.values.double()
+    return torch.stack([
+        torch.bincount(heads, weights=values.pow(2), minlength=n),
+        torch.bincount(heads, weights=values.abs(), minlength=n),
+        torch.bincount(head_of(kept), minlength=n).double(),
+        torch.full((n,), entry.numel / n, dtype=torch.float64),
+    ], dim=1)
 
 
 def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k: float = 0.10) -> pd.DataFrame:
     """τH mass per attention head and matrix (GQA aware), plus each head's total.
 
     Args:
-        hv: the harm vector with Llama-style names (``model.layers.{l}.self_attn.{q,k,v,o}_proj.weight``).
+        hv: the harm vector in any form, with separate q/k/v/o projections
+            (:func:`sa_lens.parameter_names.attention_projection`: Llama, Qwen, Gemma, Mistral layouts).
         n_heads: query heads per layer (``model.cfg.n_heads``).
         n_kv_heads: key/value heads per layer (``model.cfg.n_key_value_heads``); default ``n_heads``.
         top_k: fraction of the global top-k trim for ``topk_share``.
@@ -88,38 +116,44 @@ def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k
         group); ``total`` = q + o + (k + v) / group size, so totals add up to the layer's attention mass.
 
     Raises:
-        ValueError: no attention projections in ``hv``, or shapes that do not split into ``n_heads`` heads.
+        ValueError: no separate attention projections in ``hv`` (fused ones such as GPT-2's ``c_attn`` or
+            Phi-3's ``qkv_proj`` are not split by head), a layer missing one of them, or shapes that do not
+            split into ``n_heads`` / ``n_kv_heads`` heads.
     """
     n_kv = n_kv_heads or n_heads
     if n_heads % n_kv:
         raise InputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}.")
     group = n_heads // n_kv
-    kept = _kept(hv, top_k)
-    total_kept = max(1, sum(int(m.sum()) for m in kept.values()))
     mats: dict[int, dict[str, str]] = {}
     for name in hv:
-        m = _ATTN.search(name)
-        if m:
-            mats.setdefault(int(m.group(1)), {})[m.group(2)] = name
+        role = attention_projection(name)
+        if role:
+            mats.setdefault(layer_index(name), {})[role] = name
     if not mats:
-        raise InputError("No attention projections (…layers.{l}.self_attn.{q,k,v,o}_proj.weight) in the harm vector.")
+        raise InputError(
+            "No separate q/k/v/o attention projections (…layers.{l}.self_attn.{q,k,v,o}_proj.weight) in the harm "
+            "vector; fused ones (GPT-2's c_attn, Phi-3's qkv_proj) are not split by head."
+        )
+    incomplete = {layer: sorted(set("qkvo") - set(names)) for layer, names in mats.items() if len(names) < 4}
+    if incomplete:
+        layer, missing = next(iter(sorted(incomplete.items())))
+        raise InputError(
+            f"Layer {layer} of the harm vector lacks its {missing} projection(s), so its heads' mass is incomplete; "
+            "build or restrict τH with every attention projection of the layers you analyse."
+        )
+    kept = _kept(hv, top_k)
+    total_kept = max(1, sum(k.numel() for k in kept.values()))
     rows = []
+    w = {"q": 1.0, "o": 1.0, "k": 1 / group, "v": 1 / group}
     for layer, names in sorted(mats.items()):
-        d_head = hv.deltas[names["o"]].shape[1] // n_heads
-        if d_head * n_heads != hv.deltas[names["o"]].shape[1]:
-            raise InputError(f"o_proj of layer {layer} has {hv.deltas[names['o']].shape[1]} inputs, not {n_heads} heads.")
+        sums = {mat: _head_sums(hv, names[mat], kept[names[mat]], n, axis)
+                for mat, n, axis in (("q", n_heads, 0), ("k", n_kv, 0), ("v", n_kv, 0), ("o", n_heads, 1))}
         for head in range(n_heads):
             kv = head // group
-            parts = {}
-            for mat, index in (("q", head), ("k", kv), ("v", kv), ("o", head)):
-                sl = slice(index * d_head, (index + 1) * d_head)
-                t, mask = (hv.deltas[names[mat]], kept[names[mat]])
-                t, mask = (t[:, sl], mask[:, sl]) if mat == "o" else (t[sl], mask[sl])
-                parts[mat] = (float(t.pow(2).sum()), float(t.abs().sum()), int(mask.sum()), t.numel())
+            parts = {mat: sums[mat][kv if mat in "kv" else head].tolist() for mat in "qkvo"}
             for mat, (l2, l1, k, n) in parts.items():
                 rows.append({"layer": layer, "head": head, "kv_head": kv, "matrix": mat, "l2sq": l2, "l1": l1,
                              "topk_share": k / total_kept, "topk_density": k / n})
-            w = {"q": 1.0, "o": 1.0, "k": 1 / group, "v": 1 / group}
             tot = [sum(w[m] * parts[m][i] for m in parts) for i in range(4)]
             rows.append({"layer": layer, "head": head, "kv_head": kv, "matrix": "total", "l2sq": tot[0], "l1": tot[1],
                          "topk_share": tot[2] / total_kept, "topk_density": tot[2] / tot[3]})
@@ -141,7 +175,7 @@ def o_alignment(
     along v̂ for that input, in residual units (v̂ points harmful − harmless).
 
     Args:
-        hv: the harm vector (Llama-style names).
+        hv: the harm vector in any form, with separate o projections (:func:`~sa_lens.parameter_names.attention_projection`).
         direction: ``[n_layers, d_model]`` (e.g. ``SafetyVector.directions``) or one ``[d_model]`` vector.
         n_heads: query heads per layer.
         mean_z: optional ``[n_layers, n_heads, d_head]`` mean head activations.
@@ -154,11 +188,10 @@ def o_alignment(
     """
     direction = torch.as_tensor(direction).float()
     rows = []
-    for name, t in hv.items():
-        m = _ATTN.search(name)
-        if not m or m.group(2) != "o":
+    for name in hv:
+        if attention_projection(name) != "o":
             continue
-        layer = int(m.group(1))
+        layer, t = layer_index(name), hv.dense(name)  # one o_proj densified at a time
         v = direction if direction.ndim == 1 else direction[layer]
         if v.shape[0] != t.shape[0]:
             raise InputError(f"direction has width {v.shape[0]} but o_proj writes {t.shape[0]} dimensions.")
@@ -174,7 +207,10 @@ def o_alignment(
                 row["delta_write"] = float(along @ mean_z[layer, head].float())
             rows.append(row)
     if not rows:
-        raise InputError("No o_proj entries (…layers.{l}.self_attn.o_proj.weight) in the harm vector.")
+        raise InputError(
+            "No attention output projections (…layers.{l}.self_attn.o_proj.weight) in the harm vector; GPT-2's "
+            "c_proj is stored [in, out] and is not split by head."
+        )
     return pd.DataFrame(rows).sort_values(["layer", "head"]).reset_index(drop=True)
 
 

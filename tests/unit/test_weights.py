@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
+import sa_lens
 from sa_lens.analysis.weights import head_mass, layer_mass, o_alignment, rank_agreement
 from sa_lens.harm_vector import HarmVector
+from sa_lens.sparse_delta import SparseDelta
 
 N_HEADS, N_KV, D_HEAD, D_MODEL = 4, 2, 3, 12
 
@@ -54,9 +56,9 @@ def test_layer_mass_shares_add_up_and_topk_share_follows_the_trim():
     df = layer_mass(hv, top_k=1.5 / hv.numel)
     assert df["l2sq_share"].sum() == pytest.approx(1.0)
     assert df["topk_share"].sum() == pytest.approx(1.0)
-    by = df.set_index(["layer", "part"])
+    by = df.set_index(["layer", "kind"])
     assert by.loc[(1, "mlp"), "topk_share"] == pytest.approx(0.5)
-    assert by.loc[(1, "attn"), "topk_share"] == 0.0  # 0.1 is not in the top 2
+    assert by.loc[(1, "attention"), "topk_share"] == 0.0  # 0.1 is not in the top 2
 
 
 def test_o_alignment_is_one_along_the_direction_and_near_baseline_for_noise():
@@ -103,3 +105,55 @@ def test_within_group_agreement_ignores_differences_between_groups():
     assert rank_agreement(a, b, n_permutations=500)["rho"] > 0.8
     within = rank_agreement(a, b, n_permutations=500, groups=layer)
     assert within["rho"] == pytest.approx(-1.0) and within["p_value"] < 0.01
+
+
+@pytest.fixture(scope="module")
+def forms(tiny_dir, tiny_dir_other, tmp_path_factory) -> dict[str, list[HarmVector]]:
+    """The tiny model's τH, untrimmed and trimmed to its top 10 %, each in every form a harm vector takes."""
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
+    full = HarmVector.from_models(base, harmful)
+    streamed = HarmVector.from_checkpoints(tiny_dir, tiny_dir_other, top_k=0.1, progress=False)
+    assert any(isinstance(t, SparseDelta) for _, t in streamed.items())
+    path = streamed.save(tmp_path_factory.mktemp("hv") / "hv.safetensors")
+    return {
+        "untrimmed": [full, HarmVector.from_checkpoints(tiny_dir, tiny_dir_other, progress=False)],
+        "trimmed": [full.trim(0.1), streamed, HarmVector.load(path, sparse=True), HarmVector.load(path),
+                    HarmVector({n: full.trim(0.1).sparse(n) for n in full})],
+    }
+
+
+ANALYSES = {
+    "layer_mass": lambda hv: layer_mass(hv, top_k=0.05),
+    "head_mass": lambda hv: head_mass(hv, n_heads=4, n_kv_heads=2, top_k=0.05),
+    "o_alignment": lambda hv: o_alignment(hv, torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), 4,
+                                          mean_z=torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))),
+}
+
+
+@pytest.mark.parametrize("analysis", ANALYSES)
+@pytest.mark.parametrize("trim", ["untrimmed", "trimmed"])
+def test_every_form_of_one_harm_vector_gives_the_same_frame(forms, analysis, trim):
+    reference, *others = (ANALYSES[analysis](hv) for hv in forms[trim])
+    assert reference["l2sq" if "mass" in analysis else "delta_o_norm"].sum() > 0
+    for other in others:
+        pd.testing.assert_frame_equal(other, reference, check_exact=True)
+
+
+def test_layer_mass_of_a_trimmed_vector_holds_only_the_kept_mass(forms):
+    full, trimmed = forms["untrimmed"][0], forms["trimmed"][1]
+    mass = layer_mass(trimmed, top_k=1.0)
+    assert mass["l2sq"].sum() == pytest.approx(sum(float(trimmed.dense(n).double().pow(2).sum()) for n in trimmed))
+    assert mass["l2sq"].sum() < layer_mass(full)["l2sq"].sum()
+    assert set(mass["kind"]) == {"attention", "mlp", "embeddings", "norms"}
+    assert mass["topk_share"].sum() == pytest.approx(1.0)
+
+
+def test_head_mass_refuses_fused_or_incomplete_projections():
+    fused = HarmVector({"transformer.h.0.attn.c_attn.weight": torch.ones(4, 12)})
+    with pytest.raises(ValueError, match="not split by head"):
+        head_mass(fused, n_heads=2)
+    with pytest.raises(ValueError, match=r"lacks its \['k', 'q', 'v'\]"):
+        head_mass(HarmVector({"model.layers.0.self_attn.o_proj.weight": torch.ones(4, 4)}), n_heads=2)
+    with pytest.raises(ValueError, match="do not split into 4 heads"):
+        head_mass(_hv(), n_heads=4, n_kv_heads=4)
