@@ -116,10 +116,11 @@ def forms(tiny_dir, tiny_dir_other, tmp_path_factory) -> dict[str, list[HarmVect
     streamed = HarmVector.from_checkpoints(tiny_dir, tiny_dir_other, top_k=0.1, progress=False)
     assert any(isinstance(t, SparseDelta) for _, t in streamed.items())
     path = streamed.save(tmp_path_factory.mktemp("hv") / "hv.safetensors")
+    trimmed = full.trim(0.1)
     return {
         "untrimmed": [full, HarmVector.from_checkpoints(tiny_dir, tiny_dir_other, progress=False)],
-        "trimmed": [full.trim(0.1), streamed, HarmVector.load(path, sparse=True), HarmVector.load(path),
-                    HarmVector({n: full.trim(0.1).sparse(n) for n in full})],
+        "trimmed": [trimmed, streamed, HarmVector.load(path, sparse=True), HarmVector.load(path),
+                    HarmVector({n: trimmed.sparse(n) for n in trimmed})],
     }
 
 
