@@ -34,7 +34,7 @@ from sa_lens.checkpoints import (
 from sa_lens.errors import InputError
 from sa_lens.parameter_names import layer_index, select_names
 from sa_lens.sparse_delta import SparseDelta, compact
-from sa_lens.topk import check_top_k, trim_stream, whole_tensors
+from sa_lens.topk import Count, check_count, check_top_k, trim_stream, whole_tensors
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -98,6 +98,12 @@ def _check_finite(name: str, t: Tensor) -> None:
             f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
             "(e.g. a diverged fine-tune) before building τH."
         )
+
+
+def _trim_meta(meta: dict, top_k: float, scope: str, count: str) -> dict:
+    # "count" is recorded only when not the default, so vectors trimmed as before keep their sidecars and hashes.
+    kept = {k: v for k, v in meta.items() if k != "count"}  # a re-trim replaces an earlier trim's count
+    return kept | {"top_k": float(top_k), "scope": scope} | ({"count": count} if count != "official" else {})
 
 
 def _group_of(scope: str):
@@ -179,6 +185,7 @@ class HarmVector:
         *,
         top_k: float | None = None,
         scope: Scope = "global",
+        count: Count = "official",
         layers: Collection[int] | None = None,
         kinds: Collection[str] | None = None,
         progress: bool = True,
@@ -190,7 +197,7 @@ class HarmVector:
         (:mod:`sa_lens.topk`), and only about the kept entries are held, as sparse indices + values.
         Integer and bool buffers are skipped; a tied output embedding is counted once (``tie_word_embeddings``);
         arithmetic is fp32 whatever the stored dtype. The result equals
-        ``from_models(...).trim(top_k, scope)`` entry for entry.
+        ``from_models(...).trim(top_k, scope, count)`` entry for entry.
 
         Args:
             base: θb's folder (``model.safetensors`` or a sharded ``model.safetensors.index.json``).
@@ -198,6 +205,7 @@ class HarmVector:
             top_k: fraction kept, in (0, 1]; None keeps the full task vector, dense (4 bytes per
                 parameter: 27 GB for a 7B model — trim unless you need HDR‡).
             scope: where the top-k threshold is computed, as in :meth:`trim`.
+            count: which entries the top-k keeps, as in :meth:`trim` (:mod:`sa_lens.topk` states both rules).
             layers: keep only these decoder layers (see :func:`~sa_lens.edit_area.detect_edit_area`).
             kinds: keep only these parameter kinds (attention, mlp, embeddings, norms, other).
             progress: a tqdm bar over the parameters read.
@@ -209,10 +217,11 @@ class HarmVector:
         Raises:
             FileNotFoundError: a folder or a shard named in an index is missing.
             ValueError: pickle-only checkpoints, corrupted files, names/shapes/dtypes that differ, a
-                non-finite difference, ``top_k`` outside (0, 1] or an unknown scope or kind.
+                non-finite difference, ``top_k`` outside (0, 1] or an unknown scope, count or kind.
         """
         if top_k is not None:
             check_top_k(top_k)
+            check_count(count)
         group_of = _group_of(scope)
         cb, ch = Checkpoint(base), Checkpoint(harmful)
         names = paired_names(cb, ch, layers, kinds)
@@ -222,12 +231,18 @@ class HarmVector:
             pairs = tqdm(stream_pairs(cb, ch, names), total=len(names), desc="τH", unit="tensor", disable=not progress)
             return cls(dict(pairs), meta)
         shapes = {n: cb.specs[n].shape for n in names}
-        kept = trim_stream(lambda: stream_pieces(cb, ch, names), shapes, group_of, top_k, progress)
+        kept = trim_stream(lambda: stream_pieces(cb, ch, names), shapes, group_of, top_k, progress, count=count)
         deltas = {n: compact(e.indices, e.values, e.shape) for n, e in kept.items()}
-        return cls(deltas, {**meta, "top_k": float(top_k), "scope": scope})
+        return cls(deltas, _trim_meta(meta, top_k, scope, count))
 
     def __len__(self) -> int:
         return len(self.deltas)
+
+    def __repr__(self) -> str:
+        # Provenance without the tensors: which models, how it was trimmed, how much of it is non-zero.
+        keys = ("base", "harmful", "top_k", "scope", "count", "layers", "kinds")
+        meta = "".join(f", {k}={self.meta[k]!r}" for k in keys if self.meta.get(k) is not None)
+        return f"HarmVector(tensors={len(self)}, numel={self.numel:,}, nnz={self.nnz:,}{meta})"
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.deltas)
@@ -267,36 +282,39 @@ class HarmVector:
         kept = select_names(self.deltas, layers, kinds)
         return HarmVector({n: self.deltas[n] for n in kept}, _with_restriction(dict(self.meta), layers, kinds))
 
-    def trim(self, top_k: float, scope: Scope = "global") -> HarmVector:
+    def trim(self, top_k: float, scope: Scope = "global", count: Count = "official") -> HarmVector:
         """Keep the entries of τH with the largest magnitude, zero the rest (HDR; paper-notes.md §2.1, §2.3).
 
-        The threshold is the official code's: with d entries in a group, t = the (d − ⌊top_k·d⌋)-th
-        smallest |τH| (what ``kthvalue`` over the concatenated group gives), and entries with
-        |τH| ≥ t are kept, ties included. It is found exactly by a radix select over float32 bit
-        patterns (:mod:`sa_lens.topk`), without concatenating the model.
+        Which entries are kept, exactly, is stated once in :mod:`sa_lens.topk`: by default the official
+        code's ``kthvalue`` rule (⌊top_k·d⌋ + 1 entries per group, and every tie at the threshold), or, with
+        ``count="exact"``, exactly ⌊top_k·d + ½⌋ with ties broken by name, then flat index. The threshold is
+        found exactly by a radix select over float32 bit patterns, without concatenating the model.
 
         Args:
             top_k: fraction of entries kept, in (0, 1]; 0.10 keeps the top 10 % (the paper's default).
             scope: threshold computed once over all parameters (the paper's choice), per transformer
                 layer (parameters outside layers form one group), or per tensor (mergekit's choice).
+            count: ``"official"`` (the default, the lab's numbers) or ``"exact"``.
 
         Returns:
             A new HarmVector with the same keys, shapes and dtype float32; dense entries stay dense,
             a vector holding sparse entries comes back sparse where under a third is kept.
 
         Raises:
-            ValueError: ``top_k`` not in (0, 1] or an unknown scope.
+            ValueError: ``top_k`` not in (0, 1], an unknown scope or an unknown count.
         """
         check_top_k(top_k)
+        check_count(count)
         group_of = _group_of(scope)
         shapes = {n: tuple(t.shape) for n, t in self.deltas.items()}
-        kept = trim_stream(lambda: whole_tensors((n, self.dense(n)) for n in shapes), shapes, group_of, top_k)
+        kept = trim_stream(lambda: whole_tensors((n, self.dense(n)) for n in shapes), shapes, group_of, top_k,
+                           count=count)
         all_dense = not any(isinstance(t, SparseDelta) for t in self.deltas.values())
         trimmed = {
             n: SparseDelta(e.shape, e.indices, e.values).to_dense() if all_dense else compact(e.indices, e.values, e.shape)
             for n, e in kept.items()
         }
-        return HarmVector(trimmed, {**self.meta, "top_k": float(top_k), "scope": scope})
+        return HarmVector(trimmed, _trim_meta(self.meta, top_k, scope, count))
 
     def save(self, path: str | os.PathLike, lam: float | None = None) -> Path:
         """Write the vector to ``path`` (safetensors) with a JSON sidecar beside it.

@@ -1,8 +1,23 @@
 """Exact top-k magnitude trim over many tensors seen once each (HDR's global top-k; paper-notes.md §2.1, §7.5).
 
-The official code concatenates the whole model and calls ``kthvalue`` (paper-notes.md §2.3): with d entries in
-a group it takes t = the (d − ⌊k·d⌋)-th smallest |τ| — the K-th largest, K = ⌊k·d⌋ + 1 — and keeps |τ| ≥ t,
-ties included. We find the same t in **one pass** over the tensors, holding only about the kept entries:
+**What is kept** — the one statement of top-k semantics; ``HarmVector.trim``, ``HarmVector.from_checkpoints``
+and :func:`trim_stream` refer here. A *group* is what the threshold is computed over: the whole vector
+(``scope="global"``), one decoder layer (parameters outside the layers form one more group), or one tensor.
+With d entries in a group and a fraction k = ``top_k`` in (0, 1]:
+
+- ``count="official"`` (the default; the official code's ``topk_values_mask`` in ``HDR/Ties_Merge.py``, read
+  in paper-notes.md §2.3): t = ``kthvalue(|τ|, d − ⌊k·d⌋)``, the K-th largest |τ| with K = ⌊k·d⌋ + 1, and
+  every entry with |τ| ≥ t is kept, ties at t included. Without ties that is ⌊k·d⌋ + 1 entries (1,000
+  entries at k = 0.05 keep 51; k = 1 keeps all d); with ties, more (all d when every |τ| is equal).
+- ``count="exact"``: exactly n = ⌊k·d + ½⌋ entries (k·d rounded half up; 1,000 at 0.05 keep 50): every entry
+  with |τ| above the n-th largest, then, of the entries tied with it, those first in the group's order —
+  tensors sorted by name (Python string order), lower flat index first within a tensor. The result does not
+  depend on the order tensors or pieces arrive in.
+
+In both, an entry whose τ is exactly 0 is never stored (keeping a zero changes nothing), so a group with fewer
+non-zeros than the count keeps just its non-zeros.
+
+The official threshold t is found in **one pass** over the tensors, holding only about the kept entries:
 
 - Non-negative float32 values sort like their int32 bit patterns, so a 32,768-bin histogram of the high
   15 bits of |τ| (a finite |τ| has 31 significant bits) locates the bin of any order statistic.
@@ -34,6 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,7 +61,10 @@ from sa_lens.errors import InputError
 from sa_lens.memory import release_freed_memory
 from sa_lens.validation import is_finite_real
 
-__all__ = ["TrimmedEntry", "check_top_k", "trim_stream", "whole_tensors"]
+__all__ = ["COUNTS", "Count", "TrimmedEntry", "check_count", "check_top_k", "kept_rank", "trim_stream", "whole_tensors"]
+
+Count = Literal["official", "exact"]
+COUNTS: tuple[str, ...] = ("official", "exact")
 
 _HIGH_BINS = 1 << 15  # |x| bit patterns of finite floats are < 0x7F800000, so bits >> 16 < 2**15
 _LOW_BINS = 1 << 16
@@ -86,7 +105,7 @@ def whole_tensors(items: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, in
 
 @dataclass
 class _Group:
-    rank: int  # K: the threshold is the K-th largest |τ| of the group; > size means keep everything
+    rank: int  # the threshold is the rank-th largest |τ| of the group; > size: keep everything; 0: nothing
     size: int
     hist: Tensor = field(default_factory=lambda: torch.zeros(_HIGH_BINS, dtype=torch.int64))
     seen: int = 0
@@ -105,6 +124,18 @@ def check_top_k(top_k: float) -> None:
     """Raise ValueError unless ``top_k`` is a real number in (0, 1]."""
     if not is_finite_real(top_k) or not 0.0 < top_k <= 1.0:
         raise InputError(f"top_k must be a fraction in (0, 1] (0.1 keeps the top 10 %); got {top_k!r}.")
+
+
+def check_count(count: str) -> None:
+    """Raise ValueError unless ``count`` is one of :data:`COUNTS` (see the module docstring)."""
+    if count not in COUNTS:
+        raise InputError(f"count must be one of {', '.join(map(repr, COUNTS))}; got {count!r}.")
+
+
+def kept_rank(top_k: float, size: int, count: Count = "official") -> int:
+    """The rank (from the largest) of the threshold |τ| in a group of ``size`` entries: ⌊k·d⌋ + 1 for the
+    official count, ⌊k·d + ½⌋ for the exact one (module docstring). Above ``size``: everything is kept."""
+    return int(top_k * size) + 1 if count == "official" else math.floor(top_k * size + 0.5)
 
 
 def _abs_bits(t: Tensor) -> Tensor:
@@ -136,8 +167,9 @@ def trim_stream(
     top_k: float,
     progress: bool = False,
     slack: int | None = None,
+    count: Count = "official",
 ) -> dict[str, TrimmedEntry]:
-    """Keep, per group, the entries with |τ| ≥ the official ``kthvalue`` threshold; see the module docstring.
+    """Keep, per group, the top-k entries by |τ| as the module docstring states (``count`` picks which rule).
 
     Args:
         pieces: called once; yields ``(name, start, τ_piece)``: float32 flat slices covering every entry of
@@ -149,14 +181,17 @@ def trim_stream(
         progress: show a tqdm bar.
         slack: extra entries held before pruning (default: a quarter of the largest tensor); smaller
             prunes more often, never changes the result.
+        count: ``"official"`` (⌊k·d⌋ + 1 and every tie) or ``"exact"`` (⌊k·d + ½⌋, ties broken by name, then
+            flat index).
 
     Returns:
         ``{name: TrimmedEntry}`` for every name of ``shapes``.
 
     Raises:
-        ValueError: ``top_k`` outside (0, 1] or a τ entry that is NaN or inf.
+        ValueError: ``top_k`` outside (0, 1], an unknown ``count`` or a τ entry that is NaN or inf.
     """
     check_top_k(top_k)
+    check_count(count)
     numel = {n: math.prod(s) for n, s in shapes.items()}
     if slack is None:
         slack = max(numel.values(), default=0) // 4
@@ -164,7 +199,7 @@ def trim_stream(
     for n in shapes:
         groups.setdefault(group_of(n), _Group(0, 0)).size += numel[n]
     for g in groups.values():
-        g.rank = int(top_k * g.size) + 1
+        g.rank = kept_rank(top_k, g.size, count)
         g.limit = g.rank + slack
 
     held: dict[tuple[str, int], _Piece] = {}
@@ -183,6 +218,9 @@ def trim_stream(
                 f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
                 "(e.g. a diverged fine-tune) before building τH."
             )
+        bar.update(flat.numel())
+        if g.rank == 0:  # the exact count keeps nothing of this group
+            continue
         g.hist += hist
         g.seen += flat.numel()
         if not g.keep_all and g.seen >= g.rank:
@@ -192,15 +230,31 @@ def trim_stream(
         held[key] = _insert(g, held, _Piece(name, start, *_empty()), flat, hist, slack)
         g.members.append(key)
         g.cut[key] = floor_before
-        bar.update(flat.numel())
         # Before the iterator reads the next piece, not after: one piece in memory, not two. (Freed pages are
         # not trimmed here: re-faulting them for every piece cost 20 % more wall time; prunes and the end trim.)
         del flat
     bar.close()
     for g in groups.values():
-        if not g.keep_all:
+        if not g.keep_all and g.rank:
             _prune(g, held, exact=True)
+            if count == "exact":
+                _break_ties(g, held)
     return _join(held, shapes)
+
+
+def _break_ties(g: _Group, held: dict[tuple[str, int], _Piece]) -> None:
+    """Exact count: of the held entries tied at the threshold (``g.floor``, exact after the last prune), keep
+    only as many as the rank leaves room for, first by name, then by flat index (module docstring)."""
+    keys = sorted(k for k in dict.fromkeys(g.members) if k in held)  # (name, start): name, then offset order
+    room = g.rank - sum(int((_abs_bits(held[k].values) > g.floor).sum()) for k in keys)
+    for k in keys:
+        e = held[k]
+        tied = _where(_abs_bits(e.values) == g.floor)
+        if tied.numel() > room:
+            keep = torch.ones(e.values.numel(), dtype=torch.bool)
+            keep[tied[room:]] = False
+            e.indices, e.values = e.indices[keep], e.values[keep]
+        room = max(room - tied.numel(), 0)
 
 
 def _empty() -> tuple[Tensor, Tensor]:
