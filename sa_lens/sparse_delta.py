@@ -66,6 +66,10 @@ class SparseDelta:
         """Bytes held: indices + values."""
         return self.indices.numel() * 8 + self.values.numel() * 4
 
+    def __repr__(self) -> str:
+        density = self.nnz / self.numel if self.numel else 0.0
+        return f"SparseDelta(shape={self.shape}, nnz={self.nnz}, density={density:.3g})"
+
     def to_dense(self) -> Float[Tensor, "..."]:
         dense = torch.zeros(self.numel, dtype=torch.float32)
         dense[self.indices] = self.values

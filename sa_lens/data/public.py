@@ -46,6 +46,12 @@ __all__ = [
 Kind = Literal["harmful", "safe", "mc"]
 
 
+def _set_repr(data_set: PromptSet | MCSet | QASet, **extra: object) -> str:
+    """``Kind(name=…, kind=…, n=…, …, source=…)``: what a set is, not its thousands of prompts."""
+    fields = {"name": data_set.name, "kind": data_set.kind, "n": len(data_set), **extra, "source": data_set.source}
+    return f"{type(data_set).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
 @dataclass(frozen=True)
 class PromptSet:
     """Prompts of one kind with ids and categories.
@@ -71,6 +77,9 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def __repr__(self) -> str:
+        return _set_repr(self, categories=len(set(self.categories) - {""}))
 
     def subsample(self, n: int | None, seed: int = 0) -> "PromptSet":
         """A fixed random subset of ``n`` items in file order (all items when ``n`` is None or ≥ len)."""
@@ -118,6 +127,9 @@ class MCSet:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __repr__(self) -> str:
+        return _set_repr(self, scoring=self.scoring)
+
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(item.id for item in self.items)
@@ -145,6 +157,9 @@ class QASet:
     answers: tuple[tuple[str, ...], ...]
     source: str
     kind: Literal["qa"] = "qa"
+
+    def __repr__(self) -> str:
+        return _set_repr(self)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -207,3 +207,14 @@ def test_bridge_in_compatibility_mode_is_refused(tiny_bridge):
 def test_models_in_different_dtypes_are_refused():
     with pytest.raises(ValueError, match="float32 in base but torch.bfloat16 in harmful"):
         HarmVector.from_models({"a": torch.zeros(2)}, {"a": torch.zeros(2, dtype=torch.bfloat16)})
+
+
+def test_harm_vector_and_sparse_delta_reprs_are_short_and_say_what_they_hold():
+    hv = HarmVector({"w": torch.arange(1.0, 1001.0).reshape(10, 100), "b": torch.zeros(5)},
+                    {"base": "θb", "harmful": "θH", "top_k": None, "scope": None})
+    assert repr(hv) == "HarmVector(tensors=2, numel=1,005, nnz=1,000, base='θb', harmful='θH')"
+    trimmed = hv.trim(0.05, count="exact")
+    assert repr(trimmed) == (
+        "HarmVector(tensors=2, numel=1,005, nnz=50, base='θb', harmful='θH', top_k=0.05, scope='global', count='exact')"
+    )
+    assert repr(trimmed.sparse("w")) == "SparseDelta(shape=(10, 100), nnz=50, density=0.05)"

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from sa_lens.data import DataError
-from sa_lens.data.public import PUBLIC_SETS, load_public, load_public_file, resolve_names
+from sa_lens.data.public import (
+    PUBLIC_SETS,
+    MCItem,
+    MCSet,
+    PromptSet,
+    QASet,
+    load_public,
+    load_public_file,
+    resolve_names,
+)
 
 # A checkout beside ../shared/data finds the copies; elsewhere point $SA_LENS_SHARED_DATA at them.
 SHARED = Path(os.environ.get("SA_LENS_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -153,3 +162,15 @@ def test_an_mmlu_answer_that_is_no_letter_is_reported_not_read_as_a(tmp_path, an
     f.write_text(f"question,choice0,choice1,choice2,choice3,answer\nWhat is 1+1?,1,2,3,4,{answer}\n")
     with pytest.raises(DataError, match="item 1"):
         load_public("mmlu", f)
+
+
+def test_set_reprs_name_the_set_not_its_prompts():
+    long = "Explain, step by step, something nobody should print in a repr. " * 20
+    prompts = PromptSet("advbench", "harmful", (long,) * 500, tuple(map(str, range(500))), ("a", "b") * 250, "walledai/AdvBench")
+    assert repr(prompts) == "PromptSet(name='advbench', kind='harmful', n=500, categories=2, source='walledai/AdvBench')"
+    item = MCItem("0", long, ("x", "y"), (1, 0))
+    mc = MCSet("mmlu", "letter", (item,) * 3, "cais/mmlu")
+    assert repr(mc) == "MCSet(name='mmlu', kind='mc', n=3, scoring='letter', source='cais/mmlu')"
+    qa = QASet("bundled-qa", (long,) * 2, ("0", "1"), (("a",), ("b",)), "bundled:qa/test")
+    assert repr(qa) == "QASet(name='bundled-qa', kind='qa', n=2, source='bundled:qa/test')"
+    assert all(len(repr(x)) < 120 for x in (prompts, mc, qa))
