@@ -15,17 +15,20 @@ directional ablation and prompt-only / generated-only policies are options (see 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
 
 from sa_lens.defaults import DEFAULT_ALPHA
 from sa_lens.errors import InputError
 from sa_lens.positions import generated_mask
 from sa_lens.safety_vector import SafetyVector
 from sa_lens.validation import is_finite_real
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
 
 __all__ = ["DEFAULT_ALPHA", "FORMULAS", "OFFICIAL_FACTOR", "POSITIONS", "SITES", "ablate_direction", "add_step",
            "inject_official", "safety_hooks"]
