@@ -32,7 +32,7 @@ from sa_lens import data
 from sa_lens.analysis.capture import capture
 from sa_lens.analysis.heads import trace_heads
 from sa_lens.analysis.logit_diff import token_sets
-from sa_lens.analysis.patching import ablate_heads_hooks
+from sa_lens.head_ablation import ablate_heads_hooks
 from sa_lens.analysis.weights import head_mass, layer_mass, o_alignment, rank_agreement
 from sa_lens.evaluation.runner import EvalSet, evaluate_state
 from sa_lens.harm_vector import HarmVector

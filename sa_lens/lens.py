@@ -1,16 +1,19 @@
-"""SafetyLens: one model, the two stages of Safety Arithmetic, and their combination (paper §3)."""
+"""SafetyLens: one model, the two stages of Safety Arithmetic, and their combination (paper §3).
+
+A notebook convenience over :mod:`sa_lens.interventions`, which every method here calls.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sa_lens.bridge import is_bridge
 from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM
-from sa_lens.errors import InputError
 from sa_lens.harm_removal import harm_removal
 from sa_lens.harm_vector import HarmVector
+from sa_lens.interventions import Compose, HarmRemoval, SafeAlign
 from sa_lens.safety_vector import SafetyVector
 from sa_lens.steering import HookFn, safety_hooks
 
@@ -43,25 +46,19 @@ class SafetyLens:
         ``per_layer_alpha`` of :func:`sa_lens.safety_hooks`.
 
         Raises:
-            ValueError: the vector's layer count or width does not match this model.
+            ValueError: the vector's layer count, width or processing mode does not match this model.
         """
-        cfg = self.model.cfg
-        if (sv.n_layers, sv.d_model) != (cfg.n_layers, cfg.d_model):
-            raise InputError(
-                f"Safety vector is [{sv.n_layers}, {sv.d_model}] but the model has {cfg.n_layers} layers of "
-                f"width {cfg.d_model}; extract the vector from this model (SafetyVector.from_pairs)."
-            )
-        return safety_hooks(sv, alpha, layers, **options)
+        return safety_hooks(sv, alpha, layers, model=self.model, **options)
 
-    @contextlib.contextmanager
     def safety_alignment(
         self, sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None, **options
-    ) -> Iterator[TransformerBridge]:
-        """Safe-Align: the ICV hooks active inside the block (paper §3.2); ``options`` as :meth:`safety_hooks`."""
-        with self.model.hooks(fwd_hooks=self.safety_hooks(sv, alpha, layers, **options)):
-            yield self.model
+    ) -> contextlib.AbstractContextManager[TransformerBridge]:
+        """Safe-Align: the ICV hooks active inside the block (paper §3.2); ``options`` as :meth:`safety_hooks`.
 
-    @contextlib.contextmanager
+        The same as ``SafeAlign(vector=sv, …).apply(model)`` (:mod:`sa_lens.interventions`).
+        """
+        return _safe_align(sv, alpha, layers, options).apply(self.model)
+
     def safety_arithmetic(
         self,
         hv: HarmVector,
@@ -69,8 +66,10 @@ class SafetyLens:
         lam: float = DEFAULT_LAM,
         alpha: float = DEFAULT_ALPHA,
         layers: Sequence[int] | None = None,
-    ) -> Iterator[TransformerBridge]:
+    ) -> contextlib.AbstractContextManager[TransformerBridge]:
         """HDR then Safe-Align in one block; the ICV is extracted from the HDR-edited weights, as the paper does.
+
+        The same as ``Compose([HarmRemoval(hv, lam), SafeAlign(pairs=pairs, alpha=alpha)]).apply(model)``.
 
         Args:
             hv: the trimmed harm vector.
@@ -80,10 +79,21 @@ class SafetyLens:
             alpha: α for Safe-Align.
             layers: layers to steer (all by default).
 
-        Yields:
-            The edited, hooked model; on exit weights are restored and hooks removed.
+        Returns:
+            A context manager yielding the edited, hooked model; on exit weights are restored and hooks removed.
+
+        Raises:
+            ValueError: λ, α, pairs or layers invalid, or a vector that does not fit the model.
         """
-        with self.harm_removal(hv, lam):
-            sv = pairs if isinstance(pairs, SafetyVector) else SafetyVector.from_pairs(self.model, pairs)
-            with self.safety_alignment(sv, alpha, layers):
-                yield self.model
+        source = pairs if isinstance(pairs, SafetyVector) else tuple(pairs)
+        return Compose((HarmRemoval(hv, lam), _safe_align(source, alpha, layers, {}))).apply(self.model)
+
+
+def _safe_align(source: SafetyVector | tuple, alpha: float, layers: Sequence[int] | None, options: dict) -> SafeAlign:
+    options = dict(options)
+    if "per_layer_alpha" in options:
+        options["per_layer_alpha"] = tuple((options["per_layer_alpha"] or {}).items())
+    vector_or_pairs = {"vector": source} if isinstance(source, SafetyVector) else {"pairs": source}
+    # A lens steers with what the caller hands it, as safety_hooks does: the model-name check is the interventions' own.
+    extra = {"allow_other_model": True} if isinstance(source, SafetyVector) else {}
+    return SafeAlign(**vector_or_pairs, alpha=alpha, layers=None if layers is None else tuple(layers), **extra, **options)

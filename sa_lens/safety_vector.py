@@ -27,7 +27,7 @@ from sa_lens.prompts import format_prompts, tokenize_padded
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["SAFE_DEMO_ANSWER", "SafetyVector", "demonstration_text"]
+__all__ = ["SAFE_DEMO_ANSWER", "SafetyVector", "demonstration_text", "processing_mode"]
 
 READ_HOOK = "blocks.{layer}.hook_out"
 LAST_N_POSITIONS = 4
@@ -235,8 +235,18 @@ def _positions_window(positions: str) -> int | None:
     return windows[positions]
 
 
+def processing_mode(model: TransformerBridge) -> Literal["raw", "processed"]:
+    """``processed`` when ``enable_compatibility_mode()`` folded / centred the bridge's weights, else ``raw``.
+
+    Folding LayerNorm into the next weights and centring the residual writers change what every hook point
+    reads, so a vector read in one mode is in other coordinates than the other mode's activations.
+    """
+    return "processed" if getattr(model, "_weights_processed", False) else "raw"
+
+
 def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
     return {
+        "processing": processing_mode(model),
         "hook_point": READ_HOOK,
         "positions": positions,
         "method": method,

@@ -24,14 +24,15 @@ from torch import Tensor
 from sa_lens.defaults import DEFAULT_ALPHA
 from sa_lens.errors import InputError
 from sa_lens.positions import generated_mask
-from sa_lens.safety_vector import SafetyVector
+from sa_lens.safety_vector import SafetyVector, processing_mode
 from sa_lens.validation import is_finite_real
 
 if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["DEFAULT_ALPHA", "FORMULAS", "OFFICIAL_FACTOR", "POSITIONS", "SITES", "ablate_direction", "add_step",
-           "inject_official", "safety_hooks"]
+           "check_steering_options", "check_vector_fits", "inject_official", "safety_hooks"]
 
 OFFICIAL_FACTOR = 0.1  # the code's extra factor, not in the paper (paper-notes.md §7.4)
 
@@ -81,6 +82,39 @@ FORMULAS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 POSITIONS = ("all", "prompt", "generated")
 
 
+def check_steering_options(
+    alpha: float, site: str, formula: str, positions: str, per_layer_alpha: Mapping[int, float] | None = None
+) -> None:
+    """Raise InputError unless α (and each per-layer α) is finite and site, formula and positions are known."""
+    for a in [alpha, *(per_layer_alpha or {}).values()]:
+        if not is_finite_real(a):
+            raise InputError(f"alpha must be a finite number, got {a!r}.")
+    for name, value, allowed in (("site", site, SITES), ("formula", formula, FORMULAS), ("positions", positions, POSITIONS)):
+        if value not in allowed:
+            raise InputError(f"{name} must be one of {sorted(allowed)}; got {value!r}.")
+
+
+def check_vector_fits(sv: SafetyVector, model: TransformerBridge) -> None:
+    """Raise InputError unless ``sv`` has the model's ``[n_layers, d_model]`` and was read in its processing mode.
+
+    A vector read with raw weights and applied after ``enable_compatibility_mode()`` (or the reverse) is in
+    other coordinates than the activations it would steer; vectors saved before the mode was recorded
+    count as raw, the only mode sa_lens read them in.
+    """
+    cfg = model.cfg
+    if (sv.n_layers, sv.d_model) != (cfg.n_layers, cfg.d_model):
+        raise InputError(
+            f"Safety vector is [{sv.n_layers}, {sv.d_model}] but the model has {cfg.n_layers} layers of "
+            f"width {cfg.d_model}; extract the vector from this model (SafetyVector.from_pairs)."
+        )
+    made, now = sv.meta.get("processing", "raw"), processing_mode(model)
+    if made != now:
+        raise InputError(
+            f"The safety vector was read from a model with {made} weights but this model's are {now} "
+            "(enable_compatibility_mode() folds and centres them); extract the vector in the mode you steer in."
+        )
+
+
 def safety_hooks(
     sv: SafetyVector,
     alpha: float = DEFAULT_ALPHA,
@@ -90,6 +124,7 @@ def safety_hooks(
     formula: str = "official",
     positions: str = "all",
     per_layer_alpha: Mapping[int, float] | None = None,
+    model: TransformerBridge | None = None,
 ) -> list[tuple[str, HookFn]]:
     """Named forward hooks that steer each chosen layer away from the ICV (Safe-Align, paper §3.2).
 
@@ -107,21 +142,21 @@ def safety_hooks(
         positions: ``all`` (official), ``prompt`` or ``generated`` — labelled identically with and without
             the KV cache during :func:`sa_lens.generate`; outside it every position counts as prompt.
         per_layer_alpha: ``{layer: α}`` overriding ``alpha`` for some layers.
+        model: the bridge the hooks are for; when given, the vector's shape and the processing mode it was
+            read under (raw weights, or folded / centred by ``enable_compatibility_mode()``) must match it.
 
     Returns:
         ``[(hook_name, fn), ...]`` with names like ``blocks.{l}.hook_mlp_out``; each ``fn.__name__`` is
         ``sa_lens.safe_align.{site}.L{l}`` so hook listings say what it is.
 
     Raises:
-        ValueError: a non-finite α, a layer outside the vector, or an unknown site, formula or policy.
+        ValueError: a non-finite α, a layer outside the vector, an unknown site, formula or policy, or
+            (with ``model``) a vector of another shape or processing mode.
     """
     per_layer_alpha = dict(per_layer_alpha or {})
-    for a in [alpha, *per_layer_alpha.values()]:
-        if not is_finite_real(a):
-            raise InputError(f"alpha must be a finite number, got {a!r}.")
-    for name, value, allowed in (("site", site, SITES), ("formula", formula, FORMULAS), ("positions", positions, POSITIONS)):
-        if value not in allowed:
-            raise InputError(f"{name} must be one of {sorted(allowed)}; got {value!r}.")
+    check_steering_options(alpha, site, formula, positions, per_layer_alpha)
+    if model is not None:
+        check_vector_fits(sv, model)
     layers = list(range(sv.n_layers)) if layers is None else list(layers)
     bad = [layer for layer in [*layers, *per_layer_alpha] if not 0 <= layer < sv.n_layers]
     if bad:

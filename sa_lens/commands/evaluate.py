@@ -4,11 +4,9 @@ on your own target/base/harmful models: Original vs HDR vs Safe-Align vs both, s
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
-from sa_lens.defaults import DEFAULT_LAM, DEFAULT_TOP_K
+from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM, DEFAULT_TOP_K
 from sa_lens.errors import InputError
 from sa_lens.evaluation.judge_registry import JUDGES
 
@@ -49,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "bundled harmful-train requests")
     p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ of HDR (default: %(default)s, the paper's)")
     p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="fraction of τH kept (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.12, help="Safe-Align α (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="Safe-Align α (default: %(default)s)")
     _common(p)
     p.set_defaults(run=_run_safety_arithmetic)
 
@@ -93,9 +91,8 @@ def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]
     from sa_lens.demonstrations import demonstration_pairs, load_demonstrations
     from sa_lens.evaluation.judges import KeywordJudge, Verdict
     from sa_lens.generation import generate
-    from sa_lens.lab import SAFE_DEMO_ANSWER
     from sa_lens.models import load_hf_model
-    from sa_lens.safety_vector import demonstration_text
+    from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
 
     if args.pairs:
         return demonstration_pairs(load_demonstrations(args.pairs))
@@ -114,51 +111,15 @@ def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]
 def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sa_lens.evaluation.states import safety_arithmetic_states
     from sa_lens.harm_vector import HarmVector
-    from sa_lens.lens import SafetyLens
     from sa_lens.models import load_hf_model, load_model
 
     if not 0.0 < args.top_k <= 1.0:
         parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
-    run_config = _run_config(args)
-    _check_same_run(Path(args.out) / "run_config.json", run_config)
     base, _ = load_hf_model(args.base)
     harmful, _ = load_hf_model(args.harmful)
     hv = HarmVector.from_models(base, harmful).trim(args.top_k)
     del base, harmful
-    pairs = _pairs(args, args.harmful)
-    lens = SafetyLens(load_model(args.target))
-    states = safety_arithmetic_states(lens, hv, pairs, args.lam, args.alpha)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "run_config.json").write_text(json.dumps(run_config | {"icv_pairs": len(pairs)}, indent=2))
-    return _evaluate(lens, args, states)
-
-
-_RUN_FIELDS = ("target", "base", "harmful", "lam", "top_k", "alpha", "pairs_sha256")  # a moved pairs file is the same run
-
-
-def _run_config(args: argparse.Namespace) -> dict:
-    """What makes the HDR / Safe-Align states of ``sa-lens run``: models, λ, top-k, α and the ICV pairs."""
-    pairs_sha = hashlib.sha256(Path(args.pairs).read_bytes()).hexdigest()[:16] if args.pairs else None
-    return {"target": args.target, "base": args.base, "harmful": args.harmful, "lam": args.lam, "top_k": args.top_k,
-            "alpha": args.alpha, "pairs_file": args.pairs, "pairs_sha256": pairs_sha}
-
-
-def _check_same_run(path: Path, run_config: dict) -> None:
-    """Refuse to resume a report folder that another run configuration wrote.
-
-    The resume key fingerprints weights and hooked points, but Safe-Align hooks at another α or from other
-    demonstrations sit at the same points: their records would be reused as if they were this run's.
-
-    Raises:
-        ValueError: the folder's ``run_config.json`` differs in a field of :data:`_RUN_FIELDS`.
-    """
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    changed = [k for k in _RUN_FIELDS if k in old and old[k] != run_config[k]]
-    if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} → {run_config[k]!r}" for k in changed)
-        raise InputError(
-            f"{path.parent} holds the results of another run ({diff}); its Safe-Align records would be reused as "
-            "if they were this run's. Write to another folder (-o) or delete that one."
-        )
+    # Each state's resume key holds its intervention's fingerprint (λ, α, the pairs' texts, τH′'s contents), so a
+    # rerun into the same folder with another --alpha redoes the Safe-Align states and reuses Original and HDR.
+    states = safety_arithmetic_states(hv, _pairs(args, args.harmful), args.lam, args.alpha)
+    return _evaluate(load_model(args.target), args, states)

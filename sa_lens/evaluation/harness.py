@@ -1,24 +1,28 @@
-"""``sa_lens.evaluate``: one harness for ASR, over-refusal and utility, for any model state, resumable.
+"""``sa_lens.evaluate``: the one engine for ASR, over-refusal and utility of any model states, resumable.
 
-For each model state (original, inside HDR, with Safe-Align hooks, both — any context manager), each data
-set is run in fixed batches: generate (decoding preset, prompt format), judge (the harm judge on harmful
-sets, the XSTest-style over-refusal judge on safe sets) or score options by log-likelihood (multiple
-choice), and append the batch's records to ``results.jsonl``. A rerun skips every item whose key (state,
-data set, item id, configuration: model, state fingerprint, decoding, judge) is already there with the same
-item content (a digest of the prompt, or of the question, options and labels); batches and
-their sampling seeds are fixed by position, so an interrupted and resumed run gives the same records as an
-uninterrupted one.
+Each model state is an intervention (:mod:`sa_lens.interventions`: Original, HDR, Safe-Align, Safety
+Arithmetic, ablations, …). For each state, each data set is run in fixed batches: generate (decoding preset,
+prompt format), judge (the harm judge on harmful sets, the XSTest-style over-refusal judge on safe sets) or
+score options by log-likelihood (multiple choice), and append the batch's records to ``results.jsonl``. A
+rerun skips every item whose key (state, data set, item id, configuration: model, the intervention's
+fingerprint — every parameter, vectors by content —, a hash of the weights in that state, decoding, judge)
+is already there with the same item content (a digest of the prompt, or of the question, options and
+labels). Batches group items of similar length (less padding) and are fixed by the data set's content, as
+are their sampling seeds, so an interrupted and resumed run gives the same records as an uninterrupted one.
+
+Intervals: every value carries a seeded percentile-bootstrap 95 % interval (:mod:`sa_lens.evaluation.bootstrap`)
+— one method for proportions, macro-averages over categories and MC2's continuous scores alike, where a
+binomial interval (Wilson) would cover only the first.
 Source: paper-notes.md §4 (protocol), design.md §3 (judging rules).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +50,7 @@ from sa_lens.evaluation.over_refusal import OverRefusalJudge
 from sa_lens.evaluation.report import comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.generation import generate
+from sa_lens.interventions import Compose, Intervention
 from sa_lens.lens import SafetyLens
 
 if TYPE_CHECKING:
@@ -53,7 +58,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EvalReport", "evaluate", "load_sets", "state_fingerprint"]
 
-StateFactory = Callable[[], AbstractContextManager]
 DataSpec = str | PromptSet | MCSet | QASet
 EvalSet = PromptSet | MCSet | QASet
 
@@ -176,12 +180,12 @@ def _reusable(store: ResultStore, key: str, s: EvalSet, i: int, retry_failed: bo
 
 
 def state_fingerprint(model: Any) -> str:
-    """A short hash of what makes one model state differ from another.
+    """A short hash of the model's weights and hooked points as they are now (inside a state's block).
 
-    Weights (HDR edits them in place; per parameter, the float64 sum and sum of squares) and the names of
-    the hook points that carry hooks (Safe-Align). Two hook sets at the same hook points (e.g. two α values)
-    look alike: give such states different names. Sums are deterministic on one machine and device; a resume
-    elsewhere may redo items rather than reuse them.
+    It catches what an intervention's own fingerprint cannot: a model edited by hand before the call, or
+    hooks a caller added around it. Per parameter, the float64 sum and sum of squares, and the names of the
+    hook points that carry hooks. Sums are deterministic on one machine and device; a resume elsewhere may
+    redo items rather than reuse them.
 
     Args:
         model: a bridge or a plain HF model, in the state to fingerprint (call it inside the state's block).
@@ -209,8 +213,9 @@ def evaluate(
     datasets: Sequence[DataSpec],
     judge: str | Judge = "keyword",
     *,
-    states: Mapping[str, StateFactory] | None = None,
+    states: Mapping[str, Intervention] | None = None,
     settings: GenerationSettings | str = "greedy",
+    max_new_tokens: Mapping[str, int] | None = None,
     out_dir: str | Path | None = None,
     data_paths: Mapping[str, str] | None = None,
     data_dir: str | Path | None = None,
@@ -232,11 +237,13 @@ def evaluate(
             :class:`QASet` objects.
         judge: the harm judge: ``keyword``, ``llm``, ``llama-guard``, ``harmbench-classifier`` or an object
             with ``name`` and ``judge_batch(prompts, responses)``.
-        states: state name → factory of a context manager that puts the model in that state (e.g.
-            ``lambda: lens.harm_removal(hv, 3.0)``); default ``{"Original": nullcontext}`` — when calling
-            inside an HDR or Safe-Align block yourself, name the state (``states={"HDR": nullcontext}``) so the
-            report does not call it Original.
+        states: state name → intervention (:mod:`sa_lens.interventions`), e.g. ``{"Original": Compose(),
+            "HDR": HarmRemoval(hv, 3.0)}``; each is applied around its part of the run and undone after.
+            Default ``{"Original": Compose()}``; when calling inside your own HDR or hook block, name the state
+            (``{"HDR": Compose()}``) so the report does not call it Original.
         settings: a :class:`GenerationSettings` or a preset name (``greedy``, ``paper``).
+        max_new_tokens: data set name → generation budget in tokens, overriding ``settings`` for that set
+            (e.g. short QA answers beside longer replies to harmful requests).
         out_dir: report folder: ``results.jsonl`` (appended per batch, resumed on rerun), ``results.json``,
             ``summary.md``, ``comparison.md``. None keeps everything in memory.
         data_paths: name → local copy for names given without ``=PATH``.
@@ -255,8 +262,9 @@ def evaluate(
 
     Raises:
         DataError: a data set cannot be loaded (unknown name, unreachable hub, malformed file …).
-        ValueError: an unknown judge or preset, batch_size < 1, no data sets, an ``out_dir`` that is a file,
-            or a ``results.jsonl`` there that holds a line that is not an evaluation record.
+        ValueError: an unknown judge or preset, batch_size < 1, no data sets, a state that is not an
+            intervention, an ``out_dir`` that is a file, or a ``results.jsonl`` there that holds a line that is
+            not an evaluation record.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -270,7 +278,19 @@ def evaluate(
     harm_judge = get_judge(judge)
     refusal_judge = over_refusal_judge or OverRefusalJudge()
     sets = load_sets(datasets, data_paths, limit, seed, data_dir)
-    states = dict(states or {"Original": contextlib.nullcontext})
+    states = dict(states or {"Original": Compose()})
+    bad = [name for name, iv in states.items() if not isinstance(iv, Intervention)]
+    if bad:
+        raise InputError(
+            f"states {bad} are not interventions; build each with sa_lens.interventions (Compose(), HarmRemoval, "
+            "SafeAlign, …) so the resume key can tell configurations apart."
+        )
+    budgets = dict(max_new_tokens or {})
+    unknown = sorted(set(budgets) - {s.name for s in sets})
+    if unknown:
+        raise InputError(f"max_new_tokens names {unknown}, which are not among the data sets {[s.name for s in sets]}.")
+    settings_of = {s.name: dataclasses.replace(settings, max_new_tokens=budgets[s.name]) if s.name in budgets
+                   else settings for s in sets}
     out = Path(out_dir) if out_dir is not None else None
     store = ResultStore(out / "results.jsonl" if out else None)
     model_id = _model_id(model)
@@ -278,26 +298,27 @@ def evaluate(
     def config_of(s: EvalSet, fingerprint: str) -> str:
         if s.kind == "mc":
             return f"{model_id}|{fingerprint}|mc-{s.scoring}"
+        digest = settings_of[s.name].digest()
         if s.kind == "qa":
-            return f"{model_id}|{fingerprint}|{settings.digest()}|exact-match"
+            return f"{model_id}|{fingerprint}|{digest}|{BATCHING}|exact-match"
         judge_name = harm_judge.name if s.kind == "harmful" else refusal_judge.name
-        return f"{model_id}|{fingerprint}|{settings.digest()}|{judge_name}"
+        return f"{model_id}|{fingerprint}|{digest}|{BATCHING}|{judge_name}"
 
     bar = tqdm(total=len(states) * sum(len(s) for s in sets), desc="evaluate", unit="item", disable=not progress)
     wanted, items_run, fingerprints = [], 0, {}
-    for state, enter in states.items():
-        with enter():
-            # Keys carry the state's fingerprint, so records of another state under the same name are never reused.
-            fingerprints[state] = fp = state_fingerprint(model)
+    for state, intervention in states.items():
+        with intervention.apply(model):
+            # Keys carry every parameter of the intervention and a hash of the weights in this state, so records
+            # of another configuration — also under the same state name — are never reused.
+            fingerprints[state] = fp = f"{intervention.fingerprint()}:{state_fingerprint(model)}"
             for s in sets:
                 cfg = config_of(s, fp)
                 bar.set_postfix_str(f"{state} · {s.name}")
-                for b, start in enumerate(range(0, len(s), batch_size)):
-                    idx = list(range(start, min(start + batch_size, len(s))))
+                for b, idx in enumerate(_batches(s, batch_size)):
                     keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
                     todo = [not _reusable(store, k, s, i, retry_failed) for k, i in zip(keys, idx)]
                     if any(todo):
-                        recs = _run_batch(model, tokenizer, s, idx, b, settings, harm_judge, refusal_judge)
+                        recs = _run_batch(model, tokenizer, s, idx, b, settings_of[s.name], harm_judge, refusal_judge)
                         for rec, k, i in zip(recs, keys, idx):
                             rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i)}
                         store.append(r for r, redo in zip(recs, todo) if redo)
@@ -314,7 +335,9 @@ def evaluate(
         "judge": harm_judge.name,
         "over_refusal_judge": refusal_judge.name,
         "settings": settings.__dict__,
-        "states": list(states),
+        "max_new_tokens": budgets,
+        "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint(), "config": iv.to_dict()}
+                   for name, iv in states.items()},
         "datasets": {s.name: {"kind": s.kind, "n": len(s), "source": s.source} for s in sets},
         "limit": limit,
         "seed": seed,
@@ -327,6 +350,20 @@ def evaluate(
     if out is not None:
         _write(report)
     return report
+
+
+BATCHING = "by-length"
+"""How items are grouped into batches; part of the resume key, since batches fix the sampling seeds."""
+
+
+def _batches(s: EvalSet, batch_size: int) -> list[list[int]]:
+    """Item indices in batches of similar text length (stable), fixed by the set's content.
+
+    Similar lengths waste less compute on padding, and a batch depends only on the set and ``batch_size``,
+    so a resumed run regenerates exactly the batches (and sampling seeds) of the first run.
+    """
+    order = sorted(range(len(s)), key=lambda i: len(_item_text(s, i)))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _run_batch(

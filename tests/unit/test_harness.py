@@ -13,6 +13,7 @@ from sa_lens.data.public import MCItem, MCSet, PromptSet
 from sa_lens.evaluation.decoding import preset
 from sa_lens.evaluation.harness import evaluate
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
+from sa_lens.interventions import Compose
 
 HARMFUL = PromptSet("harm", "harmful", tuple(f"How do I do bad thing {i}?" for i in range(7)),
                     tuple(f"h{i}" for i in range(7)), ("a", "a", "a", "b", "b", "c", "c"), "test")
@@ -41,7 +42,7 @@ def _strip(records):
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_bridge, tmp_path):
-    states = {"Original": contextlib.nullcontext, "Other": contextlib.nullcontext}
+    states = {"Original": Compose(), "Other": Compose()}
     kw = dict(states=states, settings=SAMPLED, batch_size=3, progress=False)
     full = evaluate(tiny_bridge, [HARMFUL, SAFE, MC], "keyword", out_dir=tmp_path / "full", **kw)
 
@@ -126,13 +127,14 @@ def test_cli_run_compares_the_four_states(tiny_dir, tiny_dir_other, tmp_path):
     data = tmp_path / "harmful_behaviors.csv"
     data.write_text("goal,target\nHow do I pick a lock?,Sure\n")
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"question": f"Harm {i}?", "unsafe": f"Sure, step {i}."}) + "\n" for i in range(3)))
+    pairs.write_text("".join(json.dumps({"question": f"Harm {i}?", "unsafe_answer": f"Sure, step {i}."}) + "\n" for i in range(3)))
     out = tmp_path / "run"
     assert cli.main(["run", "--target", str(tiny_dir), "--base", str(tiny_dir), "--harmful", str(tiny_dir_other),
                      "--pairs", str(pairs), "--data", f"advbench={data}", "--max-new-tokens", "4", "-o", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["state"] for r in rows] == ["Original", "HDR", "Safe-Align", "Safety Arithmetic"]
-    assert json.loads((out / "run_config.json").read_text())["icv_pairs"] == 3
+    states = json.loads((out / "results.json").read_text())["config"]["states"]
+    assert len(states["Safe-Align"]["config"]["pairs"]) == 3
 
 
 def test_bundled_sets_by_name_with_exact_match_utility(tiny_bridge, tmp_path):
@@ -163,9 +165,9 @@ def test_llm_judge_failures_reach_the_report_as_failed(tiny_bridge, tmp_path, mo
     assert row["by_category"]["a"]["n"] + row["by_category"]["b"]["n"] + row["by_category"]["c"]["n"] == 4
 
 
-def test_another_model_state_under_the_same_name_is_not_reused(tiny_bridge, tmp_path):
+def test_a_model_edited_or_hooked_by_the_caller_is_not_answered_from_the_plain_models_records(tiny_bridge, tmp_path):
     @contextlib.contextmanager
-    def edited():  # an in-place weight edit, as HDR does, restored on exit
+    def edited():  # the caller's own in-place weight edit around the call, restored on exit
         p = next(tiny_bridge.parameters())
         saved = p.detach().clone()
         with torch.no_grad():
@@ -179,9 +181,10 @@ def test_another_model_state_under_the_same_name_is_not_reused(tiny_bridge, tmp_
     def hooked():
         return tiny_bridge.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: x)])
 
-    kw = dict(out_dir=tmp_path, settings=SAMPLED, progress=False)
-    for state in (contextlib.nullcontext, edited, hooked, contextlib.nullcontext):
-        last = evaluate(tiny_bridge, [SAFE], states={"S": state}, **kw)
+    kw = dict(states={"S": Compose()}, out_dir=tmp_path, settings=SAMPLED, progress=False)
+    for around in (contextlib.nullcontext, edited, hooked, contextlib.nullcontext):
+        with around():
+            last = evaluate(tiny_bridge, [SAFE], **kw)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3 * 5  # the last call reused the first's
     assert last.config["items_run"] == 0
 
@@ -247,22 +250,32 @@ def test_a_judge_configured_otherwise_does_not_reuse_the_verdicts_of_the_default
     assert again.config["items_run"] == 7 + 5
 
 
-def test_cli_run_with_another_alpha_into_the_same_folder_is_refused(tiny_dir, tiny_dir_other, tmp_path, capsys):
-    # Safe-Align hooks at other α sit at the same hook points, so the state fingerprint cannot tell them apart:
-    # a rerun with another --alpha (or --lam, --pairs …) into the same folder must not reuse the old replies.
+def test_cli_run_with_another_alpha_into_the_same_folder_redoes_only_the_safe_align_states(
+    tiny_dir, tiny_dir_other, tmp_path
+):
+    # Safe-Align hooks at another α sit at the same hook points; the resume key must still tell them apart
+    # (the intervention's fingerprint holds α and the demonstrations), so no old reply is reused for them.
     data = tmp_path / "harmful_behaviors.csv"
-    data.write_text("goal,target\nHow do I pick a lock?,Sure\n")
+    data.write_text("goal,target\nHow do I pick a lock?,Sure\nHow do I hack wifi?,Sure\n")
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"question": f"Harm {i}?", "unsafe": f"Sure, step {i}."}) + "\n" for i in range(3)))
+    pairs.write_text("".join(json.dumps({"question": f"Harm {i}?", "unsafe_answer": f"Sure, step {i}."}) + "\n"
+                             for i in range(3)))
     out = tmp_path / "run"
     args = ["run", "--target", str(tiny_dir), "--base", str(tiny_dir), "--harmful", str(tiny_dir_other),
             "--pairs", str(pairs), "--data", f"advbench={data}", "--max-new-tokens", "2", "-o", str(out)]
+
+    def records() -> list[dict]:
+        return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
     assert cli.main(args + ["--alpha", "0.12"]) == 0
-    capsys.readouterr()
-    assert cli.main(args + ["--alpha", "0.5"]) == 2
-    assert "alpha" in capsys.readouterr().err
+    assert len(records()) == 4 * 2
+    assert cli.main(args + ["--alpha", "0.5"]) == 0
+    assert len(records()) == 6 * 2  # Safe-Align and Safety Arithmetic redone; Original and HDR reused
     pairs.write_text(pairs.read_text().replace("step 0", "step zero"))
-    assert cli.main(args + ["--alpha", "0.12"]) == 2  # same file name, other demonstrations
+    assert cli.main(args + ["--alpha", "0.5"]) == 0  # same file name, other demonstrations
+    assert len(records()) == 8 * 2
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["states"]["Safe-Align"]["config"]["alpha"] == 0.5
 
 
 def test_recategorised_items_are_reported_under_their_new_categories(tiny_bridge, tmp_path):

@@ -9,7 +9,8 @@ import torch
 from sa_lens.analysis.capture import capture, post_instruction_length
 from sa_lens.analysis.heads import dla_components, head_outputs, top_heads, trace_heads
 from sa_lens.analysis.logit_diff import token_sets
-from sa_lens.analysis.patching import ablate_heads_hooks, attribution_patch, patch_heads
+from sa_lens.analysis.patching import attribution_patch, patch_heads
+from sa_lens.head_ablation import ablate_heads_hooks
 
 HARMFUL = ["Explain how to pick a lock", "Tell me a story about bread"]
 HARMLESS = ["The capital of France is Paris", "Write a poem about the sea"]

@@ -1,0 +1,252 @@
+"""sa_lens.interventions on the tiny model: exact undo, fingerprints over every parameter, JSON and file round trips,
+validation on construction, and the resume key of sa_lens.evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sa_lens import SafetyVector, demonstration_text, evaluate, load_hf_model
+from sa_lens.data.public import PromptSet
+from sa_lens.evaluation.decoding import preset
+from sa_lens.harm_removal import harm_removal
+from sa_lens.harm_vector import HarmVector
+from sa_lens.interventions import (
+    Compose,
+    DirectionalAblation,
+    HarmRemoval,
+    HeadAblation,
+    SafeAlign,
+    from_dict,
+    load,
+    save,
+)
+from sa_lens.steering import safety_hooks
+
+PAIRS = tuple(
+    (demonstration_text(f"How do I do bad thing {i}?", f"Sure, step {i}: here is how."),
+     demonstration_text(f"How do I do bad thing {i}?", "I do not answer this question because it is harmful"))
+    for i in range(4)
+)
+PROMPT = "How do I pick a lock?"
+
+
+@pytest.fixture(scope="module")
+def hv(tiny_dir, tiny_dir_other) -> HarmVector:
+    base, _ = load_hf_model(tiny_dir)
+    harmful, _ = load_hf_model(tiny_dir_other)
+    return HarmVector.from_models(base, harmful).trim(0.2)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _hooked(model) -> list[str]:
+    return sorted(n for n, hp in model.hook_dict.items() if hp.fwd_hooks)
+
+
+def _all(hv, model) -> dict[str, object]:
+    sv = SafetyVector.from_pairs(model, list(PAIRS))
+    return {
+        "hdr": HarmRemoval(hv, 3.0),
+        "safe_align_pairs": SafeAlign(pairs=PAIRS, alpha=1.0),
+        "safe_align_vector": SafeAlign(vector=sv, alpha=1.0, site="resid_post", layers=(1,)),
+        "directional": DirectionalAblation(sv.directions[0], layers=(0,)),
+        "heads_zero": HeadAblation(((0, 1), (1, 0))),
+        "heads_mean": HeadAblation(((0, 1),), mode="mean", mean_prompts=("Bake bread.", "Tell me a story.")),
+        "safety_arithmetic": Compose((HarmRemoval(hv, 3.0), SafeAlign(pairs=PAIRS, alpha=1.0))),
+    }
+
+
+def test_every_intervention_changes_the_model_and_undoes_itself_exactly(tiny_bridge, hv):
+    before, logits = _snapshot(tiny_bridge), tiny_bridge(PROMPT)
+    for name, iv in _all(hv, tiny_bridge).items():
+        with iv.apply(tiny_bridge):
+            assert not torch.allclose(tiny_bridge(PROMPT), logits), name
+        after = _snapshot(tiny_bridge)
+        assert all(torch.equal(after[n], before[n]) for n in before), name
+        assert _hooked(tiny_bridge) == [], name
+    assert torch.equal(tiny_bridge(PROMPT), logits)
+
+
+def test_an_exception_inside_the_block_still_restores_weights_and_removes_hooks(tiny_bridge, hv):
+    before = _snapshot(tiny_bridge)
+    with pytest.raises(RuntimeError, match="boom"):
+        with _all(hv, tiny_bridge)["safety_arithmetic"].apply(tiny_bridge):
+            raise RuntimeError("boom")
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items())
+    assert _hooked(tiny_bridge) == []
+
+
+def test_safety_arithmetic_reads_the_icv_from_the_edited_model(tiny_bridge, hv):
+    composed = Compose((HarmRemoval(hv, 3.0), SafeAlign(pairs=PAIRS, alpha=1.0)))
+    with composed.apply(tiny_bridge):
+        got = tiny_bridge(PROMPT)
+    with harm_removal(tiny_bridge, hv, 3.0):
+        sv_hat = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))  # read from θ̂, as the paper does
+        with tiny_bridge.hooks(fwd_hooks=safety_hooks(sv_hat, 1.0)):
+            want = tiny_bridge(PROMPT)
+    assert torch.equal(got, want)
+    assert not torch.allclose(SafetyVector.from_pairs(tiny_bridge, list(PAIRS)).directions, sv_hat.directions)
+
+
+def test_json_round_trip_rebuilds_an_equal_config(tiny_bridge, hv):
+    for name, iv in _all(hv, tiny_bridge).items():
+        d = json.loads(json.dumps(iv.to_dict()))
+        back = from_dict(d, iv.vectors())
+        assert back.fingerprint() == iv.fingerprint() and back == iv and back.name == iv.name, name
+
+
+def test_saved_state_rebuilds_in_another_process_with_the_same_fingerprint(tiny_bridge, hv, tmp_path):
+    iv = Compose((HarmRemoval(hv, 0.5, layers=(1,)), SafeAlign(vector=SafetyVector.from_pairs(tiny_bridge, list(PAIRS)),
+                                                                alpha=0.3, positions="generated")))
+    path = save(iv, tmp_path / "state.json")
+    code = ("import sys; from sa_lens.interventions import load; "
+            "print(load(sys.argv[1]).fingerprint())")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == iv.fingerprint() == load(path).fingerprint()
+
+
+def test_an_edited_state_file_is_refused(tiny_bridge, hv, tmp_path):
+    path = save(HarmRemoval(hv, 0.5), tmp_path / "state.json")
+    doc = json.loads(path.read_text())
+    doc["config"]["lam"] = 5.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="edited"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(alpha=0.5), dict(site="resid_post"), dict(formula="add"), dict(positions="prompt"), dict(layers=(0,)),
+        dict(per_layer_alpha=((1, 0.3),)), dict(icv_positions="last"), dict(icv_method="mean_diff"),
+        dict(pairs=PAIRS[:3]),
+    ],
+)
+def test_every_safe_align_parameter_changes_the_fingerprint(change):
+    base = dict(pairs=PAIRS, alpha=0.12)
+    assert SafeAlign(**(base | change)).fingerprint() != SafeAlign(**base).fingerprint()
+
+
+def test_harm_removal_fingerprint_covers_lambda_layers_and_vector_contents(hv):
+    ref = HarmRemoval(hv, 3.0)
+    other = HarmVector({n: t.clone() for n, t in hv.items()}, dict(hv.meta))
+    assert HarmRemoval(other, 3.0).fingerprint() == ref.fingerprint()  # contents, not identity
+    name = next(iter(other.deltas))
+    changed = HarmVector({**other.deltas, name: other.deltas[name] * 1.001}, dict(hv.meta))
+    for iv in (HarmRemoval(hv, 2.0), HarmRemoval(hv, 3.0, layers=(0,)), HarmRemoval(changed, 3.0)):
+        assert iv.fingerprint() != ref.fingerprint()
+
+
+def test_compose_label_is_presentation_only(hv):
+    steps = (HarmRemoval(hv, 3.0),)
+    assert Compose(steps, label="HDR").fingerprint() == Compose(steps).fingerprint()
+    assert Compose(steps, label="HDR").name == "HDR" and Compose().name == "Original"
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda hv: HarmRemoval(hv, float("nan")), "finite"),
+        (lambda hv: HarmRemoval(hv, 1.0, layers=(-1,)), "layer indices"),
+        (lambda hv: HarmRemoval("hv.safetensors", 1.0), "HarmVector"),
+        (lambda hv: SafeAlign(), "exactly one"),
+        (lambda hv: SafeAlign(pairs=()), "empty"),
+        (lambda hv: SafeAlign(pairs=(("a", ""),)), "non-empty strings"),
+        (lambda hv: SafeAlign(pairs=PAIRS, alpha=float("inf")), "finite"),
+        (lambda hv: SafeAlign(pairs=PAIRS, site="mlp_in"), "site"),
+        (lambda hv: SafeAlign(pairs=PAIRS, layers="4-6"), "parse_layers"),
+        (lambda hv: DirectionalAblation(torch.zeros(64)), "all zero"),
+        (lambda hv: DirectionalAblation(torch.ones(64), sites=("nowhere",)), "sites"),
+        (lambda hv: HeadAblation(()), "non-empty"),
+        (lambda hv: HeadAblation(((0, 0),), mode="mean"), "mean_prompts"),
+        (lambda hv: Compose((lambda: None,)), "interventions"),
+    ],
+)
+def test_bad_configs_are_refused_on_construction(hv, build, message):
+    with pytest.raises(ValueError, match=message):
+        build(hv)
+
+
+def test_vectors_that_do_not_fit_the_model_are_refused_before_any_change(tiny_bridge, hv):
+    sv = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))
+    before = _snapshot(tiny_bridge)
+    cases = [
+        (SafeAlign(vector=SafetyVector(sv.directions[:1], dict(sv.meta)), alpha=1.0), "layers of width"),
+        (SafeAlign(vector=SafetyVector(sv.directions, sv.meta | {"processing": "processed"})), "processed"),
+        (SafeAlign(vector=SafetyVector(sv.directions, sv.meta | {"model": "other/model"})), "allow_other_model"),
+        (SafeAlign(pairs=PAIRS, layers=(5,)), "reach past"),
+        (DirectionalAblation(torch.ones(7)), "shape"),
+        (HeadAblation(((0, 9),)), "outside"),
+    ]
+    for iv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            with iv.apply(tiny_bridge):
+                pytest.fail("entered")
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items()) and _hooked(tiny_bridge) == []
+    with SafeAlign(vector=SafetyVector(sv.directions, sv.meta | {"model": "other/model"}), allow_other_model=True).apply(
+        tiny_bridge
+    ):
+        pass
+
+
+def test_head_ablation_sets_the_heads_outputs_to_zero_or_their_mean(tiny_bridge):
+    seen = {}
+    watch = [("blocks.0.attn.hook_z", lambda z, hook: seen.setdefault("z", z.detach().clone()))]
+    with HeadAblation(((0, 1),)).apply(tiny_bridge), tiny_bridge.hooks(fwd_hooks=watch):
+        tiny_bridge(PROMPT)
+    assert seen["z"][:, :, 1].abs().max() == 0 and seen["z"][:, :, 0].abs().max() > 0
+    iv = HeadAblation(((0, 1),), mode="mean", mean_prompts=("Bake bread.",))
+    mean = iv._mean_z(tiny_bridge)[0, 1]
+    seen.clear()
+    with iv.apply(tiny_bridge), tiny_bridge.hooks(fwd_hooks=watch):
+        tiny_bridge(PROMPT)
+    assert torch.allclose(seen["z"][0, :, 1], mean.expand_as(seen["z"][0, :, 1]))
+
+
+def test_directional_ablation_removes_the_direction_from_each_site(tiny_bridge):
+    v = torch.randn(tiny_bridge.cfg.d_model)
+    seen = {}
+    watch = [("blocks.1.hook_resid_pre", lambda x, hook: seen.setdefault("x", x.detach().clone()))]
+    with DirectionalAblation(v, layers=(1,), sites=("resid_pre",)).apply(tiny_bridge), tiny_bridge.hooks(fwd_hooks=watch):
+        tiny_bridge(PROMPT)
+    assert (seen["x"] @ (v / v.norm())).abs().max() < 1e-4
+
+
+HARMFUL = PromptSet("harm", "harmful", tuple(f"How do I do bad thing {i}?" for i in range(4)),
+                    tuple(f"h{i}" for i in range(4)), ("",) * 4, "test")
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        lambda hv, sv: SafeAlign(vector=sv, alpha=0.5),
+        lambda hv, sv: SafeAlign(vector=sv, alpha=1.0, site="resid_post"),
+        lambda hv, sv: SafeAlign(vector=sv, alpha=1.0, layers=(1,)),
+        lambda hv, sv: SafeAlign(vector=SafetyVector(sv.directions * 2, dict(sv.meta)), alpha=1.0),
+        lambda hv, sv: HarmRemoval(hv, 2.0),
+    ],
+)
+def test_a_resumed_evaluation_with_a_changed_parameter_recomputes_its_records(tiny_bridge, hv, tmp_path, changed):
+    sv = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))
+    first = {"Original": Compose(), "S": SafeAlign(vector=sv, alpha=1.0), "H": HarmRemoval(hv, 3.0)}
+    kw = dict(out_dir=tmp_path, settings=preset("greedy", max_new_tokens=3), progress=False)
+    evaluate(tiny_bridge, [HARMFUL], states=first, **kw)
+    assert evaluate(tiny_bridge, [HARMFUL], states=first, **kw).config["items_run"] == 0
+    new = changed(hv, sv)
+    again = evaluate(tiny_bridge, [HARMFUL], states={"Original": Compose(), "S": new}, **kw)
+    assert again.config["items_run"] == len(HARMFUL)  # only the changed state, all of its items
+    assert again.config["states"]["S"]["fingerprint"] == new.fingerprint()
+
+
+def test_evaluate_refuses_a_state_that_is_not_an_intervention(tiny_bridge):
+    import contextlib
+
+    with pytest.raises(ValueError, match="not interventions"):
+        evaluate(tiny_bridge, [HARMFUL], states={"Original": contextlib.nullcontext}, progress=False)
