@@ -229,6 +229,8 @@ class HarmRemoval(_Base):
     @contextlib.contextmanager
     def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
         hv = self.harm_vector if self.layers is None else self.harm_vector.restrict(layers=self.layers)
+        if not hv.deltas:
+            raise InputError(f"the harm vector has no parameters in layers {list(self.layers or ())}.")
         with harm_removal(model, hv, self.lam):
             yield model
 

@@ -23,27 +23,28 @@ import itertools
 import json
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from sa_lens import data
-from sa_lens.analysis.figures import plot_method_comparison
+from sa_lens.data.public import PromptSet, QASet, load_bundled_set
 from sa_lens.errors import InputError
+from sa_lens.evaluation.bootstrap import bootstrap_mean
+from sa_lens.evaluation.decoding import preset
+from sa_lens.evaluation.harness import EvalReport, evaluate
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
-from sa_lens.evaluation.runner import EvalSet, StateResult, evaluate_state
 from sa_lens.finetune import finetune
 from sa_lens.generation import generate
 from sa_lens.harm_vector import HarmVector
-from sa_lens.lens import SafetyLens
+from sa_lens.interventions import Compose, HarmRemoval, Intervention, SafeAlign
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
-from sa_lens.safety_vector import SAFE_DEMO_ANSWER, SafetyVector, demonstration_text
+from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
 from sa_lens.validation import is_finite_real
 
-__all__ = ["LabConfig", "LabModels", "LabSession", "METHODS", "build_models", "format_table", "run_lab"]
+__all__ = ["METHODS", "SCENARIOS", "LabConfig", "LabModels", "build_models", "eval_sets", "evaluate_scenario",
+           "format_table", "icv_pairs", "lab_rows", "lab_states", "run_lab"]
 
 METHODS = ("Original", "HDR (TIES top-k)", "HDR (task vector)", "Safe-Align", "Safety Arithmetic")
 RECIPE_VERSION = 2  # bump when the fine-tune recipe changes meaning, so old cached models are not reused
@@ -237,87 +238,67 @@ def icv_pairs(cfg: LabConfig, cast: LabModels) -> list[tuple[str, str]]:
     ]
 
 
-def eval_sets(cfg: LabConfig) -> list[EvalSet]:
-    """The held-out sets of ``cfg.split``, plus the optional public harmful set."""
-    harmful = data.load_bundled("harmful", cfg.split)
-    safe = data.load_bundled("safe", cfg.split)
-    qa = data.load_bundled("qa", cfg.split)
-    sets = [
-        EvalSet("harmful", "harmful", [r["prompt"] for r in harmful], [r["id"] for r in harmful],
-                max_new_tokens=cfg.max_new_tokens, groups=[r["category"] for r in harmful]),
-        EvalSet("safe", "safe", [r["prompt"] for r in safe], [r["id"] for r in safe],
-                max_new_tokens=cfg.max_new_tokens, groups=[r["type"] for r in safe]),
-        EvalSet("qa", "qa", [r["question"] for r in qa], [r["id"] for r in qa], [r["answers"] for r in qa], cfg.qa_max_new_tokens),
-    ]
+def eval_sets(cfg: LabConfig) -> list[PromptSet | QASet]:
+    """The held-out sets of ``cfg.split`` (``harmful``, ``safe``, ``qa``), plus the optional public harmful set."""
+    sets = [dataclasses.replace(load_bundled_set(name, cfg.split), name=name) for name in ("harmful", "safe", "qa")]
     if cfg.harmful_data:
         extra = data.load_prompts(cfg.harmful_data, cfg.harmful_column)[: cfg.harmful_limit]
         name = Path(cfg.harmful_data).stem
-        sets.append(EvalSet(name, "harmful", extra, [f"{name}-{i}" for i in range(len(extra))], max_new_tokens=cfg.max_new_tokens))
+        sets.append(PromptSet(name, "harmful", tuple(extra), tuple(f"{name}-{i}" for i in range(len(extra))),
+                              ("",) * len(extra), cfg.harmful_data))
     return sets
 
 
-class LabSession:
-    """The built cast, harm vector, ICV pairs and held-out sets, ready to measure any (scenario, method).
+def lab_states(cfg: LabConfig, hv_tv: HarmVector, hv_ties: HarmVector, pairs: list[tuple[str, str]]) -> dict[str, Intervention]:
+    """The rows of the paper's Tables 1–2 as interventions (method name → state).
 
-    Sweeps reuse one session with configs that differ in ``lam``, ``top_k``, ``tv_lam`` or ``alpha``
-    (see ``analyses/sweep_dev.py``); everything else comes from the config the session was opened with.
+    HDR with the TIES top-k vector (λ = ``cfg.lam``) and with the untrimmed task vector (λ = ``cfg.tv_lam``),
+    Safe-Align from the ICV pairs (α = ``cfg.alpha``), and Safety Arithmetic: HDR, then the ICV read from θ̂.
     """
-
-    def __init__(self, cfg: LabConfig, log: Callable[[str], None] = print) -> None:
-        self.cfg = cfg
-        self.sets = eval_sets(cfg)  # fail on a bad --harmful-data file before any fine-tuning
-        torch.manual_seed(cfg.seed)
-        self.cast = build_models(cfg, log)
-        base_hf, _ = load_hf_model(self.cast.paths["aligned"])
-        harmful_hf, _ = load_hf_model(self.cast.paths["harmful"])
-        self.hv_tv = HarmVector.from_models(base_hf, harmful_hf)
-        self.pairs = icv_pairs(cfg, self.cast)
-        self._trimmed: dict[float, HarmVector] = {}
-        self._model: tuple[str, object] | None = None
-
-    def harm_vector(self, top_k: float) -> HarmVector:
-        """The TIES top-k vector (global trim), cached per ``top_k``."""
-        if top_k not in self._trimmed:
-            self._trimmed[top_k] = self.hv_tv.trim(top_k, scope="global")
-        return self._trimmed[top_k]
-
-    def model(self, scenario: str):
-        """The target bridge of a scenario (``BASE`` → aligned, ``SFT`` → sft); one held at a time."""
-        if self._model is None or self._model[0] != scenario:
-            self._model = (scenario, load_model(self.cast.paths["aligned" if scenario == "BASE" else "sft"]))
-        return self._model[1]
-
-    def _context(self, method: str, cfg: LabConfig) -> AbstractContextManager:
-        lens, hv = SafetyLens(self._model[1]), self.harm_vector(cfg.top_k)
-        contexts = {
-            "Original": nullcontext,
-            "HDR (TIES top-k)": lambda: lens.harm_removal(hv, cfg.lam),
-            "HDR (task vector)": lambda: lens.harm_removal(self.hv_tv, cfg.tv_lam),
-            "Safe-Align": lambda: lens.safety_alignment(SafetyVector.from_pairs(lens.model, self.pairs), cfg.alpha),
-            # The ICV is read from θ̂ inside the HDR block, as the paper does (§3.2).
-            "Safety Arithmetic": lambda: lens.safety_arithmetic(hv, self.pairs, cfg.lam, cfg.alpha),
-        }
-        return contexts[method]()
-
-    def measure(self, scenario: str, method: str, cfg: LabConfig | None = None) -> tuple[dict, list[dict]]:
-        """Evaluate one model state; returns its table row and its generation records."""
-        cfg = cfg or self.cfg
-        model = self.model(scenario)
-        with self._context(method, cfg):
-            res = evaluate_state(model, self.sets, batch_size=cfg.gen_batch_size, progress=f"{scenario} · {method}")
-        records = [{"scenario": scenario, "method": method, **rec} for rec in res.records]
-        return _row(scenario, method, res), records
+    hdr, safe_align = HarmRemoval(hv_ties, cfg.lam), SafeAlign(pairs=tuple(pairs), alpha=cfg.alpha)
+    states = {
+        "Original": Compose(),
+        "HDR (TIES top-k)": hdr,
+        "HDR (task vector)": HarmRemoval(hv_tv, cfg.tv_lam),
+        "Safe-Align": safe_align,
+        "Safety Arithmetic": Compose((hdr, safe_align)),
+    }
+    return {name: states[name] for name in METHODS}
 
 
-def _row(scenario: str, method: str, res: StateResult) -> dict:
-    row: dict = {"scenario": scenario, "method": method}
-    for set_name, metrics in res.metrics.items():
-        for metric, rate in metrics.items():
-            key = metric if set_name in ("harmful", "safe", "qa") else f"{metric}_{set_name}"
-            row[key] = rate.value
-            row[f"{key}_n"] = rate.n
-            row[f"{key}_ci95"] = [rate.low, rate.high]
-    return row
+def evaluate_scenario(
+    model, cfg: LabConfig, sets: list[PromptSet | QASet], states: dict[str, Intervention], out_dir: Path | None
+) -> EvalReport:
+    """One scenario's states on the lab's sets through :func:`sa_lens.evaluate`: greedy, chat template, keyword judge,
+    ``cfg.max_new_tokens`` per reply (``cfg.qa_max_new_tokens`` for QA), resumable in ``out_dir``."""
+    return evaluate(
+        model, sets, "keyword", states=states, settings=preset("greedy", max_new_tokens=cfg.max_new_tokens),
+        max_new_tokens={"qa": cfg.qa_max_new_tokens}, batch_size=cfg.gen_batch_size, out_dir=out_dir,
+        seed=cfg.seed,
+    )
+
+
+def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
+    """The lab table's rows from an evaluation report: per method, ASR (+ degenerate) on ``harmful``,
+    over-refusal on ``safe`` and on its XSTest-style (``contrast``) prompts, exact-match ``utility`` on ``qa``, and
+    ``asr_{name}`` on any extra harmful set; each value with its n and bootstrap 95 % interval (fractions)."""
+    rows: dict[str, dict] = {}
+    for r in report.rows:
+        row = rows.setdefault(r["state"], {"scenario": scenario, "method": r["state"]})
+        metrics = {"harmful": ("asr", "degenerate"), "safe": ("over_refusal",), "qa": ("exact_match",)}.get(
+            r["dataset"], ("asr",))
+        for metric in metrics:
+            key = "utility" if metric == "exact_match" else metric
+            if r["dataset"] not in ("harmful", "safe", "qa"):
+                key = f"{metric}_{r['dataset']}"
+            row |= {key: r[metric], f"{key}_n": r[f"{metric}_n"], f"{key}_ci95": r[f"{metric}_ci95"]}
+    for method, row in rows.items():
+        contrast = [rec["verdict"] in ("full_refusal", "partial_refusal") for rec in report.records
+                    if rec["state"] == method and rec["dataset"] == "safe" and rec.get("category") == "contrast"]
+        rate = bootstrap_mean(contrast, report.config["n_boot"], report.config["seed"])
+        row |= {"over_refusal_contrast": rate.value, "over_refusal_contrast_n": rate.n,
+                "over_refusal_contrast_ci95": [rate.low, rate.high]}
+    return list(rows.values())
 
 
 def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
@@ -335,7 +316,8 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
         n = next(r for r in rows if r["scenario"] == scenario)
         lines.append(
             f"\n{scenario} scenario — {split} split (harmful n={n['asr_n']}, safe n={n['over_refusal_n']} of which "
-            f"XSTest-style n={n['over_refusal_contrast_n']}, QA n={n['utility_n']}); keyword judge, greedy decoding"
+            f"XSTest-style n={n['over_refusal_contrast_n']}, QA n={n['utility_n']}); keyword judge, greedy decoding, "
+            "over-refusal = full + partial refusals (XSTest), bootstrap 95 % intervals in results.json"
         )
         header = f"{'Method':<20}" + "".join(f"{title:>17}" for _, title in cols)
         lines += [header, "-" * len(header)]
@@ -344,38 +326,49 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
     return "\n".join(lines)
 
 
+SCENARIOS = {"BASE": "aligned", "SFT": "sft"}
+"""Scenario → the lab model it targets (paper Tables 1 and 2)."""
+
+
 def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callable[[str], None] = print) -> dict:
-    """Run the lab end to end and write ``results.json``, ``generations.jsonl`` and ``methods.png``.
+    """Run the lab end to end: models → vectors → interventions → :func:`sa_lens.evaluate` → report.
+
+    Writes ``results.json`` (every rate with n and interval), ``generations.jsonl`` (every reply and verdict),
+    ``methods.png``, and per scenario the evaluation folder ``BASE/`` / ``SFT/`` (resumed by a rerun).
 
     Returns:
         The results dictionary written to ``results.json``.
+
+    Raises:
+        ValueError: a bad ``--harmful-data`` file (checked before any fine-tune).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    session = LabSession(cfg, log)
+    sets = eval_sets(cfg)  # fail on a bad --harmful-data file before any fine-tuning
+    torch.manual_seed(cfg.seed)
+    cast = build_models(cfg, log)
     t_models = time.perf_counter() - t0
-    hv_ties = session.harm_vector(cfg.top_k)
-    log(
-        f"Harm vector: {session.hv_tv.numel:,} entries, {hv_ties.nnz:,} kept by the top-{cfg.top_k:.0%} trim; "
-        f"{len(session.pairs)} ICV pairs."
-    )
+    hv_tv = HarmVector.from_models(load_hf_model(cast.paths["aligned"])[0], load_hf_model(cast.paths["harmful"])[0])
+    hv_ties = hv_tv.trim(cfg.top_k, scope="global")
+    pairs = icv_pairs(cfg, cast)
+    log(f"Harm vector: {hv_tv.numel:,} entries, {hv_ties.nnz:,} kept by the top-{cfg.top_k:.0%} trim; {len(pairs)} ICV pairs.")
+    states = lab_states(cfg, hv_tv, hv_ties, pairs)
     rows, generations = [], []
-    bar = tqdm([(s, m) for s in ("BASE", "SFT") for m in METHODS], desc="lab", unit="state")
-    for scenario, method in bar:
-        bar.set_postfix_str(f"{scenario} · {method}")
-        row, records = session.measure(scenario, method)
-        rows.append(row)
-        generations += records
-    sets, paths, pairs, hv_tv = session.sets, session.cast.paths, session.pairs, session.hv_tv
-    extra = [s.name for s in sets[3:]]
-    table = format_table(rows, extra, cfg.split)
+    for scenario, target in SCENARIOS.items():
+        report = evaluate_scenario(load_model(cast.paths[target]), cfg, sets, states, out / scenario)
+        rows += lab_rows(scenario, report)
+        generations += [{"scenario": scenario, "method": rec["state"], "set": rec["dataset"], "id": rec["id"],
+                         "prompt": rec["prompt"], "response": rec.get("response"),
+                         "verdict": rec.get("verdict"), "score": rec.get("score")} for rec in report.records]
+    table = format_table(rows, [s.name for s in sets[3:]], cfg.split)
     log(table)
     results = {
         "config": dataclasses.asdict(cfg),
-        "models": {k: str(v) for k, v in paths.items()},
+        "models": {k: model_label(v) for k, v in cast.paths.items()},
         "harm_vector": {"numel": hv_tv.numel, "nnz_trimmed": hv_ties.nnz},
         "icv_pairs": len(pairs),
+        "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint()} for name, iv in states.items()},
         "rows": rows,
         "seconds": {"models": round(t_models, 1), "total": round(time.perf_counter() - t0, 1)},
     }
@@ -383,6 +376,15 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     with (out / "generations.jsonl").open("w") as f:
         for g in generations:
             f.write(json.dumps(g) + "\n")
+    from sa_lens.analysis.figures import (
+        plot_method_comparison,  # matplotlib only when a figure is drawn
+    )
+
     plot_method_comparison(rows, out / "methods.png")
     log(f"\nReport written to {out.resolve()} (results.json, generations.jsonl, methods.png) in {results['seconds']['total']:.0f} s.")
     return results
+
+
+def model_label(path: Path) -> str:
+    """A lab model's name for results files: its folder name (content-addressed), never the machine's path."""
+    return Path(path).name
