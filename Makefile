@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lab test test-fast
+.PHONY: install lab lint test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -23,8 +23,11 @@ install: $(VENV)/.installed
 lab: install
 	$(BIN)/sa-lens lab
 
-test: install
+lint: install
+	$(BIN)/ruff check sa_lens tests analyses
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install lint
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -19,8 +19,15 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from sa_lens.analysis.figures import plot_head_heatmaps, plot_layer_curves, plot_method_comparison, plot_sweep, save_figure
+from sa_lens.analysis.figures import (
+    plot_head_heatmaps,
+    plot_layer_curves,
+    plot_method_comparison,
+    plot_sweep,
+    save_figure,
+)
 from sa_lens.analysis.report import ACTIVATION_PANELS, WEIGHT_PANELS, head_weights_tidy
+
 
 def _ablation_figure(df: pd.DataFrame) -> Figure:
     """Left: mean refusal − compliance logit difference with heads ablated; right: judged ASR (both 95 % intervals)."""

@@ -361,7 +361,7 @@ class DirectionalAblation(_Base):
     """Directional ablation: x − (x·v̂)v̂ at each chosen layer and site, every position (Arditi et al. 2024).
 
     Attributes:
-        direction: one direction ``Float[Tensor, "d_model"]`` for every layer, a per-layer
+        direction: one direction ``Float[Tensor, " d_model"]`` for every layer, a per-layer
             ``Float[Tensor, "n_layers d_model"]``, or a :class:`SafetyVector`; only its orientation matters.
         layers: layers to ablate at; None = all.
         sites: hook sites per layer (``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post``); the default

@@ -32,7 +32,7 @@ def prompt_length(n: int) -> Iterator[None]:
         _PROMPT_LENGTH.reset(token)
 
 
-def generated_mask(seq_len: int, device: torch.device | str = "cpu") -> Bool[Tensor, "pos"]:
+def generated_mask(seq_len: int, device: torch.device | str = "cpu") -> Bool[Tensor, " pos"]:
     """True at the columns of the current forward pass that hold generated tokens.
 
     Outside ``sa_lens.generate`` every position is prompt (a plain forward pass). Inside it, a pass at

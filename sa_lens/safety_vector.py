@@ -46,7 +46,7 @@ def demonstration_text(question: str, answer: str) -> str:
     return f"Question: {question}\n    Answer: {answer}\n    ".strip(" .")
 
 
-def _pc1(diffs: Float[Tensor, "n features"]) -> Float[Tensor, "features"]:
+def _pc1(diffs: Float[Tensor, "n features"]) -> Float[Tensor, " features"]:
     """Unit-norm first principal direction of the centred diffs, signed by ``svd_flip`` as the official
     ICV code does (Liu et al. 2023): the largest-magnitude projection of a diff onto it is positive.
 

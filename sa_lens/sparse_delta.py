@@ -28,8 +28,8 @@ class SparseDelta:
 
     Attributes:
         shape: the dense shape.
-        indices: ``Int64[Tensor, "nnz"]``, strictly increasing flat positions.
-        values: ``Float[Tensor, "nnz"]``, float32, the entries at those positions.
+        indices: ``Int64[Tensor, " nnz"]``, strictly increasing flat positions.
+        values: ``Float[Tensor, " nnz"]``, float32, the entries at those positions.
     """
 
     shape: tuple[int, ...]

@@ -40,7 +40,7 @@ HookFn = Callable[..., Tensor]
 
 
 def inject_official(
-    m: Float[Tensor, "batch pos d_model"], v: Float[Tensor, "d_model"], alpha: float
+    m: Float[Tensor, "batch pos d_model"], v: Float[Tensor, " d_model"], alpha: float
 ) -> Float[Tensor, "batch pos d_model"]:
     """Apply the official norm-preserving, cosine-gated step away from ``v`` (see module docstring).
 
@@ -56,12 +56,12 @@ def inject_official(
     return steered.to(m.dtype)
 
 
-def add_step(x: Float[Tensor, "batch pos d_model"], v: Float[Tensor, "d_model"], alpha: float) -> Float[Tensor, "batch pos d_model"]:
+def add_step(x: Float[Tensor, "batch pos d_model"], v: Float[Tensor, " d_model"], alpha: float) -> Float[Tensor, "batch pos d_model"]:
     """Plain additive steering toward safe: x − α·v, with v in activation units (ActAdd / CAA style)."""
     return (x.float() - alpha * v.float().to(x.device)).to(x.dtype)
 
 
-def ablate_direction(x: Float[Tensor, "batch pos d_model"], v: Float[Tensor, "d_model"], alpha: float) -> Float[Tensor, "batch pos d_model"]:
+def ablate_direction(x: Float[Tensor, "batch pos d_model"], v: Float[Tensor, " d_model"], alpha: float) -> Float[Tensor, "batch pos d_model"]:
     """Directional ablation: x − (x·v̂)v̂, the component along v removed (Arditi et al. 2024); α is unused."""
     v_unit = torch.nn.functional.normalize(v.float().to(x.device), dim=-1)
     xf = x.float()

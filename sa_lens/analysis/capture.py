@@ -63,8 +63,8 @@ class Capture:
     z: Float[Tensor, "n k n_layers n_heads d_head"]
     z_grad: Float[Tensor, "n k n_layers n_heads d_head"] | None
     mlp_out: Float[Tensor, "n n_layers d_model"]
-    scale: Float[Tensor, "n"]
-    logit_diff: Float[Tensor, "n"]
+    scale: Float[Tensor, " n"]
+    logit_diff: Float[Tensor, " n"]
 
 
 def capture(
@@ -102,7 +102,7 @@ def capture(
             raise InputError(f"A prompt has fewer than n_positions={n_positions} tokens; lower n_positions.")
         store: dict[str, Tensor] = {}
 
-        def keep(x: Tensor, hook, key: str) -> Tensor:
+        def keep(x: Tensor, hook, key: str, store: dict[str, Tensor] = store) -> Tensor:
             store[key] = x  # the tensor itself, so autograd can differentiate with respect to it
             return x
 

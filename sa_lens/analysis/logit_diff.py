@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -87,13 +86,13 @@ def token_sets(
     return TokenSets(r_ids, c_ids, r_words, c_words)
 
 
-def logit_diff(logits: Float[Tensor, "batch d_vocab"], sets: TokenSets) -> Float[Tensor, "batch"]:
+def logit_diff(logits: Float[Tensor, "batch d_vocab"], sets: TokenSets) -> Float[Tensor, " batch"]:
     """Mean refusal logit minus mean compliance logit, per row, in logits."""
     logits = logits.float()
     return logits[:, list(sets.refusal)].mean(-1) - logits[:, list(sets.compliance)].mean(-1)
 
 
-def unembed_direction(W_U: Float[Tensor, "d_model d_vocab"], sets: TokenSets) -> Float[Tensor, "d_model"]:
+def unembed_direction(W_U: Float[Tensor, "d_model d_vocab"], sets: TokenSets) -> Float[Tensor, " d_model"]:
     """The residual direction whose dot product with the final-norm output is :func:`logit_diff`."""
     W_U = W_U.float()
     return W_U[:, list(sets.refusal)].mean(-1) - W_U[:, list(sets.compliance)].mean(-1)

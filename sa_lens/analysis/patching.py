@@ -43,7 +43,7 @@ def patch_heads(
     source_z: Float[Tensor, "n k n_layers n_heads d_head"],
     heads: Sequence[Head],
     sets: TokenSets,
-    receiver_logit_diff: Float[Tensor, "n"],
+    receiver_logit_diff: Float[Tensor, " n"],
     batch_size: int = 8,
 ) -> dict[Head, float]:
     """Exact activation patching: replace one head's output on the receiver run by the source run's, per head.

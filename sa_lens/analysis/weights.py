@@ -162,7 +162,7 @@ def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k
 
 def o_alignment(
     hv: HarmVector,
-    direction: Float[Tensor, "n_layers d_model"] | Float[Tensor, "d_model"],
+    direction: Float[Tensor, "n_layers d_model"] | Float[Tensor, " d_model"],
     n_heads: int,
     mean_z: Float[Tensor, "n_layers n_heads d_head"] | None = None,
 ) -> pd.DataFrame:
