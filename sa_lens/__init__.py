@@ -7,12 +7,17 @@ is imported on first use of ``sa_lens.analysis`` (PEP 562 ``__getattr__`` below)
 import importlib
 from importlib.metadata import version
 
+from sa_lens import interventions
+from sa_lens.demonstrations import Demonstration, demonstration_pairs, load_demonstrations
 from sa_lens.edit_area import EditArea, detect_edit_area
+from sa_lens.errors import InputError, SaLensError
 from sa_lens.evaluation.harness import evaluate
 from sa_lens.export import export_harm_removed
 from sa_lens.generation import enable_kv_cache, generate
-from sa_lens.harm_removal import HarmRemoval, apply_harm_removal, harm_removal
+from sa_lens.harm_removal import apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
+from sa_lens.interventions import Compose, DirectionalAblation, HarmRemoval, HeadAblation, SafeAlign
+from sa_lens.layer_spec import parse_layers
 from sa_lens.lens import SafetyLens
 from sa_lens.merging import dare, ties_merge
 from sa_lens.models import load_hf_model, load_model
@@ -27,8 +32,15 @@ __version__ = version("sa_lens")
 _LAZY_SUBMODULES = ("analysis",)
 
 __all__ = [
+    "Compose",
+    "Demonstration",
+    "DirectionalAblation",
     "EditArea",
     "HarmRemoval",
+    "HeadAblation",
+    "InputError",
+    "SafeAlign",
+    "SaLensError",
     "HarmVector",
     "SafetyLens",
     "SafetyVector",
@@ -37,6 +49,7 @@ __all__ = [
     "apply_harm_removal",
     "checkpoint_parameters",
     "dare",
+    "demonstration_pairs",
     "demonstration_text",
     "detect_edit_area",
     "enable_kv_cache",
@@ -45,8 +58,11 @@ __all__ = [
     "float32_matmul_precision",
     "generate",
     "harm_removal",
+    "interventions",
+    "load_demonstrations",
     "load_hf_model",
     "load_model",
+    "parse_layers",
     "safety_hooks",
     "ties_merge",
 ]

@@ -24,7 +24,7 @@ from sa_lens.memory import release_freed_memory
 from sa_lens.sparse_delta import DENSE_ABOVE
 from sa_lens.validation import is_finite_real
 
-__all__ = ["HarmRemoval", "apply_harm_removal", "harm_removal"]
+__all__ = ["HarmRemovalBlock", "apply_harm_removal", "harm_removal"]
 
 
 def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
@@ -84,7 +84,7 @@ class _Level:
 
 _SEQ = itertools.count()
 # Every entered, not yet restored block (all models), in entry order. Weak: a block abandoned without
-# exit (a notebook cell) must not keep its saved originals alive once its HarmRemoval is gone.
+# exit (a notebook cell) must not keep its saved originals alive once its HarmRemovalBlock is gone.
 _ACTIVE: list[weakref.ref[_Level]] = []
 
 
@@ -127,7 +127,7 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LA
             parameters; the weights are then left as they were.
     Memory: the originals of the edited entries are held until the edit completes (as inside the block).
     """
-    hr = HarmRemoval(model, hv, lam)
+    hr = HarmRemovalBlock(model, hv, lam)
     # An open block's exit writes back what it saved: this edit would be undone where the two overlap and
     # kept elsewhere, a model that is neither. Refused before any edit.
     ptrs = {t.data_ptr() for t in hr.targets.values() if t.numel()}  # empty tensors may all sit at address 0
@@ -144,7 +144,7 @@ def apply_harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LA
     return model
 
 
-class HarmRemoval(contextlib.AbstractContextManager):
+class HarmRemovalBlock(contextlib.AbstractContextManager):
     """The context manager :func:`harm_removal` returns; ``with`` gives the edited model.
 
     Attributes:
@@ -275,7 +275,7 @@ def _write_back(ops: list[tuple[_Site, Tensor]]) -> None:
         raise interrupted
 
 
-def harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> HarmRemoval:
+def harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> HarmRemovalBlock:
     """Subtract λ·τH′ from the target's weights inside a ``with`` block; restore them bit-exactly on exit.
 
     Args:
@@ -285,7 +285,7 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> 
             0.1–6 for the untrimmed task vector (HDR‡), paper-notes.md §2.5.
 
     Returns:
-        A :class:`HarmRemoval`; ``with harm_removal(...) as m`` edits in place and gives the same model:
+        A :class:`HarmRemovalBlock`; ``with harm_removal(...) as m`` edits in place and gives the same model:
         θ̂ = θt − λ·τH′ computed in fp32 and cast to the weight dtype. Its ``restore_nbytes`` tells
         what the restore holds.
 
@@ -302,4 +302,4 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> 
     what it saw on entry, and blocks exit in reverse order. Never "subtract then add back" (not exact in
     bf16/fp16; anchors.md §4.1).
     """
-    return HarmRemoval(model, hv, lam)
+    return HarmRemovalBlock(model, hv, lam)

@@ -131,9 +131,9 @@ def safety_vector_directions(bridge) -> torch.Tensor:
 
 def evaluate_four_states(bridge, hv: HarmVector) -> tuple[list[dict], list[dict]]:
     """``sa_lens.evaluate`` of Original, HDR, Safe-Align and Safety Arithmetic; returns (rows, records)."""
-    lens = SafetyLens(bridge)
-    states = safety_arithmetic_states(lens, hv, PAIRS, lam=LAM, alpha=ALPHA)
-    report = evaluate(lens, [HARMFUL, SAFE, QA, MC], "keyword", states=states, settings=SETTINGS, progress=False)
+    states = safety_arithmetic_states(hv, PAIRS, lam=LAM, alpha=ALPHA)
+    report = evaluate(SafetyLens(bridge), [HARMFUL, SAFE, QA, MC], "keyword", states=states, settings=SETTINGS,
+                      progress=False)
     return report.rows, report.records
 
 
@@ -313,8 +313,16 @@ def test_evaluate_records_match_frozen(tiny_bridge, tiny_dir, tiny_dir_other):
         assert replies(state) != replies("Original"), state
 
 
+# The lab now judges safe prompts as sa_lens.evaluate does, in XSTest's classes (full compliance, partial or full
+# refusal) rather than the keyword judge's; over-refusal counts both refusals. The frozen keyword verdicts are
+# compared through this map, and the over-refusal rates in the rows must still match.
+XSTEST_AS_KEYWORD = {"full_refusal": "refusal", "full_compliance": "not_refused", "partial_refusal": "not_refused"}
+
+
 def test_lab_table_matches_frozen(tiny_dir, tmp_path, monkeypatch):
     rows, generations = lab_outputs(tiny_dir, tmp_path, monkeypatch)
+    generations = [g | {"verdict": XSTEST_AS_KEYWORD.get(g["verdict"], g["verdict"])} if g["set"] == "safe" else g
+                   for g in generations]
     got = lab_summary(rows, generations)
     _assert_matches_frozen("lab", _current_verdict_names(_frozen("lab")), _current_verdict_names(got))
 
