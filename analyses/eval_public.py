@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from sa_lens.data.public import PromptSet
+from sa_lens.evaluation import STATE_NAMES, safety_arithmetic_states
 from sa_lens.evaluation.decoding import preset
 from sa_lens.evaluation.harness import evaluate, load_sets
-from sa_lens.evaluation.states import STATE_NAMES, safety_arithmetic_states
-from sa_lens.lab import LabConfig, LabSession
-from sa_lens.lens import SafetyLens
+from sa_lens.harm_vector import HarmVector
+from sa_lens.lab import LabConfig, build_models, icv_pairs
+from sa_lens.models import load_hf_model, load_model
 
 DATA = {
     "advbench": "advbench",
@@ -59,17 +60,19 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cfg = LabConfig()
-    session = LabSession(cfg)
-    model = session.model("SFT")
-    lens = SafetyLens(model)
-    states = safety_arithmetic_states(
-        lens, session.harm_vector(cfg.top_k), session.pairs, cfg.lam, cfg.alpha, which=args.states.split(",")
-    )
+    cast = build_models(cfg)
+    hv = HarmVector.from_models(load_hf_model(cast.paths["aligned"])[0], load_hf_model(cast.paths["harmful"])[0])
+    # The lab's states as interventions: HDR with the TIES top-k vector, Safe-Align from the lab's ICV pairs (read
+    # from the SFT model, or from θ̂ for Safety Arithmetic, when each state is applied).
+    states = safety_arithmetic_states(hv.trim(cfg.top_k, scope="global"), icv_pairs(cfg, cast), cfg.lam, cfg.alpha,
+                                      which=args.states.split(","))
+    del hv
+    model = load_model(cast.paths["sft"])
     paths = {name: str(Path(args.data_dir) / folder) for name, folder in DATA.items()}
     sets = load_sets(list(DATA), paths)
     sets = [_standard_only(s) if s.name == "harmbench" else s for s in sets]
     report = evaluate(
-        lens,
+        model,
         sets,
         "keyword",
         states=states,

@@ -18,29 +18,28 @@ Writes ``layerwise.csv`` (tidy, see :func:`sa_lens.analysis.layers.layer_sweep`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import pandas as pd
+
 from sa_lens import data
 from sa_lens.analysis.layers import layer_sweep
-from sa_lens.evaluation.runner import EvalSet
+from sa_lens.data.public import PromptSet, QASet, load_bundled_set
+from sa_lens.evaluation.decoding import preset
 from sa_lens.harm_vector import HarmVector
 from sa_lens.lab import LabConfig, build_models, icv_pairs
 from sa_lens.models import load_model
 from sa_lens.safety_vector import SafetyVector
 
 
-def _sets(n_harmful: int, n_safe: int, n_qa: int, tokens: int) -> list[EvalSet]:
-    harmful = data.load_bundled("harmful", "dev")[:n_harmful]
-    safe = data.load_bundled("safe", "dev")[:n_safe]
-    qa = data.load_bundled("qa", "dev")[:n_qa]
-    return [
-        EvalSet("harmful", "harmful", [r["prompt"] for r in harmful], [r["id"] for r in harmful], max_new_tokens=tokens),
-        EvalSet("safe", "safe", [r["prompt"] for r in safe], [r["id"] for r in safe], max_new_tokens=tokens),
-        EvalSet("qa", "qa", [r["question"] for r in qa], [r["id"] for r in qa], [r["answers"] for r in qa], max_new_tokens=10),
-    ]
+def first(name: str, n: int) -> PromptSet | QASet:
+    """The first ``n`` items of a bundled dev set, named ``harmful`` / ``safe`` / ``qa`` in the CSV."""
+    s = load_bundled_set(name, "dev")
+    fields = ("prompts", "ids", "answers") if name == "qa" else ("prompts", "ids", "categories")
+    return dataclasses.replace(s, name=name, **{f: getattr(s, f)[:n] for f in fields})
 
 
 def main() -> None:
@@ -57,13 +56,15 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = LabConfig(split="dev")
     cast = build_models(cfg)
-    sets = _sets(args.harmful, args.safe, args.qa, args.tokens)
+    sets = [first("harmful", args.harmful), first("safe", args.safe), first("qa", args.qa)]
+    # Greedy, chat template; ``--tokens`` per harmful/safe reply, 10 for a short QA answer.
+    budget = {"settings": preset("greedy", max_new_tokens=args.tokens), "max_new_tokens": {"qa": 10}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     aligned = load_model(cast.paths["aligned"])
     layers = sorted({*range(0, aligned.cfg.n_layers, args.step), aligned.cfg.n_layers - 1})
-    run = {"layers": layers, "n": {s.name: len(s.prompts) for s in sets}, "alpha": args.alpha, "lam": args.lam,
+    run = {"layers": layers, "n": {s.name: len(s) for s in sets}, "alpha": args.alpha, "lam": args.lam,
            "top_k": cfg.top_k, "tokens": args.tokens}
     frames: list[pd.DataFrame] = []
 
@@ -76,15 +77,15 @@ def main() -> None:
 
     direction = SafetyVector.from_prompts(aligned, [r["prompt"] for r in data.load_bundled("harmful", "train")],
                                           [r["prompt"] for r in data.load_bundled("safe", "train")])
-    done(layer_sweep(aligned, sets, "directional_ablation", layers, sv=direction), "aligned θb")
+    done(layer_sweep(aligned, sets, "directional_ablation", layers, sv=direction, **budget), "aligned θb")
     harmful_model = load_model(cast.paths["harmful"])
     hv = HarmVector.from_models(aligned, harmful_model).trim(cfg.top_k)
     del aligned, harmful_model
 
     sft = load_model(cast.paths["sft"])
-    done(layer_sweep(sft, sets, "harm_removal", layers, hv=hv, lam=args.lam), "SFT")
+    done(layer_sweep(sft, sets, "harm_removal", layers, hv=hv, lam=args.lam, **budget), "SFT")
     done(layer_sweep(sft, sets, "safe_align", layers, sv=SafetyVector.from_pairs(sft, icv_pairs(cfg, cast)),
-                     alpha=args.alpha), "SFT")
+                     alpha=args.alpha, **budget), "SFT")
     print(f"Done → {out / 'layerwise.csv'}")
 
 

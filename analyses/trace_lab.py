@@ -10,9 +10,10 @@ and ``ablate`` read what ``trace`` wrote):
 - ``weights_heads.csv``, ``weights_layers.csv``, ``o_alignment.csv``: τH = θH − θb per head / layer;
 - ``agreement.csv``: Spearman ρ (n = 270 heads, permutation p) between weight- and activation-space rankings,
   over all heads and within layers (ranks and shuffles inside each layer: the layer trend removed);
-- ``ablation.csv``: θb with the top-10 heads of each measure zero-ablated, against 10 random heads and no
-  ablation: the mean refusal − compliance logit difference on all dev harmful and safe requests (one forward
-  pass) and the keyword-judged ASR of greedy replies to ``--gen-prompts`` dev harmful requests;
+- ``ablation.csv``: θb with the top-10 heads of each measure zero-ablated (``HeadAblation`` interventions),
+  against 10 random heads and no ablation: the mean refusal − compliance logit difference on all dev harmful
+  and safe requests (one forward pass) and the keyword-judged ASR (``sa_lens.evaluate``, bootstrap 95 %
+  interval) of greedy replies to ``--gen-prompts`` dev harmful requests;
 - ``summary.json``: top heads per measure and the numbers above.
 Then ``python analyses/make_figures.py`` draws the figures.
 """
@@ -20,6 +21,7 @@ Then ``python analyses/make_figures.py`` draws the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -28,14 +30,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import sa_lens
 from sa_lens import data
 from sa_lens.analysis.capture import capture
 from sa_lens.analysis.heads import trace_heads
 from sa_lens.analysis.logit_diff import token_sets
-from sa_lens.head_ablation import ablate_heads_hooks
 from sa_lens.analysis.weights import head_mass, layer_mass, o_alignment, rank_agreement
-from sa_lens.evaluation.runner import EvalSet, evaluate_state
+from sa_lens.data.public import load_bundled_set
+from sa_lens.evaluation.decoding import preset
 from sa_lens.harm_vector import HarmVector
+from sa_lens.interventions import Compose, HeadAblation, Intervention
 from sa_lens.lab import LabConfig, build_models
 from sa_lens.models import load_model
 from sa_lens.safety_vector import SafetyVector
@@ -125,25 +129,31 @@ def ablate(cast, out: Path, args) -> tuple[dict, list[dict]]:
     tops = {m: [(int(l), int(h)) for l, h in hs] for m, hs in tops.items()}
     sets = token_sets(aligned.tokenizer)
     harmful, safe = _dev("harmful"), _dev("safe")
-    judged = [EvalSet("harmful", "harmful", harmful[: args.gen_prompts], [f"h{i}" for i in range(args.gen_prompts)],
-                      max_new_tokens=args.max_new_tokens)]
+    judged = dataclasses.replace(load_bundled_set("harmful", "dev"), name="harmful")
+    judged = dataclasses.replace(judged, **{f: getattr(judged, f)[: args.gen_prompts] for f in ("prompts", "ids", "categories")})
+    states: dict[str, Intervention] = {"none": Compose()} | {name: HeadAblation(tuple(heads)) for name, heads in tops.items()}
+    # Replies to the judged requests, greedy, for every state in one call (each ablation applied and undone in turn).
+    report = sa_lens.evaluate(aligned, [judged], "keyword", states=states,
+                              settings=preset("greedy", max_new_tokens=args.max_new_tokens),
+                              batch_size=args.gen_prompts, progress=False)
+    judged_rows = {r["state"]: r for r in report.rows}
     rows = []
-    for name, heads in [("none", []), *tops.items()]:
-        with aligned.hooks(fwd_hooks=ablate_heads_hooks(heads)):
+    for name, iv in states.items():
+        with iv.apply(aligned):
             ld = {s: capture(aligned, prompts, sets, 1, grad=False, batch_size=16).logit_diff
                   for s, prompts in (("harmful", harmful), ("safe", safe))}
-            res = evaluate_state(aligned, judged, batch_size=args.gen_prompts)
-        label = " ".join(f"L{l}H{h}" for l, h in heads)
+        label = " ".join(f"L{l}H{h}" for l, h in tops.get(name, []))
         for s, values in ld.items():
             rows.append({"ablated": name, "heads": label, "metric": f"logit_diff_{s}", "value": float(values.mean()),
                          "n": len(values), "ci_low": float(values.mean() - 1.96 * values.std() / len(values) ** 0.5),
                          "ci_high": float(values.mean() + 1.96 * values.std() / len(values) ** 0.5)})
+        r = judged_rows[name]
         for metric in ("asr", "degenerate"):
-            r = res.metrics["harmful"][metric]
-            rows.append({"ablated": name, "heads": label, "metric": metric, "value": r.value, "n": r.n,
-                         "ci_low": r.low, "ci_high": r.high})
+            low, high = r[f"{metric}_ci95"]
+            rows.append({"ablated": name, "heads": label, "metric": metric, "value": r[metric], "n": r[f"{metric}_n"],
+                         "ci_low": low, "ci_high": high})
         print(f"[{time.perf_counter() - t0:.0f} s] ablate {name}: logit diff harmful {ld['harmful'].mean():+.2f} "
-              f"safe {ld['safe'].mean():+.2f}; ASR {res.metrics['harmful']['asr'].value:.3f}", flush=True)
+              f"safe {ld['safe'].mean():+.2f}; ASR {r['asr']:.3f}", flush=True)
     pd.DataFrame(rows).to_csv(out / "ablation.csv", index=False)
     return tops, rows
 
