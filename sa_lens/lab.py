@@ -295,6 +295,10 @@ def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
     for method, row in rows.items():
         contrast = [rec["verdict"] in ("full_refusal", "partial_refusal") for rec in report.records
                     if rec["state"] == method and rec["dataset"] == "safe" and rec.get("category") == "contrast"]
+        if not contrast:  # a cut-down safe set may hold no XSTest-style prompt: no rate, not an error
+            row |= {"over_refusal_contrast": float("nan"), "over_refusal_contrast_n": 0,
+                    "over_refusal_contrast_ci95": [float("nan"), float("nan")]}
+            continue
         rate = bootstrap_mean(contrast, report.config["n_boot"], report.config["seed"])
         row |= {"over_refusal_contrast": rate.value, "over_refusal_contrast_n": rate.n,
                 "over_refusal_contrast_ci95": [rate.low, rate.high]}

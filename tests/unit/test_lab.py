@@ -70,3 +70,14 @@ def test_lab_config_refuses_the_train_split_and_non_finite_knobs():
         LabConfig(split="train")
     with pytest.raises(ValueError, match="lam must be finite"):
         LabConfig(lam=float("nan"))
+
+
+def test_lab_rows_of_a_safe_set_without_xstest_style_prompts_have_no_contrast_rate():
+    from sa_lens.evaluation.harness import EvalReport
+
+    rows = [{"state": "Original", "dataset": "safe", "kind": "safe", "over_refusal": 0.5, "over_refusal_n": 2,
+             "over_refusal_ci95": [0.0, 1.0]}]
+    records = [{"state": "Original", "dataset": "safe", "category": "plain", "verdict": v}
+               for v in ("full_refusal", "full_compliance")]
+    (row,) = lab.lab_rows("BASE", EvalReport(rows, records, "", "", config={"n_boot": 100, "seed": 0}))
+    assert row["over_refusal"] == 0.5 and row["over_refusal_contrast_n"] == 0
