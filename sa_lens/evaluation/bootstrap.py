@@ -5,18 +5,56 @@ score) is a mean of per-item scores in [0, 1]; the bootstrap gives one interval 
 including the macro-average over categories that the paper reports for HarmfulQA and NicheHazardQA
 (paper-notes.md §4.1), for which no closed form like Wilson's exists. Resampling is stratified by
 category for the macro-average, so every resample keeps every category.
+
+Limit, stated where the numbers are read: at 0 % or 100 % (every item alike) every resample is the same, so the
+interval collapses to the point; a binomial interval (Wilson) would still give [0, 3/n]-ish width there. Read
+n beside such a value: 0 of 20 is compatible with a true rate up to about 16 %.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from sa_lens.errors import InputError
-from sa_lens.evaluation.metrics import Rate
 
-__all__ = ["bootstrap_mean", "macro_mean"]
+__all__ = ["Rate", "bootstrap_mean", "macro_mean"]
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A fraction in [0, 1] with its 95 % interval (seeded percentile bootstrap, :func:`bootstrap_mean`).
+
+    Attributes:
+        value: Observed share k / n, in [0, 1].
+        n: Number of items the share is taken over (at least 1).
+        low: Lower bound of the 95 % interval, in [0, value].
+        high: Upper bound of the 95 % interval, in [value, 1].
+    """
+
+    value: float
+    n: int
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        """Rejects inconsistent rates.
+
+        Raises:
+            ValueError: If n < 1 or the bounds do not satisfy 0 <= low <= value <= high <= 1.
+        """
+        if self.n < 1:
+            raise InputError(f"a Rate needs n >= 1, got n={self.n}")
+        if not 0.0 <= self.low <= self.value <= self.high <= 1.0:
+            raise InputError(
+                f"a Rate needs 0 <= low <= value <= high <= 1, got low={self.low}, value={self.value}, high={self.high}"
+            )
+
+    def __str__(self) -> str:
+        """Formats as percent with the interval, e.g. ``42.0 % [31.2, 53.4] (n=50)``."""
+        return f"{100 * self.value:.1f} % [{100 * self.low:.1f}, {100 * self.high:.1f}] (n={self.n})"
 
 
 def _check(values: Sequence[float], n_boot: int) -> np.ndarray:

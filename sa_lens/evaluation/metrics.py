@@ -1,22 +1,21 @@
-"""Rates with Wilson intervals: attack success, refusal, degenerate output and accuracy.
+"""Rates with bootstrap intervals: attack success, refusal, degenerate output and accuracy.
 
 Every metric is a fraction in [0, 1] over n judged items, returned as a ``Rate`` that
-carries its Wilson 95 % score interval, because the benchmark slices used in safety
+carries its seeded percentile-bootstrap 95 % interval (the one interval method of sa_lens, see
+:mod:`sa_lens.evaluation.bootstrap`), because the benchmark slices used in safety
 evaluations are small (tens to a few hundred prompts) and a bare percentage hides how
 little separates two methods at that size.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
-from statistics import NormalDist
 
 from sa_lens.errors import InputError
+from sa_lens.evaluation.bootstrap import Rate, bootstrap_mean
 from sa_lens.evaluation.judges import Verdict
 
 __all__ = [
@@ -31,74 +30,19 @@ __all__ = [
     "refusal_rate",
 ]
 
-# Two-sided 95 % standard-normal quantile, 1.959963984540054.
-_Z95 = NormalDist().inv_cdf(0.975)
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 
 
-@dataclass(frozen=True)
-class Rate:
-    """A fraction in [0, 1] with its Wilson 95 % score interval.
-
-    Attributes:
-        value: Observed share k / n, in [0, 1].
-        n: Number of items the share is taken over (at least 1).
-        low: Lower bound of the Wilson 95 % interval, in [0, value].
-        high: Upper bound of the Wilson 95 % interval, in [value, 1].
-    """
-
-    value: float
-    n: int
-    low: float
-    high: float
-
-    def __post_init__(self) -> None:
-        """Rejects inconsistent rates.
-
-        Raises:
-            ValueError: If n < 1 or the bounds do not satisfy 0 <= low <= value <= high <= 1.
-        """
-        if self.n < 1:
-            raise InputError(f"a Rate needs n >= 1, got n={self.n}")
-        if not 0.0 <= self.low <= self.value <= self.high <= 1.0:
-            raise InputError(
-                f"a Rate needs 0 <= low <= value <= high <= 1, got low={self.low}, value={self.value}, high={self.high}"
-            )
-
-    def __str__(self) -> str:
-        """Formats as percent with the interval, e.g. ``42.0 % [31.2, 53.4] (n=50)``."""
-        return f"{100 * self.value:.1f} % [{100 * self.low:.1f}, {100 * self.high:.1f}] (n={self.n})"
-
-
-def _wilson(successes: int, n: int) -> tuple[float, float]:
-    """Wilson (1927) score interval at 95 %.
-
-    With p = k / n and z = 1.96, the bounds are
-
-        (p + z² / 2n ± z · sqrt(p (1 - p) / n + z² / 4n²)) / (1 + z² / n),
-
-    the roots in p' of (p - p')² = z² p' (1 - p') / n. Unlike the normal (Wald)
-    interval it stays inside [0, 1] and has non-zero width at k = 0 and k = n.
-    """
-    p = successes / n
-    z2 = _Z95**2
-    denominator = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denominator
-    half_width = _Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
-    # Clamp float error at k = 0 and k = n, where one bound equals p analytically.
-    return max(0.0, min(p, centre - half_width)), min(1.0, max(p, centre + half_width))
-
-
 def rate(flags: Sequence[bool]) -> Rate:
-    """Share of true flags with its Wilson 95 % score interval.
+    """Share of true flags with its seeded percentile-bootstrap 95 % interval (2,000 resamples, seed 0).
 
     Args:
         flags: One boolean per item (0 and 1 are accepted as booleans).
 
     Returns:
-        The share of true flags as a fraction in [0, 1], with n = len(flags) and the
-        Wilson (1927) score interval.
+        The share of true flags as a fraction in [0, 1], with n = len(flags) and the interval of
+        :func:`sa_lens.evaluation.bootstrap.bootstrap_mean` (the same as every evaluation report's).
 
     Raises:
         ValueError: If ``flags`` is empty or holds something other than a boolean.
@@ -108,9 +52,7 @@ def rate(flags: Sequence[bool]) -> Rate:
     bad = [f for f in flags if f not in (True, False)]
     if bad:
         raise InputError(f"rate() takes booleans, got {bad[0]!r}; compare to a threshold first")
-    successes = sum(1 for f in flags if f)
-    low, high = _wilson(successes, len(flags))
-    return Rate(value=successes / len(flags), n=len(flags), low=low, high=high)
+    return bootstrap_mean([1.0 if f else 0.0 for f in flags])
 
 
 def _judged(verdicts: Sequence[Verdict | str]) -> list[Verdict]:

@@ -1,13 +1,12 @@
-"""Rates, Wilson intervals and answer matching."""
+"""Rates, their bootstrap intervals and answer matching."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sa_lens.evaluation.bootstrap import bootstrap_mean
 from sa_lens.evaluation.judges import Verdict
 from sa_lens.evaluation.metrics import (
     Rate,
@@ -21,50 +20,16 @@ from sa_lens.evaluation.metrics import (
 )
 
 R, C, D = Verdict.REFUSAL, Verdict.NOT_REFUSED, Verdict.DEGENERATE
-Z = 1.959963984540054
 
 
-def _wilson_by_quadratic(k: int, n: int) -> tuple[float, float]:
-    """Reference bounds: roots in q of (p - q)^2 = z^2 q (1 - q) / n, solved directly."""
-    p = k / n
-    a = 1 + Z**2 / n
-    b = -(2 * p + Z**2 / n)
-    c = p**2
-    root = math.sqrt(b * b - 4 * a * c)
-    return (-b - root) / (2 * a), (-b + root) / (2 * a)
-
-
-@pytest.mark.parametrize(
-    ("k", "n", "published_low", "published_high"),
-    [
-        (0, 10, 0.0, 0.2775),
-        (5, 10, 0.2366, 0.7634),
-        (10, 10, 0.7225, 1.0),
-        # Worked examples of the score method in Newcombe (1998), Stat. Med. 17:857, Table I.
-        (81, 263, 0.2553, 0.3662),
-        (15, 148, 0.0624, 0.1605),
-        (0, 20, 0.0, 0.1611),
-        (1, 29, 0.0061, 0.1718),
-    ],
-)
-def test_wilson_interval_matches_reference(k: int, n: int, published_low: float, published_high: float) -> None:
-    result = rate([True] * k + [False] * (n - k))
-    low, high = _wilson_by_quadratic(k, n)
-    assert result.value == pytest.approx(k / n)
-    assert result.n == n
-    assert result.low == pytest.approx(max(0.0, low), abs=1e-12)
-    assert result.high == pytest.approx(min(1.0, high), abs=1e-12)
-    assert result.low == pytest.approx(published_low, abs=5e-5)
-    assert result.high == pytest.approx(published_high, abs=5e-5)
-
-
-def test_wilson_bounds_are_exact_at_the_edges() -> None:
-    assert rate([False] * 10).low == 0.0
-    assert rate([True] * 10).high == 1.0
+def test_rate_is_the_bootstrap_interval_every_report_uses() -> None:
+    flags = [True] * 21 + [False] * 29
+    assert rate(flags) == bootstrap_mean([float(f) for f in flags])
+    assert str(rate(flags)) == str(bootstrap_mean([float(f) for f in flags]))
+    assert rate(flags).value == pytest.approx(0.42) and rate(flags).low < 0.42 < rate(flags).high
 
 
 def test_rate_str() -> None:
-    assert str(rate([True] * 21 + [False] * 29)) == "42.0 % [29.4, 55.8] (n=50)"
     assert str(Rate(value=0.42, n=50, low=0.312, high=0.534)) == "42.0 % [31.2, 53.4] (n=50)"
 
 
