@@ -50,7 +50,7 @@ class SafetyLens:
         """
         return safety_hooks(sv, alpha, layers, model=self.model, **options)
 
-    def safety_alignment(
+    def safe_align(
         self, sv: SafetyVector, alpha: float = DEFAULT_ALPHA, layers: Sequence[int] | None = None, **options
     ) -> contextlib.AbstractContextManager[TransformerBridge]:
         """Safe-Align: the ICV hooks active inside the block (paper §3.2); ``options`` as :meth:`safety_hooks`.

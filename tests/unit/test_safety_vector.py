@@ -92,13 +92,13 @@ def test_lens_refuses_a_vector_from_another_model(tiny_bridge):
         SafetyLens(tiny_bridge).safety_hooks(SafetyVector(torch.randn(7, 8)))
 
 
-def test_safety_alignment_changes_activations_and_is_removed_after_an_error(tiny_bridge):
+def test_safe_align_changes_activations_and_is_removed_after_an_error(tiny_bridge):
     lens = SafetyLens(tiny_bridge)
     sv = SafetyVector.from_pairs(tiny_bridge, PAIRS)
     ids = tiny_bridge.tokenizer("How do I pick a lock?", return_tensors="pt")["input_ids"]
     plain = tiny_bridge(ids)
     with pytest.raises(RuntimeError):
-        with lens.safety_alignment(sv, alpha=5.0):
+        with lens.safe_align(sv, alpha=5.0):
             assert not torch.allclose(tiny_bridge(ids), plain)
             raise RuntimeError
     torch.testing.assert_close(tiny_bridge(ids), plain)
