@@ -26,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -45,7 +46,7 @@ from sa_lens.head_ablation import ablate_heads_hooks
 from sa_lens.prompts import format_prompts
 from sa_lens.safety_vector import SafetyVector, processing_mode
 from sa_lens.sparse_delta import SparseDelta
-from sa_lens.steering import SITES, check_steering_options, safety_hooks
+from sa_lens.steering import SITES, check_steering_options, check_vector_fits, safety_hooks
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -80,6 +81,8 @@ class Intervention(Protocol):
 
     def vectors(self) -> dict[str, HarmVector | SafetyVector]: ...
 
+    def check(self, model: TransformerBridge) -> None: ...
+
     def fingerprint(self) -> str: ...
 
     def apply(self, model: TransformerBridge) -> contextlib.AbstractContextManager[TransformerBridge]: ...
@@ -109,6 +112,13 @@ def vector_digest(vector: HarmVector | SafetyVector | Tensor) -> str:
     cached = _DIGESTS.get(id(vector))
     if cached is not None and cached[0]() is vector:
         return cached[1]
+    digest = _content_digest(vector)
+    _DIGESTS[id(vector)] = (weakref.ref(vector), digest)
+    weakref.finalize(vector, _DIGESTS.pop, id(vector), None)
+    return digest
+
+
+def _content_digest(vector: HarmVector | SafetyVector | Tensor) -> str:
     h = hashlib.sha256()
     if isinstance(vector, HarmVector):
         for name in sorted(vector.deltas):
@@ -126,24 +136,35 @@ def vector_digest(vector: HarmVector | SafetyVector | Tensor) -> str:
         _update(h, vector)
     else:
         raise InputError(f"vector_digest takes a HarmVector, SafetyVector or tensor, got {type(vector).__name__}.")
-    digest = h.hexdigest()[:16]
-    _DIGESTS[id(vector)] = (weakref.ref(vector), digest)
-    weakref.finalize(vector, _DIGESTS.pop, id(vector), None)
-    return digest
+    return h.hexdigest()[:16]
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    # ASCII JSON: any string, lone surrogates included, hashes; the digest does not depend on the platform.
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:16]
+
+
+def _index(x: Any, what: str) -> int:
+    """An int index (Python or numpy integer); bools, floats and strings are refused, not coerced."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise InputError(f"{what} must be integer indices; got {x!r} ({type(x).__name__}).")
+    return int(x)
+
+
+def _flag(x: Any, what: str) -> bool:
+    if not isinstance(x, bool):
+        raise InputError(f"{what} must be True or False; got {x!r}.")
+    return x
 
 
 def _layers(layers: Sequence[int] | None, what: str) -> tuple[int, ...] | None:
     """Layers as a sorted tuple of distinct ints (None stays None); refuses bools, negatives and empties."""
     if layers is None:
         return None
-    if isinstance(layers, (str, bytes)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        raise InputError(f"{what} must be a sequence of layer indices (ints); got {layers!r}. Parse '4-6' with "
-                         "sa_lens.layer_spec.parse_layers.")
-    out = tuple(sorted(set(layers)))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise InputError(f"{what} must be a sequence of layer indices such as (4, 5, 6); got {layers!r}. Parse "
+                         "'4-6' with sa_lens.parse_layers.")
+    out = tuple(sorted({_index(x, what) for x in list(layers)}))
     if not out or out[0] < 0:
         raise InputError(f"{what} must be a non-empty set of layer indices ≥ 0; got {layers!r}.")
     return out
@@ -165,6 +186,12 @@ class _Base:
 
     def vectors(self) -> dict[str, HarmVector | SafetyVector]:
         return {}
+
+    def check(self, model: TransformerBridge) -> None:
+        """Raise InputError if this config cannot apply to ``model`` (sizes, vectors, mode); changes nothing.
+
+        :func:`sa_lens.evaluate` calls it for every state before generating anything.
+        """
 
     def fingerprint(self) -> str:
         """16 hex digits over every parameter of the config (vectors by content)."""
@@ -226,12 +253,18 @@ class HarmRemoval(_Base):
     def vectors(self) -> dict[str, HarmVector | SafetyVector]:
         return {vector_digest(self.harm_vector): self.harm_vector}
 
-    @contextlib.contextmanager
-    def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
+    def _vector(self) -> HarmVector:
         hv = self.harm_vector if self.layers is None else self.harm_vector.restrict(layers=self.layers)
         if not hv.deltas:
             raise InputError(f"the harm vector has no parameters in layers {list(self.layers or ())}.")
-        with harm_removal(model, hv, self.lam):
+        return hv
+
+    def check(self, model: TransformerBridge) -> None:
+        harm_removal(model, self._vector(), self.lam)  # resolves names, shapes and the weights' mode; edits nothing
+
+    @contextlib.contextmanager
+    def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
+        with harm_removal(model, self._vector(), self.lam):
             yield model
 
 
@@ -291,10 +324,19 @@ class SafeAlign(_Base):
                 if len(p) != 2 or not all(isinstance(t, str) and t.strip() for t in p):
                     raise InputError(f"SafeAlign pairs[{i}] must be two non-empty strings (unsafe_text, safe_text).")
             object.__setattr__(self, "pairs", pairs)
-        per_layer = tuple(sorted(dict(self.per_layer_alpha).items()))
-        check_steering_options(self.alpha, self.site, self.formula, self.positions, dict(per_layer))
+        items = self.per_layer_alpha.items() if isinstance(self.per_layer_alpha, Mapping) else self.per_layer_alpha
+        try:
+            per_layer = {_index(k, "per_layer_alpha layers"): v for k, v in items}
+        except (TypeError, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"per_layer_alpha must be (layer, α) pairs; got {self.per_layer_alpha!r}.") from None
+        if any(k < 0 for k in per_layer):
+            raise InputError(f"per_layer_alpha layers must be ≥ 0; got {sorted(per_layer)}.")
+        check_steering_options(self.alpha, self.site, self.formula, self.positions, per_layer)
         object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "per_layer_alpha", tuple((int(k), float(v)) for k, v in per_layer))
+        object.__setattr__(self, "per_layer_alpha", tuple((k, float(v)) for k, v in sorted(per_layer.items())))
+        _flag(self.allow_other_model, "allow_other_model")
         object.__setattr__(self, "layers", _layers(self.layers, "SafeAlign layers"))
         object.__setattr__(self, "icv_layers", _layers(self.icv_layers, "SafeAlign icv_layers"))
         if self.icv_positions not in ("last4_mean", "last", "span"):
@@ -326,16 +368,22 @@ class SafeAlign(_Base):
         """The ICV this intervention injects into ``model`` now: the given vector, or one read from ``model``."""
         if self.vector is not None:
             return self.vector
-        _check_layers_fit(self.icv_layers, model, "SafeAlign icv_layers")
         return SafetyVector.from_pairs(model, list(self.pairs or ()), positions=self.icv_positions,
                                        method=self.icv_method, layers=self.icv_layers)
 
+    def check(self, model: TransformerBridge) -> None:
+        _check_layers_fit(self.layers, model, "SafeAlign layers")
+        _check_layers_fit(tuple(k for k, _ in self.per_layer_alpha) or None, model, "SafeAlign per_layer_alpha layers")
+        _check_layers_fit(self.icv_layers, model, "SafeAlign icv_layers")
+        if self.vector is not None:
+            check_vector_fits(self.vector, model)
+            if not self.allow_other_model:
+                _check_same_model(self.vector.meta.get("model", ""), model)
+
     @contextlib.contextmanager
     def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
-        _check_layers_fit(self.layers, model, "SafeAlign layers")
+        self.check(model)
         sv = self.safety_vector(model)
-        if self.vector is not None and not self.allow_other_model:
-            _check_same_model(sv.meta.get("model", ""), model)
         hooks = safety_hooks(sv, self.alpha, self.layers, site=self.site, formula=self.formula,
                              positions=self.positions, per_layer_alpha=dict(self.per_layer_alpha), model=model)
         with model.hooks(fwd_hooks=hooks):
@@ -385,8 +433,8 @@ class DirectionalAblation(_Base):
             raise InputError("direction must be a [d_model] or [n_layers, d_model] tensor, or a SafetyVector.")
         if not torch.isfinite(d).all() or not d.abs().sum():
             raise InputError("direction holds NaN/inf or is all zero; it has no orientation to ablate.")
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-        unknown = [s for s in sites if s not in SITES]
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(dict.fromkeys(self.sites))
+        unknown = [s for s in sites if not isinstance(s, str) or s not in SITES]
         if not sites or unknown:
             raise InputError(f"sites must be a non-empty subset of {sorted(SITES)}; got {self.sites!r}.")
         object.__setattr__(self, "sites", sites)
@@ -395,6 +443,7 @@ class DirectionalAblation(_Base):
         stored = self.direction if isinstance(self.direction, SafetyVector) else SafetyVector(
             d.detach().float().reshape(-1, d.shape[-1]).clone(), {"space": "direction"})
         object.__setattr__(self, "_stored", stored)
+        _flag(self.allow_other_model, "allow_other_model")
 
     @property
     def name(self) -> str:
@@ -411,12 +460,15 @@ class DirectionalAblation(_Base):
         return {vector_digest(self._stored): self._stored}
 
     def _per_layer(self, model: TransformerBridge) -> SafetyVector:
+        """The direction per layer, from the copy taken on construction (what the fingerprint and save see)."""
         cfg = model.cfg
         if isinstance(self.direction, SafetyVector):
             if not self.allow_other_model:
                 _check_same_model(self.direction.meta.get("model", ""), model)
-            return self.direction
-        d = self.direction.detach().float()
+            check_vector_fits(self._stored, model)
+            return self._stored
+        d = self._stored.directions
+        d = d[0] if d.shape[0] == 1 and self.direction.ndim == 1 else d
         if d.shape[-1] != cfg.d_model or (d.ndim == 2 and d.shape[0] != cfg.n_layers):
             raise InputError(f"direction has shape {tuple(d.shape)}; this model needs [{cfg.d_model}] or "
                              f"[{cfg.n_layers}, {cfg.d_model}].")
@@ -424,9 +476,13 @@ class DirectionalAblation(_Base):
         # A bare tensor carries no processing mode: it is taken to be in the model's own.
         return SafetyVector(rows.contiguous(), {"processing": processing_mode(model)})
 
+    def check(self, model: TransformerBridge) -> None:
+        _check_layers_fit(self.layers, model, "DirectionalAblation layers")
+        self._per_layer(model)
+
     @contextlib.contextmanager
     def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
-        _check_layers_fit(self.layers, model, "DirectionalAblation layers")
+        self.check(model)
         sv = self._per_layer(model)
         hooks = [h for site in self.sites
                  for h in safety_hooks(sv, 0.0, self.layers, site=site, formula="ablate", model=model)]
@@ -458,12 +514,22 @@ class HeadAblation(_Base):
     kind: ClassVar[str] = "head_ablation"
 
     def __post_init__(self) -> None:
-        heads = tuple(sorted({(int(layer), int(head)) for layer, head in self.heads}))
+        try:
+            pairs = [tuple(h) for h in self.heads]
+        except TypeError:
+            raise InputError(f"heads must be (layer, head) pairs; got {self.heads!r}.") from None
+        if any(len(h) != 2 for h in pairs):
+            raise InputError(f"heads must be (layer, head) pairs; got {self.heads!r}.")
+        heads = tuple(sorted({(_index(layer, "head layers"), _index(head, "heads")) for layer, head in pairs}))
         if not heads or min(min(h) for h in heads) < 0:
             raise InputError(f"heads must be a non-empty list of (layer, head) pairs ≥ 0; got {self.heads!r}.")
         if self.mode not in ("zero", "mean"):
             raise InputError(f"mode must be 'zero' or 'mean'; got {self.mode!r}.")
+        if isinstance(self.mean_prompts, str):
+            raise InputError("mean_prompts must be a sequence of requests, not one string; wrap it: (text,).")
         prompts = tuple(self.mean_prompts)
+        if not all(isinstance(t, str) and t.strip() for t in prompts):
+            raise InputError("mean_prompts must be non-empty strings.")
         if self.mode == "mean" and not prompts:
             raise InputError("mode='mean' needs mean_prompts= (requests whose average head output is kept).")
         if self.mode == "zero" and prompts:
@@ -497,12 +563,15 @@ class HeadAblation(_Base):
             mean[lay] = s.cpu() / count
         return mean
 
-    @contextlib.contextmanager
-    def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
+    def check(self, model: TransformerBridge) -> None:
         cfg = model.cfg
         bad = [h for h in self.heads if h[0] >= cfg.n_layers or h[1] >= cfg.n_heads]
         if bad:
             raise InputError(f"heads {bad} are outside the model's {cfg.n_layers} layers × {cfg.n_heads} heads.")
+
+    @contextlib.contextmanager
+    def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
+        self.check(model)
         mean_z = self._mean_z(model) if self.mode == "mean" else None
         with model.hooks(fwd_hooks=ablate_heads_hooks(list(self.heads), mean_z)):
             yield model
@@ -548,6 +617,10 @@ class Compose(_Base):
     def vectors(self) -> dict[str, HarmVector | SafetyVector]:
         return {k: v for s in self.steps for k, v in s.vectors().items()}
 
+    def check(self, model: TransformerBridge) -> None:
+        for step in self.steps:
+            step.check(model)
+
     @contextlib.contextmanager
     def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
         with contextlib.ExitStack() as stack:
@@ -565,6 +638,9 @@ INTERVENTIONS: dict[str, type] = {
 # ---- JSON and files ----------------------------------------------------------------------------------------
 
 
+_MAX_DEPTH = 32  # Compose nesting a config may hold; deeper is a malformed (or hostile) file, not a state
+
+
 def from_dict(d: Mapping, vectors: Mapping[str, HarmVector | SafetyVector] | None = None) -> Intervention:
     """Rebuild an intervention from :meth:`to_dict` output; vectors are looked up by their digest.
 
@@ -573,40 +649,62 @@ def from_dict(d: Mapping, vectors: Mapping[str, HarmVector | SafetyVector] | Non
         vectors: digest → vector, e.g. ``original.vectors()`` or what :func:`load` read from files.
 
     Raises:
-        ValueError: an unknown kind, a missing or altered vector, or a field the class refuses.
+        ValueError: an unknown kind, a missing field or one of the wrong type, a missing or altered vector, or
+            a value the class refuses — always an :class:`~sa_lens.errors.InputError` naming the problem.
     """
-    vectors = dict(vectors or {})
-    kind = d.get("kind")
-    if kind not in INTERVENTIONS:
-        raise InputError(f"unknown intervention kind {kind!r}; known: {', '.join(INTERVENTIONS)}.")
+    return _from_dict(d, dict(vectors or {}), 0)
 
-    def vec(digest: str) -> HarmVector | SafetyVector:
-        if digest not in vectors:
-            raise InputError(f"the {kind} config needs vector {digest}, which was not given; pass vectors= or use "
-                             "sa_lens.interventions.load on a folder written by save.")
+
+def _from_dict(d: Any, vectors: dict, depth: int) -> Intervention:
+    if not isinstance(d, Mapping):
+        raise InputError(f"an intervention config is a JSON object with a 'kind'; got {type(d).__name__}.")
+    kind = d.get("kind")
+    if not isinstance(kind, str) or kind not in INTERVENTIONS:
+        raise InputError(f"unknown intervention kind {kind!r}; known: {', '.join(INTERVENTIONS)}.")
+    if depth > _MAX_DEPTH:
+        raise InputError(f"Compose configs nest deeper than {_MAX_DEPTH} levels; the file is malformed.")
+
+    def vec(digest: Any) -> HarmVector | SafetyVector:
+        if not isinstance(digest, str) or digest not in vectors:
+            raise InputError(f"the {kind} config needs vector {digest!r}, which was not given; pass vectors= or use "
+                             "sa_lens.interventions.load on a file written by save.")
         v = vectors[digest]
-        if vector_digest(v) != digest:
-            raise InputError(f"vector {digest} has other contents now (digest {vector_digest(v)}).")
+        if _content_digest(v) != digest:
+            raise InputError(f"vector {digest} has other contents now (digest {_content_digest(v)}).")
         return v
 
-    layers = d.get("layers")
-    if kind == "compose":
-        return Compose(tuple(from_dict(s, vectors) for s in d["steps"]))
-    if kind == "harm_removal":
-        return HarmRemoval(vec(d["harm_vector"]), d["lam"], layers)
-    if kind == "safe_align":
-        common = dict(alpha=d["alpha"], site=d["site"], formula=d["formula"], positions=d["positions"], layers=layers,
-                      per_layer_alpha=tuple(tuple(p) for p in d.get("per_layer_alpha", ())),
-                      allow_other_model=d.get("allow_other_model", False))
-        if "vector" in d:
-            return SafeAlign(vector=vec(d["vector"]), **common)
-        return SafeAlign(pairs=tuple(tuple(p) for p in d["pairs"]), icv_positions=d["icv_positions"],
-                         icv_method=d["icv_method"], icv_layers=d.get("icv_layers"), **common)
-    if kind == "directional_ablation":
-        v = vec(d["direction"])
-        direction = v if d.get("direction_type") == "safety_vector" else _as_tensor(v)
-        return DirectionalAblation(direction, layers, tuple(d["sites"]), d.get("allow_other_model", False))
-    return HeadAblation(tuple(tuple(h) for h in d["heads"]), d["mode"], tuple(d.get("mean_prompts", ())))
+    def seq(key: str, default: Any = ()) -> tuple:
+        value = d.get(key, default)
+        if value is None:
+            return None  # type: ignore[return-value]
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            raise InputError(f"{kind} config: '{key}' must be a list; got {value!r}.")
+        return tuple(tuple(x) if isinstance(x, list) else x for x in value)
+
+    try:
+        layers = seq("layers", None)
+        if kind == "compose":
+            steps = seq("steps")
+            return Compose(tuple(_from_dict(step, vectors, depth + 1) for step in steps))
+        if kind == "harm_removal":
+            return HarmRemoval(vec(d["harm_vector"]), d["lam"], layers)
+        if kind == "safe_align":
+            common = dict(alpha=d["alpha"], site=d["site"], formula=d["formula"], positions=d["positions"],
+                          layers=layers, per_layer_alpha=seq("per_layer_alpha"),
+                          allow_other_model=d.get("allow_other_model", False))
+            if "vector" in d:
+                return SafeAlign(vector=vec(d["vector"]), **common)
+            return SafeAlign(pairs=seq("pairs"), icv_positions=d["icv_positions"], icv_method=d["icv_method"],
+                             icv_layers=seq("icv_layers", None), **common)
+        if kind == "directional_ablation":
+            v = vec(d["direction"])
+            direction = v if d.get("direction_type") == "safety_vector" else _as_tensor(v)
+            return DirectionalAblation(direction, layers, seq("sites"), d.get("allow_other_model", False))
+        return HeadAblation(seq("heads"), d["mode"], seq("mean_prompts"))
+    except KeyError as e:
+        raise InputError(f"{kind} config lacks the field {e.args[0]!r}; write configs with to_dict or save.") from None
+    except (TypeError, AttributeError) as e:
+        raise InputError(f"{kind} config has a field of the wrong type ({e}); write configs with to_dict or save.") from None
 
 
 def _as_tensor(v: HarmVector | SafetyVector) -> Tensor:
@@ -624,12 +722,15 @@ def save(intervention: Intervention, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     files = {}
     for digest, v in intervention.vectors().items():
+        if _content_digest(v) != digest:  # edited in place after it was first hashed: the config no longer says it
+            raise InputError(f"vector {digest} was changed in place after the intervention used it; build a new "
+                             "intervention from the changed vector.")
         file = path.with_name(f"{path.stem}.{digest}.safetensors")
         v.save(file)
         files[digest] = {"file": file.name, "type": "harm_vector" if isinstance(v, HarmVector) else "safety_vector"}
     doc = {"format": FORMAT, "name": intervention.name, "fingerprint": intervention.fingerprint(),
            "config": intervention.to_dict(), "vectors": files}
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
 
@@ -638,18 +739,27 @@ def load(path: str | os.PathLike) -> Intervention:
 
     Raises:
         FileNotFoundError: no such file, or a vector file named in it is missing.
-        ValueError: not an sa_lens intervention file, or a vector whose contents changed.
+        ValueError: not an sa_lens intervention file (or not JSON), a vector entry that is malformed or points
+            outside the file's folder, a vector whose contents changed, or a config that was edited.
     """
     path = Path(path)
-    doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not JSON ({e}); write intervention files with sa_lens.interventions.save.") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "config" not in doc:
         raise InputError(f"{path} is not an sa_lens intervention file (format {FORMAT}); write one with "
                          "sa_lens.interventions.save.")
+    entries = doc.get("vectors", {})
+    if not isinstance(entries, dict):
+        raise InputError(f"{path}: 'vectors' must map digests to files.")
     vectors: dict[str, HarmVector | SafetyVector] = {}
-    for digest, entry in doc.get("vectors", {}).items():
-        file = path.with_name(entry["file"])
+    for digest, entry in entries.items():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name or entry.get("type") not in ("harm_vector", "safety_vector"):
+            raise InputError(f"{path}: vector entry {digest!r} must name a file beside it and its type; got {entry!r}.")
         cls = HarmVector if entry["type"] == "harm_vector" else SafetyVector
-        vectors[digest] = cls.load(file)
+        vectors[digest] = cls.load(path.with_name(name))
     out = from_dict(doc["config"], vectors)
     if out.fingerprint() != doc.get("fingerprint"):
         raise InputError(f"{path}: the rebuilt config's fingerprint differs from the one saved; the file was edited.")

@@ -288,13 +288,16 @@ def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
         metrics = {"harmful": ("asr", "degenerate"), "safe": ("over_refusal",), "qa": ("exact_match",)}.get(
             r["dataset"], ("asr",))
         for metric in metrics:
+            if metric not in r:  # every judgement of the set failed: no rate (the row's "failed" says how many)
+                continue
             key = "utility" if metric == "exact_match" else metric
             if r["dataset"] not in ("harmful", "safe", "qa"):
                 key = f"{metric}_{r['dataset']}"
             row |= {key: r[metric], f"{key}_n": r[f"{metric}_n"], f"{key}_ci95": r[f"{metric}_ci95"]}
     for method, row in rows.items():
         contrast = [rec["verdict"] in ("full_refusal", "partial_refusal") for rec in report.records
-                    if rec["state"] == method and rec["dataset"] == "safe" and rec.get("category") == "contrast"]
+                    if rec["state"] == method and rec["dataset"] == "safe" and rec.get("category") == "contrast"
+                    and rec["verdict"] != "failed"]  # as summarize: a failed judgement is out of n
         if not contrast:  # a cut-down safe set may hold no XSTest-style prompt: no rate, not an error
             row |= {"over_refusal_contrast": float("nan"), "over_refusal_contrast_n": 0,
                     "over_refusal_contrast_ci95": [float("nan"), float("nan")]}

@@ -96,4 +96,4 @@ def _safe_align(source: SafetyVector | tuple, alpha: float, layers: Sequence[int
     vector_or_pairs = {"vector": source} if isinstance(source, SafetyVector) else {"pairs": source}
     # A lens steers with what the caller hands it, as safety_hooks does: the model-name check is the interventions' own.
     extra = {"allow_other_model": True} if isinstance(source, SafetyVector) else {}
-    return SafeAlign(**vector_or_pairs, alpha=alpha, layers=None if layers is None else tuple(layers), **extra, **options)
+    return SafeAlign(**vector_or_pairs, alpha=alpha, layers=layers, **(extra | options))

@@ -90,7 +90,7 @@ def check_steering_options(
         if not is_finite_real(a):
             raise InputError(f"alpha must be a finite number, got {a!r}.")
     for name, value, allowed in (("site", site, SITES), ("formula", formula, FORMULAS), ("positions", positions, POSITIONS)):
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             raise InputError(f"{name} must be one of {sorted(allowed)}; got {value!r}.")
 
 

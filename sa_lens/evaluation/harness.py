@@ -7,8 +7,10 @@ score options by log-likelihood (multiple choice), and append the batch's record
 rerun skips every item whose key (state, data set, item id, configuration: model, the intervention's
 fingerprint — every parameter, vectors by content —, a hash of the weights in that state, decoding, judge)
 is already there with the same item content (a digest of the prompt, or of the question, options and
-labels). Batches group items of similar length (less padding) and are fixed by the data set's content, as
-are their sampling seeds, so an interrupted and resumed run gives the same records as an uninterrupted one.
+labels) and generated in the same batch (the batch's items and position, which fix its sampling seed).
+Batches group items of similar length (less padding) and are fixed by the data set's content and
+``batch_size``, so an interrupted and resumed run gives the same records as an uninterrupted one; a changed
+batch size or a grown data set redoes the items whose batch changed.
 
 Intervals: every value carries a seeded percentile-bootstrap 95 % interval (:mod:`sa_lens.evaluation.bootstrap`)
 — one method for proportions, macro-averages over categories and MC2's continuous scores alike, where a
@@ -154,7 +156,7 @@ def _item_digest(s: EvalSet, i: int) -> str:
         content = [s.prompts[i], list(s.answers[i])]
     else:
         content = [s.prompts[i]]
-    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=True).encode()).hexdigest()[:12]
 
 
 def _item_text(s: EvalSet, i: int) -> str:
@@ -170,13 +172,22 @@ def _labels(s: EvalSet, i: int) -> dict:
     return {}
 
 
-def _reusable(store: ResultStore, key: str, s: EvalSet, i: int, retry_failed: bool) -> bool:
-    """A stored record answers item ``i`` of ``s`` as it is now (an edited data file is redone, not reused)."""
+def _reusable(store: ResultStore, key: str, s: EvalSet, i: int, batch: str, retry_failed: bool) -> bool:
+    """A stored record answers item ``i`` of ``s`` as it is now, generated in the batch it would be in now.
+
+    An edited data file is redone, not reused; so is an item whose batch changed (another ``batch_size``, items
+    added or removed): its batch mates and sampling seed decide its reply, so only the same batch gives the
+    reply an uninterrupted run would.
+    """
     if not store.done(key, retry_failed):
         return False
     rec = store.records[key]
-    # Records written before items carried a digest are checked by their prompt text.
-    return rec["item"] == _item_digest(s, i) if "item" in rec else rec.get("prompt") == _item_text(s, i)
+    return rec.get("item") == _item_digest(s, i) and rec.get("batch") == batch
+
+
+def _batch_digest(s: EvalSet, idx: list[int], b: int) -> str:
+    """Which items a batch holds, and its position (which sets its sampling seed)."""
+    return hashlib.sha256(json.dumps([b, [s.ids[i] for i in idx]], ensure_ascii=True).encode()).hexdigest()[:12]
 
 
 def state_fingerprint(model: Any) -> str:
@@ -185,7 +196,8 @@ def state_fingerprint(model: Any) -> str:
     It catches what an intervention's own fingerprint cannot: a model edited by hand before the call, or
     hooks a caller added around it. Per parameter, the float64 sum and sum of squares, and the names of the
     hook points that carry hooks. Sums are deterministic on one machine and device; a resume elsewhere may
-    redo items rather than reuse them.
+    redo items rather than reuse them. Plain PyTorch hooks registered on the modules themselves
+    (``register_forward_hook``) are not seen: put such a change in a state of its own name or folder.
 
     Args:
         model: a bridge or a plain HF model, in the state to fingerprint (call it inside the state's block).
@@ -267,8 +279,10 @@ def evaluate(
             not an evaluation record.
     """
     t0 = time.perf_counter()
-    if batch_size < 1:
-        raise InputError(f"batch_size must be ≥ 1, got {batch_size}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer ≥ 1, got {batch_size!r}.")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
+        raise InputError(f"n_boot must be an integer ≥ 100 for a 95 % percentile interval, got {n_boot!r}.")
     if not datasets:
         raise InputError("no data sets given; name at least one (e.g. ['advbench', 'xstest']).")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -278,6 +292,8 @@ def evaluate(
     harm_judge = get_judge(judge)
     refusal_judge = over_refusal_judge or OverRefusalJudge()
     sets = load_sets(datasets, data_paths, limit, seed, data_dir)
+    if states is not None and not states:
+        raise InputError("states is empty; pass at least one, e.g. {'Original': sa_lens.Compose()}, or leave it out.")
     states = dict(states or {"Original": Compose()})
     bad = [name for name, iv in states.items() if not isinstance(iv, Intervention)]
     if bad:
@@ -286,11 +302,16 @@ def evaluate(
             "SafeAlign, …) so the resume key can tell configurations apart."
         )
     budgets = dict(max_new_tokens or {})
+    odd = {k: v for k, v in budgets.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if odd:
+        raise InputError(f"max_new_tokens values must be integers ≥ 1 (tokens); got {odd}.")
     unknown = sorted(set(budgets) - {s.name for s in sets})
     if unknown:
         raise InputError(f"max_new_tokens names {unknown}, which are not among the data sets {[s.name for s in sets]}.")
     settings_of = {s.name: dataclasses.replace(settings, max_new_tokens=budgets[s.name]) if s.name in budgets
                    else settings for s in sets}
+    for iv in states.values():  # every state must fit the model before minutes of generation for the others
+        iv.check(model)
     out = Path(out_dir) if out_dir is not None else None
     store = ResultStore(out / "results.jsonl" if out else None)
     model_id = _model_id(model)
@@ -316,11 +337,12 @@ def evaluate(
                 bar.set_postfix_str(f"{state} · {s.name}")
                 for b, idx in enumerate(_batches(s, batch_size)):
                     keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
-                    todo = [not _reusable(store, k, s, i, retry_failed) for k, i in zip(keys, idx)]
+                    batch = _batch_digest(s, idx, b)
+                    todo = [not _reusable(store, k, s, i, batch, retry_failed) for k, i in zip(keys, idx)]
                     if any(todo):
                         recs = _run_batch(model, tokenizer, s, idx, b, settings_of[s.name], harm_judge, refusal_judge)
                         for rec, k, i in zip(recs, keys, idx):
-                            rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i)}
+                            rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i), "batch": batch}
                         store.append(r for r, redo in zip(recs, todo) if redo)
                         items_run += len(idx)
                     bar.update(len(idx))

@@ -250,3 +250,142 @@ def test_evaluate_refuses_a_state_that_is_not_an_intervention(tiny_bridge):
 
     with pytest.raises(ValueError, match="not interventions"):
         evaluate(tiny_bridge, [HARMFUL], states={"Original": contextlib.nullcontext}, progress=False)
+
+
+# ---- what a break test found (each failed before its fix) -------------------------------------------------
+
+
+def test_directional_ablation_applies_the_direction_it_was_built_and_fingerprinted_with(tiny_bridge):
+    d = torch.randn(tiny_bridge.cfg.d_model)
+    iv = DirectionalAblation(d.clone(), layers=(1,), sites=("resid_pre",))
+    live = DirectionalAblation(d, layers=(1,), sites=("resid_pre",))
+    fingerprint = live.fingerprint()
+    d.mul_(-3.0).add_(1.0)  # the caller reuses its tensor afterwards
+    seen = {}
+    watch = [("blocks.1.hook_resid_pre", lambda x, hook: seen.setdefault(len(seen), x.detach().clone()))]
+    for item in (iv, live):
+        with item.apply(tiny_bridge), tiny_bridge.hooks(fwd_hooks=watch):
+            tiny_bridge(PROMPT)
+    assert torch.equal(seen[0], seen[1]) and live.fingerprint() == fingerprint
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None, [], "x", {"kind": ["compose"]}, {"kind": "compose", "steps": None}, {"kind": "compose", "steps": [1]},
+        {"kind": "harm_removal"}, {"kind": "safe_align", "pairs": [["a", "b"]]}, {"kind": "head_ablation", "mode": "zero"},
+        {"kind": "safe_align", "pairs": [["a", "b"]], "alpha": 1, "site": "mlp_out", "formula": "official",
+         "positions": "all", "icv_positions": "last", "icv_method": "pca", "per_layer_alpha": [[1]]},
+        {"kind": "safe_align", "pairs": [["a", "b"]], "alpha": 1, "site": "mlp_out", "formula": "official",
+         "positions": "all", "icv_positions": "last", "icv_method": "pca", "per_layer_alpha": 3},
+    ],
+)
+def test_malformed_configs_are_input_errors_not_python_errors(config):
+    from sa_lens.errors import InputError
+
+    with pytest.raises(InputError):
+        from_dict(config)
+
+
+def test_deeply_nested_configs_are_refused():
+    from sa_lens.errors import InputError
+
+    d: dict = {"kind": "compose", "steps": []}
+    for _ in range(100):
+        d = {"kind": "compose", "steps": [d]}
+    with pytest.raises(InputError, match="nest deeper"):
+        from_dict(d)
+
+
+def test_malformed_state_files_are_input_errors(tmp_path, hv):
+    from sa_lens.errors import InputError
+
+    path = save(HarmRemoval(hv, 0.5), tmp_path / "state.json")
+    good = json.loads(path.read_text())
+    for doc in ("{not json", json.dumps(good | {"vectors": []}),
+                json.dumps(good | {"vectors": {k: {"file": "../x.safetensors", "type": "harm_vector"}
+                                               for k in good["vectors"]}}),
+                json.dumps({k: v for k, v in good.items() if k != "config"})):
+        path.write_text(doc)
+        with pytest.raises(InputError):
+            load(path)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda sv: SafeAlign(vector=sv, per_layer_alpha=((1.5, 0.3),)),
+        lambda sv: SafeAlign(vector=sv, per_layer_alpha=((True, 0.3),)),
+        lambda sv: SafeAlign(vector=sv, per_layer_alpha=(("1", 0.3),)),
+        lambda sv: SafeAlign(vector=sv, per_layer_alpha=((-1, 0.3),)),
+        lambda sv: SafeAlign(vector=sv, allow_other_model="no"),
+        lambda sv: SafeAlign(vector=sv, layers=1),
+        lambda sv: SafeAlign(vector=sv, site=["mlp_out"]),
+        lambda sv: HeadAblation(((0, 1.7),)),
+        lambda sv: HeadAblation(((True, 1),)),
+        lambda sv: HeadAblation((("0", "1"),)),
+        lambda sv: HeadAblation(((0, 1),), "mean", "hello"),
+        lambda sv: DirectionalAblation(torch.ones(64), allow_other_model=1),
+    ],
+)
+def test_indices_flags_and_sequences_are_refused_not_coerced(build):
+    sv = SafetyVector(torch.ones(2, 64))
+    with pytest.raises(ValueError):
+        build(sv)
+
+
+def test_numpy_integer_layers_and_generators_are_read_as_layers():
+    import numpy as np
+
+    sv = SafetyVector(torch.ones(2, 64))
+    assert SafeAlign(vector=sv, layers=np.arange(2)).layers == (0, 1)
+    assert SafeAlign(vector=sv, layers=(x for x in (1, 0))).layers == (0, 1)
+    assert HeadAblation(((np.int64(0), np.int32(1)),)).heads == ((0, 1),)
+
+
+def test_a_vector_edited_in_place_after_use_is_not_saved_under_its_old_digest(tiny_bridge, tmp_path):
+    sv = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))
+    iv = SafeAlign(vector=sv)
+    iv.fingerprint()
+    sv.directions.mul_(-1)
+    with pytest.raises(ValueError, match="changed in place"):
+        save(iv, tmp_path / "s.json")
+
+
+def test_texts_with_lone_surrogates_fingerprint():
+    assert SafeAlign(pairs=(("q \ud800", "safe"),)).fingerprint() != SafeAlign(pairs=(("q", "safe"),)).fingerprint()
+
+
+def test_lens_safe_align_takes_the_callers_allow_other_model(tiny_bridge):
+    from sa_lens import SafetyLens
+
+    sv = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))
+    with SafetyLens(tiny_bridge).safe_align(sv, alpha=1.0, allow_other_model=False):
+        pass
+
+
+def test_evaluate_checks_every_state_before_generating_anything(tiny_bridge, monkeypatch):
+    import sa_lens.evaluation.harness as harness
+
+    calls = []
+    monkeypatch.setattr(harness, "_run_batch", lambda *a, **k: calls.append(1))
+    sv = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))
+    with pytest.raises(ValueError, match="reach past"):
+        evaluate(tiny_bridge, [HARMFUL], states={"Original": Compose(), "bad": SafeAlign(vector=sv, layers=(5,))},
+                 progress=False)
+    with pytest.raises(ValueError, match="n_boot"):
+        evaluate(tiny_bridge, [HARMFUL], n_boot=5, progress=False)
+    with pytest.raises(ValueError, match="states is empty"):
+        evaluate(tiny_bridge, [HARMFUL], states={}, progress=False)
+    assert calls == []
+
+
+def test_a_resume_with_another_batch_size_or_a_grown_set_equals_a_fresh_run(tiny_bridge, tmp_path):
+    sampled = preset("paper", max_new_tokens=4, prompt_format="chat")
+    grown = PromptSet("harm", "harmful", HARMFUL.prompts + ("a",), HARMFUL.ids + ("h9",), ("",) * 5, "test")
+    kw = dict(settings=sampled, progress=False)
+    evaluate(tiny_bridge, [HARMFUL], out_dir=tmp_path, batch_size=2, **kw)
+    for s, batch_size in ((HARMFUL, 3), (grown, 2)):
+        resumed = evaluate(tiny_bridge, [s], out_dir=tmp_path, batch_size=batch_size, **kw)
+        fresh = evaluate(tiny_bridge, [s], batch_size=batch_size, **kw)
+        assert [r["response"] for r in resumed.records] == [r["response"] for r in fresh.records]
