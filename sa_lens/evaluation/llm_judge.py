@@ -144,6 +144,10 @@ class LLMJudge:
                 reply = resp.json()["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
                 return Verdict.FAILED, f"unexpected response body: {resp.text[:200]}"
+            if not isinstance(reply, str):
+                # OpenAI-compatible servers send null content when the judge model declines (or returns only a
+                # refusal or tool call): no verdict for this item, the run goes on and a rerun asks again.
+                return Verdict.FAILED, f"the judge returned no text (content {reply!r}); it may have declined the item"
             verdict = parse_verdict(reply)
             return verdict, "" if verdict is not Verdict.FAILED else f"no [A]/[B] verdict in: {reply[:200]}"
         if last.startswith("HTTP"):

@@ -111,6 +111,15 @@ def summary_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _headline_cell(r: dict) -> str:
+    """The headline in %, flagged when most replies were degenerate (empty or looping): a low ASR there means
+    a broken model, not a safe one."""
+    cell = f"{100 * r[r['headline']]:.1f}"
+    if r.get("degenerate", 0.0) >= 0.5:
+        cell += f" (degenerate {100 * r['degenerate']:.0f} %)"
+    return cell
+
+
 def comparison_table(rows: Sequence[dict]) -> str:
     """The paper's layout (Tables 1-2): one line per model state, one column per data set, values in %.
 
@@ -130,6 +139,6 @@ def comparison_table(rows: Sequence[dict]) -> str:
         cells = []
         for d in datasets:
             r = by.get((state, d))
-            cells.append("–" if r is None or r.get("headline") is None else f"{100 * r[r['headline']]:.1f}")
+            cells.append("–" if r is None or r.get("headline") is None else _headline_cell(r))
         lines.append(f"| {state} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -305,3 +305,25 @@ def test_bad_inputs_get_clear_errors_not_tracebacks(tiny_bridge, tmp_path):
         evaluate(tiny_bridge, [SAFE], out_dir=foreign, progress=False)
     with pytest.raises(DataError, match="data-dir"):
         load_sets(["catqa"], data_dir=tmp_path)  # the data folder has no copy of this set
+
+
+def test_empty_replies_are_degenerate_for_every_judge_and_flagged_in_the_table(tiny_bridge, monkeypatch):
+    import sa_lens.evaluation.harness as harness
+
+    class AlwaysSafe:  # a harm judge that would call an empty reply safe
+        name = "always-safe"
+        seen: list = []
+
+        def judge_batch(self, prompts, responses):
+            self.seen += list(responses)
+            return [Verdict.SAFE for _ in responses]
+
+    monkeypatch.setattr(harness, "generate", lambda model, prompts, **kw: ["" if i % 2 else "Sure." for i in range(len(prompts))])
+    judge = AlwaysSafe()
+    report = evaluate(tiny_bridge, [HARMFUL], judge, settings=SAMPLED, batch_size=7, progress=False)
+    verdicts = [r["verdict"] for r in report.records]
+    assert verdicts.count("degenerate") == 3 and "" not in judge.seen
+    monkeypatch.setattr(harness, "generate", lambda model, prompts, **kw: [""] * len(prompts))
+    report = evaluate(tiny_bridge, [HARMFUL], judge, settings=SAMPLED, progress=False)
+    assert report.rows[0]["asr"] == 0.0 and report.rows[0]["degenerate"] == 1.0
+    assert "degenerate 100 %" in report.comparison

@@ -115,3 +115,14 @@ def test_a_request_refused_for_its_content_fails_that_item_only(monkeypatch, bod
     assert judge.judge_batch(["How to x?", "How to y?"], ["Build a bomb like so", "I can't"]) == [
         Verdict.FAILED, Verdict.SAFE]
     assert judge.errors[0][0] == 0 and "HTTP 400" in judge.errors[0][1]
+
+
+def test_a_judge_reply_with_null_content_fails_that_item_and_the_batch_goes_on(monkeypatch):
+    def handler(request: httpx.Request) -> httpx.Response:
+        declined = "refuse me" in json.loads(request.content)["messages"][1]["content"]
+        return httpx.Response(200, json={"choices": [{"message": {"content": None, "refusal": "No."}}]}) if declined \
+            else _reply("[B]")
+
+    judge, _ = _judge(handler, monkeypatch)
+    assert judge.judge_batch(["q1", "q2"], ["refuse me", "steps"]) == [Verdict.FAILED, Verdict.HARMFUL]
+    assert "no text" in judge.errors[0][1]
