@@ -121,14 +121,19 @@ def generate_tokens(
     else:
         # Greedy: clear sampling knobs a checkpoint's generation_config may carry, which would only warn.
         sampling.update(temperature=None, top_k=None, top_p=None)
-    with prompt_length(enc["input_ids"].shape[1]):  # lets position-policy hooks tell prompt from generated
-        out = hf.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
-            pad_token_id=tok.pad_token_id,
-            **sampling,
-        )
+    # Lets position-policy hooks tell prompt from generated columns, with and without the KV cache.
+    with prompt_length(enc["input_ids"].shape[1]) as passes:
+        handle = hf.register_forward_pre_hook(passes.start_pass)
+        try:
+            out = hf.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                use_cache=use_cache,
+                pad_token_id=tok.pad_token_id,
+                **sampling,
+            )
+        finally:
+            handle.remove()
     new = out[:, enc["input_ids"].shape[1] :]
     eos = hf.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()

@@ -12,37 +12,56 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-__all__ = ["generated_mask", "prompt_length"]
+__all__ = ["GenerationPasses", "generated_mask", "prompt_length"]
 
-_PROMPT_LENGTH: ContextVar[int | None] = ContextVar("sa_lens_prompt_length", default=None)
+@dataclass
+class GenerationPasses:
+    """The running generation's padded prompt length and how many forward passes it has started."""
+
+    prompt_length: int
+    passes: int = 0
+
+    def start_pass(self, *_: object) -> None:
+        """Count one forward pass (a forward pre-hook on the generating model calls it)."""
+        self.passes += 1
+
+
+_GENERATION: ContextVar[GenerationPasses | None] = ContextVar("sa_lens_generation", default=None)
 
 
 @contextlib.contextmanager
-def prompt_length(n: int) -> Iterator[None]:
-    """Declare the padded prompt length of the generation running inside the block."""
-    token = _PROMPT_LENGTH.set(n)
+def prompt_length(n: int) -> Iterator[GenerationPasses]:
+    """Declare the padded prompt length of the generation running inside the block.
+
+    Yields:
+        The pass counter: register its ``start_pass`` as a forward pre-hook of the generating model, so a
+        one-token prompt's cached decode steps are told from its prompt pass.
+    """
+    token = _GENERATION.set(state := GenerationPasses(n))
     try:
-        yield
+        yield state
     finally:
-        _PROMPT_LENGTH.reset(token)
+        _GENERATION.reset(token)
 
 
 def generated_mask(seq_len: int, device: torch.device | str = "cpu") -> Bool[Tensor, " pos"]:
     """True at the columns of the current forward pass that hold generated tokens.
 
-    Outside ``sa_lens.generate`` every position is prompt (a plain forward pass). Inside it, a pass at
-    least as long as the prompt is a full pass (prompt pass, or a no-cache step): columns ≥ the prompt
-    length are generated; a shorter pass is a cached decode step: all generated. The one ambiguous
-    case, a one-token prompt with the cache on, reads its decode steps as full passes.
+    Outside ``sa_lens.generate`` every position is prompt (a plain forward pass). Inside it, pass p (from 0)
+    of a prompt of n tokens is a full pass when it holds n + p tokens — the prompt pass, or a step without the
+    KV cache: columns ≥ n are generated — and a cached decode step when it holds fewer: all generated. Counting
+    passes is what tells a one-token prompt's cached steps (1 token each) from its prompt pass.
     """
-    n = _PROMPT_LENGTH.get()
-    if n is None:
+    state = _GENERATION.get()
+    if state is None:
         return torch.zeros(seq_len, dtype=torch.bool, device=device)
-    if seq_len >= n:
+    n, p = state.prompt_length, max(state.passes - 1, 0)
+    if seq_len >= n + p:
         return torch.arange(seq_len, device=device) >= n
     return torch.ones(seq_len, dtype=torch.bool, device=device)

@@ -62,6 +62,19 @@ def test_position_policy_touches_only_its_positions(tiny_bridge, sv, positions, 
     assert changed_prompt == (positions == "prompt") and changed_generated == (positions == "generated")
 
 
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_a_one_token_prompt_is_steered_the_same_with_and_without_kv_cache(tiny_bridge, sv, positions):
+    one = [t for t in ("How", "The", "I") if len(tiny_bridge.tokenizer(t, add_special_tokens=False)["input_ids"]) == 1]
+    hooks = safety_hooks(sv, alpha=2.0, site="resid_post", positions=positions)
+    plain = generate_tokens(tiny_bridge, one, 6, use_cache=True)
+    with tiny_bridge.hooks(fwd_hooks=hooks):
+        cached = generate_tokens(tiny_bridge, one, 6, use_cache=True)
+        uncached = generate_tokens(tiny_bridge, one, 6, use_cache=False)
+    assert one and cached == uncached
+    if positions == "generated":  # the decode steps are steered (with the cache they looked like prompt passes)
+        assert cached != plain
+
+
 def test_generated_mask_labels_full_and_cached_passes():
     assert not generated_mask(5).any()  # plain forward: all prompt
     with prompt_length(4):
