@@ -42,6 +42,7 @@ from sa_lens.harm_vector import HarmVector
 from sa_lens.interventions import Compose, HeadAblation, Intervention
 from sa_lens.lab import LabConfig, build_models
 from sa_lens.models import load_model
+from sa_lens.provenance import portable_name
 from sa_lens.safety_vector import SafetyVector
 
 ACTIVATION_MEASURES = ("dla_diff", "projection_diff", "attrib_patch_into_harmless", "attrib_patch_into_harmful",
@@ -174,7 +175,7 @@ def main() -> None:
     cast = build_models(LabConfig())
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary["models"] = {k: str(v) for k, v in cast.paths.items()}
+    summary["models"] = {k: portable_name(v) for k, v in cast.paths.items()}
     if args.phase in ("all", "trace"):
         trace(cast, out, args)
         summary["pairs"] = args.pairs

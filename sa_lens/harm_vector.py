@@ -33,6 +33,7 @@ from sa_lens.checkpoints import (
 )
 from sa_lens.errors import InputError
 from sa_lens.parameter_names import layer_index, select_names
+from sa_lens.provenance import model_name
 from sa_lens.sparse_delta import SparseDelta, compact
 from sa_lens.topk import Count, check_count, check_top_k, trim_stream, whole_tensors
 
@@ -83,13 +84,6 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
                 out[k] = v
         return out
     raise TypeError(f"Expected a TransformerBridge, an nn.Module or a state dict, got {type(model).__name__}.")
-
-
-def _model_name(model: ModelLike) -> str:
-    if is_bridge(model):
-        model = model.original_model
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -174,7 +168,7 @@ class HarmVector:
                 b, h = pb[name], ph[name]
                 check_same_layout(name, b.shape, h.shape, b.dtype, h.dtype)
                 deltas[name] = h.detach().float().cpu() - b.detach().float().cpu()
-        meta = {"base": _model_name(base), "harmful": _model_name(harmful), "top_k": None, "scope": None}
+        meta = {"base": model_name(base), "harmful": model_name(harmful), "top_k": None, "scope": None}
         return cls(deltas, _with_restriction(meta, layers, kinds))
 
     @classmethod

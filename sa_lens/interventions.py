@@ -44,6 +44,7 @@ from sa_lens.harm_removal import check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.head_ablation import ablate_heads_hooks
 from sa_lens.prompts import format_prompts
+from sa_lens.provenance import model_name, portable_name
 from sa_lens.safety_vector import SafetyVector, processing_mode
 from sa_lens.sparse_delta import SparseDelta
 from sa_lens.steering import SITES, check_steering_options, check_vector_fits, safety_hooks
@@ -390,13 +391,9 @@ class SafeAlign(_Base):
             yield model
 
 
-def _model_name(model: TransformerBridge) -> str:
-    """The name vectors record as ``meta["model"]`` (see :mod:`sa_lens.safety_vector`)."""
-    return str(getattr(model.original_model.config, "_name_or_path", ""))
-
-
 def _check_same_model(made_for: str, model: TransformerBridge) -> None:
-    here = _model_name(model)
+    # Both sides portable: vectors saved before names were recorded portably still match their model.
+    made_for, here = portable_name(made_for) if made_for else "", model_name(model)
     if made_for and here and made_for != here:
         raise InputError(
             f"The vector was read from model {made_for!r}, not {here!r}; read it from this model, or pass "

@@ -40,6 +40,7 @@ from sa_lens.generation import generate
 from sa_lens.harm_vector import HarmVector
 from sa_lens.interventions import Compose, HarmRemoval, Intervention, SafeAlign
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
+from sa_lens.provenance import portable_name
 from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
 from sa_lens.validation import is_finite_real
 
@@ -372,7 +373,7 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     log(table)
     results = {
         "config": dataclasses.asdict(cfg),
-        "models": {k: model_label(v) for k, v in cast.paths.items()},
+        "models": {k: portable_name(v) for k, v in cast.paths.items()},
         "harm_vector": {"numel": hv_tv.numel, "nnz_trimmed": hv_ties.nnz},
         "icv_pairs": len(pairs),
         "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint()} for name, iv in states.items()},
@@ -390,8 +391,3 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     plot_method_comparison(rows, out / "methods.png")
     log(f"\nReport written to {out.resolve()} (results.json, generations.jsonl, methods.png) in {results['seconds']['total']:.0f} s.")
     return results
-
-
-def model_label(path: Path) -> str:
-    """A lab model's name for results files: its folder name (content-addressed), never the machine's path."""
-    return Path(path).name

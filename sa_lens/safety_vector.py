@@ -23,6 +23,7 @@ from sa_lens.artifacts import load_tensors, save_tensors
 from sa_lens.errors import InputError
 from sa_lens.precision import matmul_precision_in_force
 from sa_lens.prompts import format_prompts, tokenize_padded
+from sa_lens.provenance import model_name
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -253,7 +254,7 @@ def _meta(model: TransformerBridge, positions: str, method: str) -> dict:
         "sign": "unsafe_minus_safe",
         # "bf16" matmul inputs give a slightly different vector: kept so results can be traced to it.
         "matmul_precision": matmul_precision_in_force(model.cfg.device),
-        "model": str(getattr(model.original_model.config, "_name_or_path", "")),
+        "model": model_name(model),
     }
 
 

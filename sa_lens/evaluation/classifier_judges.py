@@ -20,6 +20,7 @@ from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import Verdict
 from sa_lens.generation import generate_tokens
 from sa_lens.models import load_hf_model
+from sa_lens.provenance import model_name, portable_name
 
 __all__ = ["HARMBENCH_CLS_PROMPT", "HarmBenchClassifierJudge", "LlamaGuardJudge"]
 
@@ -77,7 +78,7 @@ class _ClassifierJudge(ABC):
         if isinstance(model, PreTrainedModel):
             self._model = model
         self.batch_size, self.dtype, self.device = batch_size, dtype, device
-        spec = self._spec if isinstance(self._spec, str) else getattr(self._spec.config, "_name_or_path", "") or "loaded"
+        spec = portable_name(self._spec) if isinstance(self._spec, str) else model_name(self._spec)
         if spec != self.default_model:  # another classifier's verdicts must not pass for the default's on resume
             self.name = f"{type(self).name}:{spec}"
 

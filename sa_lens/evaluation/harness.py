@@ -55,6 +55,7 @@ from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.generation import generate
 from sa_lens.interventions import Compose, Intervention
 from sa_lens.lens import SafetyLens
+from sa_lens.provenance import model_name, portable_name
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -216,11 +217,6 @@ def state_fingerprint(model: Any) -> str:
     return h.hexdigest()[:12]
 
 
-def _model_id(model: Any) -> str:
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    return str(getattr(cfg, "model_name", None) or getattr(cfg, "_name_or_path", None) or type(model).__name__)
-
-
 def evaluate(
     model_or_lens: TransformerBridge | SafetyLens | PreTrainedModel,
     datasets: Sequence[DataSpec],
@@ -315,7 +311,7 @@ def evaluate(
         iv.check(model)
     out = Path(out_dir) if out_dir is not None else None
     store = ResultStore(out / "results.jsonl" if out else None)
-    model_id = _model_id(model)
+    model_id = model_name(model)
 
     def config_of(s: EvalSet, fingerprint: str) -> str:
         if s.kind == "mc":
@@ -361,7 +357,7 @@ def evaluate(
         "max_new_tokens": budgets,
         "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint(), "config": iv.to_dict()}
                    for name, iv in states.items()},
-        "datasets": {s.name: {"kind": s.kind, "n": len(s), "source": s.source} for s in sets},
+        "datasets": {s.name: {"kind": s.kind, "n": len(s), "source": portable_name(s.source)} for s in sets},
         "limit": limit,
         "seed": seed,
         "n_boot": n_boot,
