@@ -69,15 +69,21 @@ def enable_kv_cache(bridge: TransformerBridge) -> TransformerBridge:
     return bridge
 
 
-def _hf_and_tokenizer(
+def hf_and_tokenizer(
     model: TransformerBridge | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The Hugging Face model to run (a bridge's own, with KV-cache routing on) and its tokenizer.
+
+    Raises:
+        ValueError: a plain HF model without ``tokenizer``.
+        TypeError: neither a bridge nor a ``PreTrainedModel``.
+    """
     if is_bridge(model):
         enable_kv_cache(model)
         return model.original_model, tokenizer or model.tokenizer
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
-            raise InputError("A plain Hugging Face model needs its tokenizer: generate(model, prompts, tokenizer=tok).")
+            raise InputError("A plain Hugging Face model needs its tokenizer: pass tokenizer=tok.")
         return model, tokenizer
     raise TypeError(f"Expected a TransformerBridge or a transformers PreTrainedModel, got {type(model).__name__}.")
 
@@ -113,7 +119,7 @@ def generate_tokens(
         ValueError: a plain HF model without its tokenizer.
         TypeError: a model that is neither a bridge nor a ``PreTrainedModel``.
     """
-    hf, tok = _hf_and_tokenizer(model, tokenizer)
+    hf, tok = hf_and_tokenizer(model, tokenizer)
     enc = tokenize_left_padded(tok, texts, add_special_tokens=add_special_tokens, device=hf.device)
     sampling: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
@@ -122,18 +128,14 @@ def generate_tokens(
         # Greedy: clear sampling knobs a checkpoint's generation_config may carry, which would only warn.
         sampling.update(temperature=None, top_k=None, top_p=None)
     # Lets position-policy hooks tell prompt from generated columns, with and without the KV cache.
-    with prompt_length(enc["input_ids"].shape[1]) as passes:
-        handle = hf.register_forward_pre_hook(passes.start_pass)
-        try:
-            out = hf.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                use_cache=use_cache,
-                pad_token_id=tok.pad_token_id,
-                **sampling,
-            )
-        finally:
-            handle.remove()
+    with prompt_length(enc["input_ids"].shape[1], hf):
+        out = hf.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )
     new = out[:, enc["input_ids"].shape[1] :]
     eos = hf.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -191,7 +193,7 @@ def generate(
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError(f"max_new_tokens and batch_size must be ≥ 1 (got {max_new_tokens}, {batch_size}).")
-    _, tok = _hf_and_tokenizer(model, tokenizer)
+    _, tok = hf_and_tokenizer(model, tokenizer)
     texts = format_prompts(tok, prompts, chat_template=chat_template, system_prompt=system_prompt)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     replies: list[str] = [""] * len(texts)

@@ -32,7 +32,7 @@ from sa_lens.checkpoints import (
     stream_pieces,
 )
 from sa_lens.errors import InputError
-from sa_lens.parameter_names import layer_index, select_names
+from sa_lens.parameter_names import checkpoint_name, layer_index, select_names
 from sa_lens.provenance import model_name
 from sa_lens.sparse_delta import SparseDelta, compact
 from sa_lens.topk import Count, check_count, check_top_k, trim_stream, whole_tensors
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HarmVector", "Scope", "checkpoint_parameters"]
 
-ORIGINAL_COMPONENT = "._original_component"
 FILE_FORMAT = "sa_lens.harm_vector"
 Scope = Literal["global", "per_layer", "per_tensor"]
 Delta = Float[Tensor, "..."] | SparseDelta
@@ -70,7 +69,7 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
             )
         model = model.original_model
     if isinstance(model, nn.Module):
-        return {name.replace(ORIGINAL_COMPONENT, ""): p for name, p in model.named_parameters()}
+        return {checkpoint_name(name): p for name, p in model.named_parameters()}
     if isinstance(model, Mapping):
         # A tied model's state_dict() names one storage twice (embed_tokens and lm_head): keep the first
         # name, as named_parameters() does, so the edit and the top-k count see each weight once.
@@ -297,9 +296,7 @@ class HarmVector:
         Raises:
             ValueError: ``top_k`` not in (0, 1], an unknown scope or an unknown count.
         """
-        check_top_k(top_k)
-        check_count(count)
-        group_of = _group_of(scope)
+        group_of = _group_of(scope)  # top_k and count are checked by trim_stream, before any work
         shapes = {n: tuple(t.shape) for n, t in self.deltas.items()}
         kept = trim_stream(lambda: whole_tensors((n, self.dense(n)) for n in shapes), shapes, group_of, top_k,
                            count=count)

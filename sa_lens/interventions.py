@@ -29,10 +29,11 @@ import json
 import numbers
 import os
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
@@ -43,6 +44,7 @@ from sa_lens.errors import InputError
 from sa_lens.harm_removal import check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.head_ablation import ablate_heads_hooks
+from sa_lens.layer_spec import check_layers
 from sa_lens.prompts import format_prompts
 from sa_lens.provenance import model_name, portable_name
 from sa_lens.safety_vector import SafetyVector, processing_mode
@@ -69,26 +71,6 @@ __all__ = [
 FORMAT = "sa_lens.intervention/1"
 
 
-@runtime_checkable
-class Intervention(Protocol):
-    """What every model state offers (see the module docstring)."""
-
-    kind: ClassVar[str]
-
-    @property
-    def name(self) -> str: ...
-
-    def to_dict(self) -> dict: ...
-
-    def vectors(self) -> dict[str, HarmVector | SafetyVector]: ...
-
-    def check(self, model: TransformerBridge) -> None: ...
-
-    def fingerprint(self) -> str: ...
-
-    def apply(self, model: TransformerBridge) -> contextlib.AbstractContextManager[TransformerBridge]: ...
-
-
 # ---- vector identity ---------------------------------------------------------------------------------------
 
 # id → (weak reference, digest): a vector is hashed once (treated as immutable from then on), and a cached
@@ -102,16 +84,17 @@ def _update(h: Any, t: Tensor) -> None:
     h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
 
 
-def vector_digest(vector: HarmVector | SafetyVector | Tensor) -> str:
+def vector_digest(vector: HarmVector | SafetyVector | Tensor, fresh: bool = False) -> str:
     """SHA-256 (first 16 hex digits) of a vector's names, shapes and stored values.
 
     A harm vector is hashed in the form it is held (dense tensors or sparse indices + values), so a dense
     vector and its sparse copy have different digests: a resume then redoes work rather than mixing
     configurations. The digest of an object is computed once and cached: do not edit a vector in place after
-    using it in an intervention.
+    using it in an intervention. ``fresh=True`` hashes the contents again (and caches that): what loading and
+    saving do, so a vector edited in place is caught there.
     """
     cached = _DIGESTS.get(id(vector))
-    if cached is not None and cached[0]() is vector:
+    if not fresh and cached is not None and cached[0]() is vector:
         return cached[1]
     digest = _content_digest(vector)
     _DIGESTS[id(vector)] = (weakref.ref(vector), digest)
@@ -172,22 +155,36 @@ def _layers(layers: Sequence[int] | None, what: str) -> tuple[int, ...] | None:
 
 
 def _check_layers_fit(layers: tuple[int, ...] | None, model: TransformerBridge, what: str) -> None:
-    n = model.cfg.n_layers
-    if layers is not None and layers[-1] >= n:
-        raise InputError(f"{what} {list(layers)} reach past the model's {n} layers (0..{n - 1}).")
+    if layers is not None:
+        check_layers(layers, model.cfg.n_layers, what)
 
 
-class _Base:
-    """Shared behaviour: equality and hash by fingerprint, a short repr."""
+class Intervention(ABC):
+    """What every model state offers: ``name``, ``to_dict``, ``vectors``, ``check``, ``fingerprint``, ``apply``.
+
+    Equality and hashing go by fingerprint, so two configs that would run the same way are equal.
+    """
 
     kind: ClassVar[str]
 
-    def to_dict(self) -> dict:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """A short human-readable label (``HDR λ=3``)."""
+
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """Every parameter as JSON-able values, vectors by digest (:func:`from_dict` rebuilds it)."""
+
+    @abstractmethod
+    def apply(self, model: TransformerBridge) -> contextlib.AbstractContextManager[TransformerBridge]:
+        """Put ``model`` in this state inside a ``with`` block; undone exactly on exit, also after an exception."""
 
     def vectors(self) -> dict[str, HarmVector | SafetyVector]:
+        """Digest → the vectors this config holds (what :func:`save` writes beside its JSON)."""
         return {}
 
+    @abstractmethod
     def check(self, model: TransformerBridge) -> None:
         """Raise InputError if this config cannot apply to ``model`` (sizes, vectors, mode); changes nothing.
 
@@ -199,7 +196,7 @@ class _Base:
         return _hash(self.to_dict())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Base) and self.fingerprint() == other.fingerprint()
+        return isinstance(other, Intervention) and self.fingerprint() == other.fingerprint()
 
     def __hash__(self) -> int:
         return hash(self.fingerprint())
@@ -207,16 +204,12 @@ class _Base:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.fingerprint()}>"
 
-    @property
-    def name(self) -> str:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
-
 
 # ---- the interventions -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class HarmRemoval(_Base):
+class HarmRemoval(Intervention):
     """HDR: θ̂ = θt − λ·τH′ edited in place, restored bit-exactly on exit (paper §3.1, Eq. 4).
 
     Attributes:
@@ -270,7 +263,7 @@ class HarmRemoval(_Base):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class SafeAlign(_Base):
+class SafeAlign(Intervention):
     """Safe-Align: the in-context safety vector (ICV) injected by named hooks (paper §3.2, Eq. 7–9).
 
     Give either a ready ``vector`` or demonstration ``pairs``; from pairs the ICV is read from the model *as it
@@ -402,7 +395,7 @@ def _check_same_model(made_for: str, model: TransformerBridge) -> None:
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class DirectionalAblation(_Base):
+class DirectionalAblation(Intervention):
     """Directional ablation: x − (x·v̂)v̂ at each chosen layer and site, every position (Arditi et al. 2024).
 
     Attributes:
@@ -449,7 +442,9 @@ class DirectionalAblation(_Base):
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "direction": vector_digest(self._stored),
-                "direction_type": "safety_vector" if isinstance(self.direction, SafetyVector) else "tensor",
+                # A [d] direction serves every layer, a [1, d] one a one-layer model only: the shape is configuration.
+                "direction_type": "safety_vector" if isinstance(self.direction, SafetyVector)
+                else f"tensor_{self.direction.ndim}d",
                 "layers": None if self.layers is None else list(self.layers), "sites": list(self.sites),
                 "allow_other_model": self.allow_other_model}
 
@@ -488,7 +483,7 @@ class DirectionalAblation(_Base):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class HeadAblation(_Base):
+class HeadAblation(Intervention):
     """Attention heads' outputs (``hook_z``) set to zero or to their mean, at every position.
 
     Zero-ablation removes what a head writes; mean-ablation keeps its average over ``mean_prompts`` (chat
@@ -575,7 +570,7 @@ class HeadAblation(_Base):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Compose(_Base):
+class Compose(Intervention):
     """Several interventions applied in order and undone in reverse; ``Compose([])`` is the original model.
 
     ``Compose([HarmRemoval(hv, λ), SafeAlign(pairs=p, alpha=α)])`` is the paper's Safety Arithmetic: the ICV
@@ -595,7 +590,7 @@ class Compose(_Base):
 
     def __post_init__(self) -> None:
         steps = tuple(self.steps)
-        bad = [type(s).__name__ for s in steps if not isinstance(s, _Base)]
+        bad = [type(s).__name__ for s in steps if not isinstance(s, Intervention)]
         if bad:
             raise InputError(f"Compose takes interventions (HarmRemoval, SafeAlign, …); got {', '.join(bad)}.")
         object.__setattr__(self, "steps", steps)
@@ -607,9 +602,6 @@ class Compose(_Base):
     def to_dict(self) -> dict:
         # The label is presentation, not configuration: two labels on one config share records.
         return {"kind": self.kind, "steps": [s.to_dict() for s in self.steps]}
-
-    def fingerprint(self) -> str:
-        return _hash(self.to_dict())
 
     def vectors(self) -> dict[str, HarmVector | SafetyVector]:
         return {k: v for s in self.steps for k, v in s.vectors().items()}
@@ -666,8 +658,9 @@ def _from_dict(d: Any, vectors: dict, depth: int) -> Intervention:
             raise InputError(f"the {kind} config needs vector {digest!r}, which was not given; pass vectors= or use "
                              "sa_lens.interventions.load on a file written by save.")
         v = vectors[digest]
-        if _content_digest(v) != digest:
-            raise InputError(f"vector {digest} has other contents now (digest {_content_digest(v)}).")
+        now = vector_digest(v, fresh=True)
+        if now != digest:
+            raise InputError(f"vector {digest} has other contents now (digest {now}).")
         return v
 
     def seq(key: str, default: Any = ()) -> tuple:
@@ -695,18 +688,14 @@ def _from_dict(d: Any, vectors: dict, depth: int) -> Intervention:
                              icv_layers=seq("icv_layers", None), **common)
         if kind == "directional_ablation":
             v = vec(d["direction"])
-            direction = v if d.get("direction_type") == "safety_vector" else _as_tensor(v)
+            kind_of = d.get("direction_type")
+            direction = v if kind_of == "safety_vector" else v.directions[0] if kind_of == "tensor_1d" else v.directions
             return DirectionalAblation(direction, layers, seq("sites"), d.get("allow_other_model", False))
         return HeadAblation(seq("heads"), d["mode"], seq("mean_prompts"))
     except KeyError as e:
         raise InputError(f"{kind} config lacks the field {e.args[0]!r}; write configs with to_dict or save.") from None
     except (TypeError, AttributeError) as e:
         raise InputError(f"{kind} config has a field of the wrong type ({e}); write configs with to_dict or save.") from None
-
-
-def _as_tensor(v: HarmVector | SafetyVector) -> Tensor:
-    assert isinstance(v, SafetyVector)
-    return v.directions[0] if v.directions.shape[0] == 1 else v.directions
 
 
 def save(intervention: Intervention, path: str | os.PathLike) -> Path:
@@ -719,7 +708,7 @@ def save(intervention: Intervention, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     files = {}
     for digest, v in intervention.vectors().items():
-        if _content_digest(v) != digest:  # edited in place after it was first hashed: the config no longer says it
+        if vector_digest(v, fresh=True) != digest:  # edited in place after it was first hashed: the config no longer says it
             raise InputError(f"vector {digest} was changed in place after the intervention used it; build a new "
                              "intervention from the changed vector.")
         file = path.with_name(f"{path.stem}.{digest}.safetensors")

@@ -30,6 +30,7 @@ import torch
 
 from sa_lens import data
 from sa_lens.data.public import PromptSet, QASet, load_bundled_set
+from sa_lens.demonstrations import Demonstration, demonstration_pairs
 from sa_lens.errors import InputError
 from sa_lens.evaluation.bootstrap import bootstrap_mean
 from sa_lens.evaluation.decoding import preset
@@ -41,7 +42,6 @@ from sa_lens.harm_vector import HarmVector
 from sa_lens.interventions import Compose, HarmRemoval, Intervention, SafeAlign
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
 from sa_lens.provenance import portable_name
-from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
 from sa_lens.validation import is_finite_real
 
 __all__ = ["METHODS", "SCENARIOS", "LabConfig", "LabModels", "build_models", "eval_sets", "evaluate_scenario",
@@ -234,9 +234,7 @@ def icv_pairs(cfg: LabConfig, cast: LabModels) -> list[tuple[str, str]]:
     for q, a, category in cast.compliant:
         by_category.setdefault(category, []).append((q, a))
     interleaved = [qa for group in itertools.zip_longest(*by_category.values()) for qa in group if qa is not None]
-    return [
-        (demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER)) for q, a in interleaved[: cfg.n_icv_pairs]
-    ]
+    return demonstration_pairs(Demonstration(q, a) for q, a in interleaved[: cfg.n_icv_pairs])
 
 
 def eval_sets(cfg: LabConfig) -> list[PromptSet | QASet]:

@@ -51,7 +51,7 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
     return chosen
 
 
-def check_layers(layers: Collection[int], n_layers: int) -> None:
+def check_layers(layers: Collection[int], n_layers: int, what: str = "layers") -> None:
     """Refuse layers a model with ``n_layers`` decoder layers lacks (a typo would otherwise shrink a selection).
 
     Raises:
@@ -59,7 +59,7 @@ def check_layers(layers: Collection[int], n_layers: int) -> None:
     """
     absent = sorted(layer for layer in set(layers) if not 0 <= layer < n_layers)
     if absent:
-        raise InputError(f"layers {absent} are out of range: the model has {n_layers} decoder layers "
+        raise InputError(f"{what} {absent} are out of range: the model has {n_layers} decoder layers "
                          f"(0-{n_layers - 1}).")
 
 

@@ -18,7 +18,8 @@ from typing import Literal
 
 from sa_lens.errors import InputError
 
-__all__ = ["KINDS", "Kind", "Projection", "attention_projection", "layer_index", "parameter_kind", "select_names"]
+__all__ = ["KINDS", "Kind", "Projection", "attention_projection", "checkpoint_name", "layer_index", "parameter_kind",
+           "select_names"]
 
 Kind = Literal["attention", "mlp", "embeddings", "norms", "tower", "other"]
 KINDS: tuple[Kind, ...] = ("attention", "mlp", "embeddings", "norms", "tower", "other")
@@ -42,7 +43,8 @@ _KIND_PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
 _PROJECTION = re.compile(_ATTENTION + r"(?:([qkvo])_proj|(dense))\.weight$")
 
 
-def _checkpoint_name(name: str) -> str:
+def checkpoint_name(name: str) -> str:
+    """A bridge parameter's name as in the checkpoint (the bridge inserts ``._original_component``)."""
     return name.replace(_BRIDGE_WRAPPER, "")
 
 
@@ -51,7 +53,7 @@ def layer_index(name: str) -> int | None:
 
     None as well for a vision/audio tower's blocks: ``vision_tower.encoder.layers.3`` is not decoder layer 3.
     """
-    name = _checkpoint_name(name)
+    name = checkpoint_name(name)
     if _TOWER.search(name):
         return None
     m = _LAYER.search(name)
@@ -64,7 +66,7 @@ def parameter_kind(name: str) -> Kind:
     ``"tower"`` is every parameter of a multimodal checkpoint's vision/audio tower and of its projector into
     the language model, whatever its role inside the tower.
     """
-    name = _checkpoint_name(name)
+    name = checkpoint_name(name)
     if _TOWER.search(name):
         return "tower"
     for kind, pattern in _KIND_PATTERNS:
@@ -81,7 +83,7 @@ def attention_projection(name: str) -> Projection | None:
     ``query_key_value``) and GPT-2's ``Conv1D`` ``c_attn`` / ``c_proj`` (stored ``[in, out]``) get None, as do
     biases and tower weights: slicing them by head rows/columns would mix heads.
     """
-    name = _checkpoint_name(name)
+    name = checkpoint_name(name)
     if layer_index(name) is None:
         return None
     m = _PROJECTION.search(name)

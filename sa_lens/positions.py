@@ -36,17 +36,24 @@ _GENERATION: ContextVar[GenerationPasses | None] = ContextVar("sa_lens_generatio
 
 
 @contextlib.contextmanager
-def prompt_length(n: int) -> Iterator[GenerationPasses]:
+def prompt_length(n: int, model: torch.nn.Module | None = None) -> Iterator[GenerationPasses]:
     """Declare the padded prompt length of the generation running inside the block.
 
+    Args:
+        n: the padded prompt length, in tokens.
+        model: the generating model; its forward passes are counted (a pre-hook, removed on exit), so a
+            one-token prompt's cached decode steps are told from its prompt pass.
+
     Yields:
-        The pass counter: register its ``start_pass`` as a forward pre-hook of the generating model, so a
-        one-token prompt's cached decode steps are told from its prompt pass.
+        The pass counter.
     """
     token = _GENERATION.set(state := GenerationPasses(n))
+    handle = model.register_forward_pre_hook(state.start_pass) if model is not None else None
     try:
         yield state
     finally:
+        if handle is not None:
+            handle.remove()
         _GENERATION.reset(token)
 
 

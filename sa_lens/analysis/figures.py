@@ -339,7 +339,8 @@ def plot_layer_curves(df: pd.DataFrame, title: str | None = None,
     """Per-layer curves of a :func:`sa_lens.analysis.layers.layer_sweep` frame (several methods concatenated).
 
     One panel per metric present among ASR, over-refusal and utility; x = the layer intervened on, one line
-    per method with its Wilson 95 % band, the method's no-intervention baseline as a dashed line.
+    per method with its 95 % band (the report's bootstrap interval), the method's no-intervention baseline as
+    a dashed line.
 
     Raises:
         ValueError: none of the three metrics is in ``df``.

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
 
+from sa_lens.defaults import DEFAULT_TOP_K
 from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector
 from sa_lens.parameter_names import attention_projection, layer_index, parameter_kind
@@ -41,12 +42,12 @@ def _kept(hv: HarmVector, top_k: float) -> dict[str, Int64[Tensor, " kept"]]:
     return {name: entry.indices for name, entry in kept.items()}
 
 
-def layer_mass(hv: HarmVector, top_k: float = 0.10) -> pd.DataFrame:
+def layer_mass(hv: HarmVector, top_k: float = DEFAULT_TOP_K) -> pd.DataFrame:
     """τH mass per layer and parameter kind; parameters outside the layers get layer NA.
 
     Args:
         hv: the harm vector in any form (untrimmed for mass; a trimmed one shows the mass HDR subtracts).
-        top_k: fraction of the global top-k trim used for ``topk_share`` (paper: 0.10).
+        top_k: fraction of the global top-k trim used for ``topk_share`` (default: the paper's, :data:`~sa_lens.defaults.DEFAULT_TOP_K`).
 
     Returns:
         One row per (layer, kind) with ``kind`` from :data:`sa_lens.parameter_names.KINDS`: ``l2sq``
@@ -100,7 +101,7 @@ def _head_sums(hv: HarmVector, name: str, kept: Int64[Tensor, " kept"], n: int, 
     ], dim=1)
 
 
-def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k: float = 0.10) -> pd.DataFrame:
+def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k: float = DEFAULT_TOP_K) -> pd.DataFrame:
     """τH mass per attention head and matrix (GQA aware), plus each head's total.
 
     Args:

@@ -88,21 +88,20 @@ def _run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]:
     from sa_lens.data import load_bundled
-    from sa_lens.demonstrations import demonstration_pairs, load_demonstrations
+    from sa_lens.demonstrations import Demonstration, demonstration_pairs, load_demonstrations
     from sa_lens.evaluation.judges import KeywordJudge, Verdict
     from sa_lens.generation import generate
     from sa_lens.models import load_hf_model
-    from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
 
     if args.pairs:
         return demonstration_pairs(load_demonstrations(args.pairs))
-    # Default as in the lab: θH's own answers where it complied, against the official safe answer.
+    # Default: θH's own answers where it complied (the first 30, file order), against the official safe answer.
     model, tok = load_hf_model(harmful_path)
     questions = [r["prompt"] for r in load_bundled("harmful", "train")]
     answers = generate(model, questions, 64, tokenizer=tok, progress="θH answers for the ICV")
     judge = KeywordJudge()
-    pairs = [(demonstration_text(q, a), demonstration_text(q, SAFE_DEMO_ANSWER))
-             for q, a in zip(questions, answers) if judge.judge(a) is Verdict.NOT_REFUSED][:30]
+    pairs = demonstration_pairs(Demonstration(q, a) for q, a in zip(questions, answers)
+                                if judge.judge(a) is Verdict.NOT_REFUSED)[:30]
     if not pairs:
         raise InputError("θH refused every bundled harmful request, so no ICV pairs; pass --pairs.")
     return pairs

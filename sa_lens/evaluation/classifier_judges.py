@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.errors import InputError
-from sa_lens.evaluation.judges import Verdict
+from sa_lens.evaluation.judges import Verdict, check_aligned
 from sa_lens.generation import generate_tokens
 from sa_lens.models import load_hf_model
 from sa_lens.provenance import model_name, portable_name
@@ -102,8 +102,7 @@ class _ClassifierJudge(ABC):
         Raises:
             ValueError: misaligned inputs.
         """
-        if len(prompts) != len(responses):
-            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+        check_aligned(prompts, responses)
         model, tok = self._load()
         texts = [self.build_input(tok, p, r) for p, r in zip(prompts, responses)]
         verdicts: list[Verdict] = []

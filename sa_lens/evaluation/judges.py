@@ -57,7 +57,7 @@ from collections.abc import Sequence
 
 from sa_lens.errors import InputError
 
-__all__ = ["DEFAULT_REFUSAL_PHRASES", "KeywordJudge", "Verdict"]
+__all__ = ["DEFAULT_REFUSAL_PHRASES", "KeywordJudge", "Verdict", "check_aligned"]
 
 
 class Verdict(str, enum.Enum):
@@ -298,6 +298,12 @@ def _is_degenerate(text: str) -> bool:
     )
 
 
+def check_aligned(prompts: Sequence[str], responses: Sequence[str]) -> None:
+    """Raise InputError unless there is one response per prompt (every judge's ``judge_batch`` starts here)."""
+    if len(prompts) != len(responses):
+        raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+
+
 class KeywordJudge:
     """Classifies continuations as REFUSAL, NOT_REFUSED or DEGENERATE by keyword rules (see :class:`Verdict`).
 
@@ -408,8 +414,7 @@ class KeywordJudge:
         Raises:
             ValueError: if ``prompts`` and ``responses`` differ in length.
         """
-        if len(prompts) != len(responses):
-            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+        check_aligned(prompts, responses)
         return self(responses)
 
     @staticmethod

@@ -25,7 +25,7 @@ import httpx
 
 from sa_lens.errors import InputError
 from sa_lens.evaluation.judge_registry import JudgeUnavailableError
-from sa_lens.evaluation.judges import Verdict
+from sa_lens.evaluation.judges import Verdict, check_aligned
 
 __all__ = ["JUDGE_PROMPT", "JudgeUnavailableError", "LLMJudge", "parse_verdict"]
 
@@ -174,8 +174,7 @@ class LLMJudge:
             ValueError: misaligned inputs.
             JudgeUnavailableError: the endpoint is unreachable after the retries or rejects the request.
         """
-        if len(prompts) != len(responses):
-            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+        check_aligned(prompts, responses)
         with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
             results = list(pool.map(self._request, prompts, responses))
         self.errors = [(i, why) for i, (v, why) in enumerate(results) if v is Verdict.FAILED]

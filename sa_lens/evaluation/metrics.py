@@ -87,7 +87,7 @@ def attack_success_rate(verdicts: Sequence[Verdict | str]) -> Rate:
         verdicts: One judge verdict per harmful prompt (``Verdict`` or its string value).
 
     Returns:
-        ASR as a fraction in [0, 1] with its Wilson 95 % interval.
+        ASR as a fraction in [0, 1] with its bootstrap 95 % interval (:func:`rate`).
 
     Raises:
         ValueError: If ``verdicts`` is empty or holds an unknown verdict.
@@ -106,7 +106,7 @@ def refusal_rate(verdicts: Sequence[Verdict | str]) -> Rate:
         verdicts: One keyword-judge verdict per prompt (``Verdict`` or its string value).
 
     Returns:
-        The refusal share as a fraction in [0, 1] with its Wilson 95 % interval.
+        The refusal share as a fraction in [0, 1] with its bootstrap 95 % interval (:func:`rate`).
 
     Raises:
         ValueError: If ``verdicts`` is empty, holds an unknown verdict, or holds a harm judge's HARMFUL /
@@ -126,7 +126,7 @@ def degenerate_rate(verdicts: Sequence[Verdict | str]) -> Rate:
         verdicts: One judge verdict per prompt (``Verdict`` or its string value).
 
     Returns:
-        The degenerate share as a fraction in [0, 1] with its Wilson 95 % interval.
+        The degenerate share as a fraction in [0, 1] with its bootstrap 95 % interval (:func:`rate`).
 
     Raises:
         ValueError: If ``verdicts`` is empty or holds an unknown verdict.
@@ -192,7 +192,7 @@ def accuracy(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) 
         answer_lists: Gold aliases per question, aligned with ``predictions``.
 
     Returns:
-        Accuracy as a fraction in [0, 1] with its Wilson 95 % interval.
+        Accuracy as a fraction in [0, 1] with its bootstrap 95 % interval (:func:`rate`).
 
     Raises:
         ValueError: If the inputs are empty, differ in length, or a question has no

@@ -17,10 +17,9 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sa_lens.bridge import is_bridge
 from sa_lens.data.public import MCItem, MCSet
 from sa_lens.errors import InputError
-from sa_lens.generation import enable_kv_cache
+from sa_lens.generation import hf_and_tokenizer
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -55,15 +54,6 @@ def mc_prompt(item: MCItem, scoring: str, shots: Sequence[MCItem] = ()) -> tuple
     return f"Q: {item.question.strip()}\nA:", [f" {c.strip()}" for c in item.choices]
 
 
-def _hf(model: TransformerBridge | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None):
-    if is_bridge(model):
-        enable_kv_cache(model)
-        return model.original_model, tokenizer or model.tokenizer
-    if tokenizer is None:
-        raise InputError("A plain Hugging Face model needs its tokenizer: tokenizer=...")
-    return model, tokenizer
-
-
 @torch.inference_mode()
 def continuation_logprobs(
     model: TransformerBridge | PreTrainedModel,
@@ -95,7 +85,7 @@ def continuation_logprobs(
     """
     if len(contexts) != len(continuations):
         raise InputError(f"{len(contexts)} contexts for {len(continuations)} continuations.")
-    hf, tok = _hf(model, tokenizer)
+    hf, tok = hf_and_tokenizer(model, tokenizer)
     # Every context starts with BOS where the tokenizer has one, whatever its add_bos_token says: the bridge's
     # tokenizer always adds it (TransformerLens) and a checkpoint's own often does not, so a plain model
     # with its own tokenizer and its bridge would otherwise score the same question differently.

@@ -13,8 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from sa_lens.errors import InputError
-from sa_lens.evaluation.judges import KeywordJudge, Verdict
+from sa_lens.evaluation.judges import KeywordJudge, Verdict, check_aligned
 
 __all__ = ["OverRefusalJudge", "RefusalClass"]
 
@@ -62,6 +61,5 @@ class OverRefusalJudge:
         Raises:
             ValueError: ``prompts`` and ``responses`` differ in length.
         """
-        if len(prompts) != len(responses):
-            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+        check_aligned(prompts, responses)
         return [self.classify(r) for r in responses]

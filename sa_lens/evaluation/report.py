@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sa_lens.evaluation.bootstrap import bootstrap_mean, macro_mean
+from sa_lens.evaluation.bootstrap import Rate, bootstrap_mean, macro_mean
 from sa_lens.evaluation.judges import Verdict
-from sa_lens.evaluation.metrics import Rate
 
 __all__ = ["comparison_table", "summarize", "summary_table"]
 

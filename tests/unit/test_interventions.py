@@ -181,7 +181,7 @@ def test_vectors_that_do_not_fit_the_model_are_refused_before_any_change(tiny_br
         (SafeAlign(vector=SafetyVector(sv.directions[:1], dict(sv.meta)), alpha=1.0), "layers of width"),
         (SafeAlign(vector=SafetyVector(sv.directions, sv.meta | {"processing": "processed"})), "processed"),
         (SafeAlign(vector=SafetyVector(sv.directions, sv.meta | {"model": "other/model"})), "allow_other_model"),
-        (SafeAlign(pairs=PAIRS, layers=(5,)), "reach past"),
+        (SafeAlign(pairs=PAIRS, layers=(5,)), "out of range"),
         (DirectionalAblation(torch.ones(7)), "shape"),
         (HeadAblation(((0, 9),)), "outside"),
     ]
@@ -370,7 +370,7 @@ def test_evaluate_checks_every_state_before_generating_anything(tiny_bridge, mon
     calls = []
     monkeypatch.setattr(harness, "_run_batch", lambda *a, **k: calls.append(1))
     sv = SafetyVector.from_pairs(tiny_bridge, list(PAIRS))
-    with pytest.raises(ValueError, match="reach past"):
+    with pytest.raises(ValueError, match="out of range"):
         evaluate(tiny_bridge, [HARMFUL], states={"Original": Compose(), "bad": SafeAlign(vector=sv, layers=(5,))},
                  progress=False)
     with pytest.raises(ValueError, match="n_boot"):
