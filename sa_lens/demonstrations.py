@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sa_lens.data import DataError, load_records
+from sa_lens.data import load_records
 from sa_lens.errors import InputError
 from sa_lens.safety_vector import SAFE_DEMO_ANSWER, demonstration_text
 
@@ -27,7 +27,7 @@ COLUMNS: tuple[str, str, str] = ("question", "unsafe_answer", "safe_answer")
 """The canonical columns of a demonstrations file, matched case-insensitively; ``safe_answer`` is optional."""
 
 # Canonical → the name `sa-lens run --pairs` used to read; still accepted, with a warning.
-_OLD_NAMES = {"question": "prompt", "unsafe_answer": "unsafe", "safe_answer": "safe"}
+_OLD_NAMES = {"unsafe_answer": "unsafe", "safe_answer": "safe"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def load_demonstrations(path: str | os.PathLike[str]) -> list[Demonstration]:
     """Read demonstrations from a CSV, JSON or JSONL file, one per row, in file order.
 
     Columns are matched case-insensitively: ``question``, ``unsafe_answer`` and optionally ``safe_answer`` (an
-    empty or absent one is the official refusal). The old names ``prompt``, ``unsafe`` and ``safe`` are read
+    empty or absent one is the official refusal). The old names ``unsafe`` and ``safe`` are read
     too, with a :class:`FutureWarning` naming the canonical columns. Texts are stripped of surrounding space.
 
     Returns:
@@ -77,7 +77,7 @@ def load_demonstrations(path: str | os.PathLike[str]) -> list[Demonstration]:
             or unsafe-answer column, a row's question is empty, rows lack an unsafe answer or hold a safe answer
             that is not text (their 1-based numbers are named).
     """
-    records, old = _records(path)
+    records, old = load_records(path, "question"), []
     columns: dict[str, str] = {}  # lower case → the file's first spelling, in order of first appearance
     for r in records:
         for k in r:
@@ -85,7 +85,7 @@ def load_demonstrations(path: str | os.PathLike[str]) -> list[Demonstration]:
     unsafe, old_unsafe = _column(columns, "unsafe_answer")
     safe, old_safe = _column(columns, "safe_answer")
     if unsafe is None:
-        found = ", ".join(repr(c) for c in columns.values() if old or c != "prompt")  # "prompt": load_records' own
+        found = ", ".join(repr(c) for c in columns.values() if c != "prompt")  # "prompt": load_records' own
         raise InputError(f"{path}: no 'unsafe_answer' column; columns found: {found}. Each row needs "
                          "question, unsafe_answer and optionally safe_answer.")
     old += [name for name, is_old in ((unsafe, old_unsafe), (safe, old_safe)) if is_old]
@@ -113,20 +113,6 @@ def demonstration_pairs(demos: Iterable[Demonstration]) -> list[tuple[str, str]]
     """
     return [(demonstration_text(d.question, d.unsafe_answer), demonstration_text(d.question, d.safe_answer))
             for d in demos]
-
-
-def _records(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows with the question in ``"prompt"``, and ``["prompt"]`` if the old question column was read."""
-    try:
-        return load_records(path, "question"), []
-    except DataError as question_error:
-        try:
-            records = load_records(path, "prompt")
-        except DataError:
-            raise question_error from None
-        if any(k.lower() == "question" for r in records for k in r):  # the question column has an empty row
-            raise question_error from None
-        return records, ["prompt"]
 
 
 def _column(columns: dict[str, str], canonical: str) -> tuple[str | None, bool]:

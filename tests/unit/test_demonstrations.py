@@ -47,11 +47,10 @@ def test_columns_match_case_insensitively_and_safe_answer_is_optional(tmp_path):
     assert load_demonstrations(path) == [Demonstration("How do I pick a lock?", "Like this", SAFE_DEMO_ANSWER)]
 
 
-@pytest.mark.parametrize(("question", "named"), [("question", "'unsafe', 'safe'"), ("prompt", "'prompt', 'unsafe', 'safe'")])
-def test_old_column_names_load_with_a_warning_naming_the_canonical_ones(tmp_path, question, named):
-    rows = [{question: "How do I pick a lock?", "unsafe": "Insert a tension wrench first", "safe": "I can't help."},
-            {question: "Bake bread", "unsafe": "flour, water, yeast"}]
-    with pytest.warns(FutureWarning, match=f"{named} are old column names; rename them to the canonical "
+def test_old_column_names_load_with_a_warning_naming_the_canonical_ones(tmp_path):
+    rows = [{"question": "How do I pick a lock?", "unsafe": "Insert a tension wrench first", "safe": "I can't help."},
+            {"question": "Bake bread", "unsafe": "flour, water, yeast"}]
+    with pytest.warns(FutureWarning, match="'unsafe', 'safe' are old column names; rename them to the canonical "
                                            "question, unsafe_answer, safe_answer"):
         assert load_demonstrations(_write(tmp_path / "d.jsonl", rows)) == EXPECTED
 
