@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sa_lens.artifacts import load_tensors, save_tensors
 from sa_lens.errors import InputError
+from sa_lens.layer_spec import check_layers
 from sa_lens.precision import matmul_precision_in_force
 from sa_lens.prompts import format_prompts, tokenize_padded
 from sa_lens.provenance import model_name
@@ -145,8 +146,9 @@ class SafetyVector:
             raise InputError(f"method must be 'pca_plus_mean', 'pca' or 'mean_diff'; got {method!r}.")
         n_layers = model.cfg.n_layers
         chosen = list(range(n_layers)) if layers is None else sorted(set(layers))
-        if not chosen or not all(0 <= layer < n_layers for layer in chosen):
-            raise InputError(f"layers must be a non-empty subset of 0..{n_layers - 1}; got {layers!r}.")
+        if not chosen:
+            raise InputError("layers is empty; pass at least one layer (or None for all).")
+        check_layers(chosen, n_layers)
         n_read = chosen[-1] + 1  # the blocks above the deepest chosen layer are not run
         if share_prefix:
             states = _pair_states(model, pairs, batch_size, n_last, n_read)[:, chosen]  # [2n, len(chosen), d]

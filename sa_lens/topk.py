@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ from sa_lens.validation import is_finite_real
 __all__ = ["COUNTS", "Count", "TrimmedEntry", "check_count", "check_top_k", "kept_rank", "trim_stream", "whole_tensors"]
 
 Count = Literal["official", "exact"]
-COUNTS: tuple[str, ...] = ("official", "exact")
+COUNTS: tuple[str, ...] = get_args(Count)
 
 _HIGH_BINS = 1 << 15  # |x| bit patterns of finite floats are < 0x7F800000, so bits >> 16 < 2**15
 _LOW_BINS = 1 << 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sa_lens.layer_spec import check_layers, layers_argument
+from sa_lens.layer_spec import layers_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,8 +64,6 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.pairs:
         pairs = demonstration_pairs(load_demonstrations(args.pairs))
         model = load_model(args.model)
-        if args.layers is not None:
-            check_layers(args.layers, model.cfg.n_layers)
         return SafetyVector.from_pairs(model, pairs, positions=args.positions or "last4_mean",
                                        method=args.method or "pca_plus_mean", layers=args.layers, batch_size=args.batch_size)
     if args.positions == "span" or args.layers is not None or args.method is not None:

@@ -198,7 +198,7 @@ def test_span_positions_and_layer_subset(tiny_bridge):
     full = SafetyVector.from_pairs(tiny_bridge, PAIRS, method="mean_diff")
     assert torch.equal(only_1.directions[0], torch.zeros(tiny_bridge.cfg.d_model)) and only_1.meta["layers"] == [1]
     torch.testing.assert_close(only_1.directions[1], full.directions[1])
-    with pytest.raises(ValueError, match="layers must be"):
+    with pytest.raises(ValueError, match=r"layers \[7\] are out of range"):
         SafetyVector.from_pairs(tiny_bridge, PAIRS, layers=[7])
 
 
