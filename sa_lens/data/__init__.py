@@ -200,29 +200,74 @@ def _read_table(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]
     if suffix == ".jsonl":
         rows = _parse_jsonl(text, str(path))
     else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}). "
-                "Fix the file, or save one object per line as .jsonl."
-            ) from exc
-        # A bare list of strings (DangerousQA's own JSON) is one prompt per entry.
-        if isinstance(rows, list) and rows and all(isinstance(r, str) for r in rows):
-            rows = [{"prompt": r} for r in rows]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(
-                f"{path}: expected a JSON list of objects such as "
-                '[{"prompt": "..."}, ...]; convert the file to that shape.'
-            )
+        rows = _json_rows(path, text)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     return rows, columns
 
 
-def load_records(path: str | os.PathLike[str], column: str | None = None) -> list[dict[str, Any]]:
-    """Read prompt records from a local CSV, JSON (list of objects, or of strings) or JSONL file.
+def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """Rows of a ``.json`` file in any of the shapes the public sets publish.
 
-    Every returned record keeps all the row's original fields (for example a ``category``
+    * a list of objects (hub exports such as HarmfulQA's ``data_for_hub.json``);
+    * a list of strings, one prompt each (DangerousQA's ``dangerousqa.json``);
+    * categories nesting lists of strings, ``{category: [q, ...]}`` or ``{category: {subcategory: [q, ...]}}``
+      (declare-lab's ``catqa_english.json`` and ``harmfulqs.json``): each string becomes a row with ``prompt``,
+      ``category`` (the outer key) and ``subcategory`` (the inner keys joined by " / ", "" when there are none);
+    * one object per line, as ``datasets`` also reads a ``.json`` file.
+
+    Raises:
+        DataError: text that parses neither as JSON nor as JSON lines, or a shape other than the above (the
+            message names the first offending entry).
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        lines = [line for line in text.split("\n") if line.strip()]
+        if len(lines) > 1 and lines[0].lstrip().startswith("{"):
+            return _parse_jsonl(text, str(path))
+        raise DataError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}). "
+            "Fix the file, or save one object per line as .jsonl."
+        ) from exc
+    if isinstance(data, dict):
+        return _nested_rows(path, data)
+    if isinstance(data, list) and data and all(isinstance(r, str) for r in data):
+        return [{"prompt": r} for r in data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(
+            f"{path}: expected a JSON list of objects such as "
+            '[{"prompt": "..."}, ...]; convert the file to that shape.'
+        )
+    return data
+
+
+def _nested_rows(path: Path, tree: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten ``{category: {subcategory: [question, ...]}}`` (any depth ≥ 1) into rows, in file order."""
+    rows: list[dict[str, Any]] = []
+
+    def walk(node: Any, keys: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(child, (*keys, str(key).strip()))
+        elif isinstance(node, list) and keys and all(isinstance(q, str) for q in node):
+            rows.extend({"prompt": q, "category": keys[0], "subcategory": " / ".join(keys[1:])} for q in node)
+        else:
+            where = " → ".join(map(repr, keys)) or "the top level"
+            raise DataError(
+                f"{path}: under {where} expected a list of question strings or an object of them, got a "
+                f"{type(node).__name__}. Nested files must hold category → (subcategory →) list of questions."
+            )
+
+    walk(tree, ())
+    return rows
+
+
+def load_records(path: str | os.PathLike[str], column: str | None = None) -> list[dict[str, Any]]:
+    """Read prompt records from a local CSV, JSON or JSONL file.
+
+    A JSON file may hold a list of objects, a list of strings, categories nesting lists of questions
+    (``{category: {subcategory: [q, ...]}}``, which gain ``category`` and ``subcategory`` fields) or one
+    object per line. Every returned record keeps all the row's original fields (for example a ``category``
     column) and gains a ``"prompt"`` key holding the text of the chosen column.
 
     Args:

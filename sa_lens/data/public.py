@@ -7,7 +7,11 @@ sets peers report (HarmBench, JailbreakBench JBB-Behaviors, StrongREJECT, CatQA)
 By name, a set is read from its public hub copy through ``datasets`` (optional extra ``sa_lens[hub]``); a
 machine without a hub gets a :class:`~sa_lens.data.DataError` that says how to pass a local copy with
 ``path=``. A local folder is searched for the upstream file names (e.g. ``harmful_behaviors.csv``); a local
-file is read as CSV, JSON or JSONL with case-insensitive columns, malformed lines reported by number.
+file is read as CSV, JSON or JSONL with case-insensitive columns, malformed lines reported by number. Each set
+loads from each form it is published in, to the same prompts and categories: the hub rows, and the authors' own
+files — including declare-lab's nested ``{category: {subcategory: [question, …]}}`` JSON (CatQA's
+``catqa_english.json``, HarmfulQA's ``harmfulqs.json``), HEx-PHI's headerless ``category_<k>.csv`` files, MMLU's
+headerless ``data/<split>/<subject>_<split>.csv`` and TruthfulQA's ``data/mc_task.json``.
 
 Example:
     >>> from sa_lens.data.public import load_public
@@ -259,8 +263,9 @@ def _xstest_label(want: str) -> Callable[[dict[str, Any]], bool]:
 
 
 def _harmbench_prompt(row: dict[str, Any], behavior: str) -> str:
-    # HarmBench's own prompt for contextual behaviours: the context, a rule, then the request.
-    context = str(_get(row, "ContextString") or "").strip()
+    # HarmBench's own prompt for contextual behaviours: the context, a rule, then the request. The upstream CSV
+    # calls the context ContextString, the hub copy's contextual config calls it context.
+    context = str(_get(row, "ContextString") or _get(row, "context") or "").strip()
     return f"{context}\n\n---\n\n{behavior}" if context else behavior
 
 
@@ -297,31 +302,42 @@ PUBLIC_SETS: dict[str, PublicSource] = {
         ),
         # DangerousQA ships as a JSON list of questions in declare-lab/red-instruct; no hub copy is known.
         PublicSource("dangerousqa", "harmful", None, ("dangerousqa.json", "harmful_questions/dangerousqa.json")),
+        # CatQA: hub rows {Category, Subcategory, Question}; the authors' repository file (red-instruct's
+        # harmful_questions/catqa_english.json) nests category → subcategory → questions.
         PublicSource(
-            "catqa", "harmful", ("declare-lab/CategoricalHarmfulQA", None, "en"), ("catqa_english.json",),
+            "catqa", "harmful", ("declare-lab/CategoricalHarmfulQA", None, "en"),
+            ("catqa_english.json", "harmful_questions/catqa_english.json", "data/catqa_english.json"),
             category_columns=("Category",),
         ),
+        # HarmfulQA: hub rows {id, topic, subtopic, question, …conversations}; the authors' question file
+        # (red-instruct's harmful_questions/harmfulqs.json) nests topic → subtopic → questions.
         PublicSource(
-            "harmfulqa", "harmful", ("declare-lab/HarmfulQA", None, "train"), ("data_for_hub.json",),
+            "harmfulqa", "harmful", ("declare-lab/HarmfulQA", None, "train"),
+            ("data_for_hub.json", "harmfulqs.json", "harmful_questions/harmfulqs.json"),
             category_columns=("topic", "category"), id_columns=("id",), macro=True,
         ),
+        # NicheHazardQA: rows {Question, Domain} in the authors' NICHEHAZARDQA.json, which is the hub copy.
         PublicSource(
-            "nichehazardqa", "harmful", ("SoftMINER-Group/NicheHazardQA", None, "train"), ("NICHEHAZARDQA.json",),
-            category_columns=("category", "topic"), macro=True,
+            "nichehazardqa", "harmful", ("SoftMINER-Group/NicheHazardQA", None, "train"),
+            ("NICHEHAZARDQA.json", "nichehazardqa.json", "harmful_questions/nichehazardqa.json"),
+            category_columns=("Domain", "category", "topic"), macro=True,
         ),
         # HEx-PHI is gated on the hub and ships as headerless category_<k>.csv files; read from a folder.
         PublicSource("hex-phi", "harmful", None, ("category_*.csv",)),
         PublicSource(
-            "strongreject", "harmful", ("walledai/StrongREJECT", None, "train"), ("strongreject_dataset.csv",),
+            "strongreject", "harmful", ("walledai/StrongREJECT", None, "train"),
+            ("strongreject_dataset.csv", "strongreject_dataset/strongreject_dataset.csv"),
             prompt_columns=("forbidden_prompt", "prompt"),
         ),
         PublicSource("mmlu", "mc", ("cais/mmlu", "all", "test"), ("{split}",), default_split="test", splits=("test", "dev")),
         PublicSource(
-            "truthfulqa-mc1", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"), ("mc_task.json",),
+            "truthfulqa-mc1", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"),
+            ("mc_task.json", "data/mc_task.json"),
             folder="truthfulqa",
         ),
         PublicSource(
-            "truthfulqa-mc2", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"), ("mc_task.json",),
+            "truthfulqa-mc2", "mc", ("truthfulqa/truthful_qa", "multiple_choice", "validation"),
+            ("mc_task.json", "data/mc_task.json"),
             folder="truthfulqa",
         ),
     )
@@ -431,7 +447,12 @@ def _local_rows(src: PublicSource, path: Path, split: str | None) -> tuple[list[
         return _mmlu_rows(path, split or "test"), str(path)
     file = _find_file(src, path, split) if path.is_dir() else path
     _check_kind_by_name(src, file)
-    if file.suffix.lower() == ".json" and src.kind == "mc":
+    if src.kind == "mc" and file.suffix.lower() != ".json":
+        raise DataError(
+            f"{file}: {src.name} reads the multiple-choice file mc_task.json (TruthfulQA's data/mc_task.json); "
+            "TruthfulQA.csv is the generation task and has no MC1/MC2 options. Pass mc_task.json."
+        )
+    if src.kind == "mc":
         return _read_json_list(file), str(file)
     prompt_col = None if src.kind == "mc" else _file_prompt_column(src, file)
     return load_records(file, prompt_col), str(file)
@@ -498,15 +519,39 @@ def _hex_phi_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _mmlu_rows(path: Path, split: str) -> list[dict[str, Any]]:
-    folder = path / split if (path / split).is_dir() else path
+    # The authors' tarball unpacks to data/{dev,test}/<subject>_<split>.csv.
+    folder = next((f for f in (path / split, path / "data" / split) if f.is_dir()), path)
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no MMLU CSV files (expected {split}/<subject>_{split}.csv).")
     rows = []
     for file in files:
         subject = file.stem.removesuffix(f"_{split}")
-        for i, row in enumerate(load_records(file, "question")):
+        for i, row in enumerate(_mmlu_file_rows(file)):
             rows.append({**row, "subject": row.get("subject") or subject, "id": f"{subject}-{i}"})
+    return rows
+
+
+_MMLU_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
+
+
+def _mmlu_file_rows(file: Path) -> list[dict[str, Any]]:
+    """Rows of one MMLU subject file: the authors' headerless ``question,A,B,C,D,letter`` or a headed copy."""
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as f:
+            records = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{file}: cannot read this MMLU file as UTF-8 CSV ({exc}).") from exc
+    if records and "question" in (c.strip().lower() for c in records[0]):
+        return load_records(file, "question")  # a reformatted copy with a header (e.g. choice0..3, answer 0-3)
+    rows = []
+    for lineno, fields in enumerate(records, start=1):
+        if len(fields) != len(_MMLU_HEADER):
+            raise DataError(
+                f"{file}: line {lineno} has {len(fields)} fields; the authors' MMLU files hold question, the four "
+                "options and the answer letter (6 fields, no header). Quote fields that contain commas."
+            )
+        rows.append(dict(zip(_MMLU_HEADER, fields, strict=True)))
     return rows
 
 

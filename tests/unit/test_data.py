@@ -325,3 +325,23 @@ def test_ragged_or_badly_quoted_csv_is_refused_with_its_line(tmp_path, content, 
     path.write_text(content)
     with pytest.raises(DataError, match=match):
         load_prompts(path)
+
+
+def test_nested_json_becomes_rows_with_category_and_subcategory(tmp_path: Path) -> None:
+    # declare-lab's catqa_english.json / harmfulqs.json: category → subcategory → questions (one level also occurs).
+    nested = {"A": {"a1": ["q1", "q2"], "a2": ["q3"]}, "B": ["q4"]}
+    records = load_records(_write(tmp_path / "nested.json", json.dumps(nested)))
+    assert [(r["prompt"], r["category"], r["subcategory"]) for r in records] == [
+        ("q1", "A", "a1"), ("q2", "A", "a1"), ("q3", "A", "a2"), ("q4", "B", "")]
+
+
+@pytest.mark.parametrize("bad", [{"A": {"a1": [1, 2]}}, {"A": "q"}, {"A": {"a1": [{"prompt": "q"}]}}])
+def test_nested_json_of_another_shape_names_where(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(DataError, match=r"under 'A'.*category → \(subcategory →\) list of questions"):
+        load_records(_write(tmp_path / "nested.json", json.dumps(bad)))
+
+
+def test_json_file_with_one_object_a_line_is_read_as_json_lines(tmp_path: Path) -> None:
+    # datasets reads a .json file of JSON lines too, so a hub repository's .json file may be one.
+    path = _write(tmp_path / "rows.json", '{"Question": "q1", "Domain": "d"}\n{"Question": "q2", "Domain": "e"}\n')
+    assert [(r["prompt"], r["Domain"]) for r in load_records(path)] == [("q1", "d"), ("q2", "e")]

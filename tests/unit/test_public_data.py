@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,105 @@ def test_set_reprs_name_the_set_not_its_prompts():
     qa = QASet("bundled-qa", (long,) * 2, ("0", "1"), (("a",), ("b",)), "bundled:qa/test")
     assert repr(qa) == "QASet(name='bundled-qa', kind='qa', n=2, source='bundled:qa/test')"
     assert all(len(repr(x)) < 120 for x in (prompts, mc, qa))
+
+
+# --------------------------------------------------------------------------- every published form of every set
+
+FORMS = Path(__file__).resolve().parents[1] / "data" / "public_forms"
+
+# set name → (hub rows file or None, the authors' file(s) or folder(s)), all under tests/data/public_forms.
+PUBLISHED_FORMS = {
+    "advbench": ("advbench/hub.json", ["advbench/harmful_behaviors.csv", "advbench"]),
+    "harmbench": ("harmbench/hub.json", ["harmbench/harmbench_behaviors_text_val.csv", "harmbench"]),
+    "jbb-harmful": ("jbb-behaviors/hub_harmful.json", ["jbb-behaviors/harmful-behaviors.csv"]),
+    "jbb-benign": ("jbb-behaviors/hub_benign.json", ["jbb-behaviors/benign-behaviors.csv"]),
+    "xstest": ("xstest/hub.json", ["xstest/xstest_prompts.csv", "xstest"]),
+    "xstest-unsafe": ("xstest/hub.json", ["xstest/xstest_prompts.csv"]),
+    "dangerousqa": (None, ["dangerousqa/dangerousqa.json", "dangerousqa"]),
+    "catqa": ("catqa/hub.json", ["catqa/catqa_english.json", "catqa"]),
+    "harmfulqa": ("harmfulqa/hub.json", ["harmfulqa/harmfulqs.json", "harmfulqa"]),
+    "nichehazardqa": ("nichehazardqa/hub.json", ["nichehazardqa/NICHEHAZARDQA.json", "nichehazardqa"]),
+    "hex-phi": (None, ["hex-phi"]),
+    "strongreject": ("strongreject/hub.json", ["strongreject/strongreject_dataset/strongreject_dataset.csv", "strongreject"]),
+    "mmlu": ("mmlu/hub.json", ["mmlu/upstream", "mmlu/upstream/data/test/astronomy_test.csv", "mmlu/reformatted"]),
+    "truthfulqa-mc1": ("truthfulqa/hub.json", ["truthfulqa/data/mc_task.json", "truthfulqa"]),
+    "truthfulqa-mc2": ("truthfulqa/hub.json", ["truthfulqa/data/mc_task.json", "truthfulqa"]),
+}
+
+
+def _serve_hub_rows(monkeypatch, name: str, rows_file: str) -> list[tuple]:
+    """Make ``datasets.load_dataset`` return the fixture rows for exactly this set's hub id; return its calls."""
+    rows = json.loads((FORMS / rows_file).read_text(encoding="utf-8"))
+    calls: list[tuple] = []
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def _content(data_set):
+    """What must agree between forms: prompts and categories, or the questions with their options and truth."""
+    if isinstance(data_set, MCSet):
+        return [(i.question, dict(zip(i.choices, i.labels, strict=True)), i.category) for i in data_set.items]
+    return list(zip(data_set.prompts, data_set.categories, strict=True))
+
+
+def test_every_named_set_has_its_published_forms_here():
+    assert set(PUBLISHED_FORMS) == set(PUBLIC_SETS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FORMS))
+def test_every_published_form_loads_to_the_same_prompts_and_categories(monkeypatch, name):
+    hub_file, local_forms = PUBLISHED_FORMS[name]
+    src = PUBLIC_SETS[name]
+    loaded = {form: load_public(name, FORMS / form) for form in local_forms}
+    if hub_file is not None:
+        calls = _serve_hub_rows(monkeypatch, name, hub_file)
+        loaded["hub"] = load_public(name)
+        assert calls == [src.hub]
+    reference = _content(next(iter(loaded.values())))
+    assert reference and all(text for text, *_ in reference)
+    for form, data_set in loaded.items():
+        assert _content(data_set) == reference, f"{name}: {form} differs from {next(iter(loaded))}"
+        assert data_set.kind == src.kind and len(set(data_set.ids)) == len(data_set)
+        if data_set.kind != "mc":
+            assert data_set.macro == src.macro
+
+
+@pytest.mark.parametrize(
+    ("name", "categories"),
+    [("catqa", {"Illegal Activity", "Hate/Harass/Violence"}), ("harmfulqa", {"Social Sciences"}),
+     ("nichehazardqa", {"Hate Speech and Discrimination", "Fake News and Propaganda"}),
+     ("harmbench", {"misinformation_disinformation", "cybercrime_intrusion"}), ("jbb-harmful", {"Harassment/Discrimination"}),
+     ("xstest", {"homonyms"}), ("strongreject", {"Disinformation and deception", "Violence"}),
+     ("hex-phi", {"category_1", "category_3"})],
+)
+def test_categories_are_read_from_the_authors_files(name, categories):
+    _, local_forms = PUBLISHED_FORMS[name]
+    assert set(load_public(name, FORMS / local_forms[0]).categories) == categories
+
+
+def test_nested_authors_files_keep_each_question_under_its_category_for_macro_averages():
+    catqa = load_public("catqa", FORMS / "catqa" / "catqa_english.json")
+    by_category = {c: [p for p, pc in zip(catqa.prompts, catqa.categories, strict=True) if pc == c] for c in set(catqa.categories)}
+    assert {c: len(ps) for c, ps in by_category.items()} == {"Illegal Activity": 2, "Hate/Harass/Violence": 1}
+    assert by_category["Hate/Harass/Violence"][0].startswith("What are some ways to disrupt")
+    harmfulqa = load_public("harmfulqa", FORMS / "harmfulqa")
+    assert harmfulqa.macro and len(harmfulqa) == 2
+
+
+def test_truthfulqa_generation_csv_is_refused_with_the_file_to_pass_instead(tmp_path):
+    f = tmp_path / "TruthfulQA.csv"
+    f.write_text("Type,Category,Question,Best Answer\nAdversarial,Misconceptions,Q?,A\n")
+    with pytest.raises(DataError, match="mc_task.json"):
+        load_public("truthfulqa-mc1", f)
+
+
+def test_an_mmlu_line_with_the_wrong_number_of_fields_is_named(tmp_path):
+    f = tmp_path / "astronomy_test.csv"
+    f.write_text("What is a star?,gas,rock,ice,A\n")
+    with pytest.raises(DataError, match="line 1 has 5 fields"):
+        load_public("mmlu", f)
