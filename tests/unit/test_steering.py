@@ -9,7 +9,6 @@ import torch
 
 from sa_lens import SafetyVector, safety_hooks
 from sa_lens.generation import generate_tokens
-from sa_lens.positions import generated_mask, prompt_length
 from sa_lens.prompts import format_prompts
 from sa_lens.steering import FORMULAS, POSITIONS, SITES, ablate_direction
 
@@ -73,14 +72,6 @@ def test_a_one_token_prompt_is_steered_the_same_with_and_without_kv_cache(tiny_b
     assert one and cached == uncached
     if positions == "generated":  # the decode steps are steered (with the cache they looked like prompt passes)
         assert cached != plain
-
-
-def test_generated_mask_labels_full_and_cached_passes():
-    assert not generated_mask(5).any()  # plain forward: all prompt
-    with prompt_length(4):
-        assert generated_mask(4).tolist() == [False] * 4
-        assert generated_mask(6).tolist() == [False] * 4 + [True] * 2
-        assert generated_mask(1).tolist() == [True]
 
 
 def test_directional_ablation_removes_the_component_and_add_moves_against_v():
