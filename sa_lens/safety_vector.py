@@ -22,6 +22,7 @@ from torch import Tensor
 from sa_lens.artifacts import load_tensors, save_tensors
 from sa_lens.errors import InputError
 from sa_lens.layer_spec import check_layers
+from sa_lens.model_state import in_analysis_state
 from sa_lens.precision import matmul_precision_in_force
 from sa_lens.prompts import format_prompts, tokenize_padded
 from sa_lens.provenance import model_name
@@ -90,6 +91,7 @@ class SafetyVector:
         return self.directions.shape[1]
 
     @classmethod
+    @in_analysis_state
     @torch.no_grad()
     def from_pairs(
         cls,
@@ -131,10 +133,12 @@ class SafetyVector:
                 text whole in its own row.
 
         Returns:
-            A SafetyVector ``[n_layers, d_model]``, pointing from safe toward unsafe.
+            A SafetyVector ``[n_layers, d_model]``, pointing from safe toward unsafe. The model is read in eval
+            mode (dropout off) and handed back in the caller's mode (:mod:`sa_lens.model_state`).
 
         Raises:
-            ValueError: no pairs, a pair that is not two non-empty strings, or an unknown option.
+            ValueError: no pairs, a pair that is not two non-empty strings, an unknown option, or hooks left on
+                the model that sa_lens did not add (named in the message; ``model.reset_hooks()`` removes them).
         """
         if len(pairs) == 0:
             raise InputError("pairs is empty; pass at least one (unsafe_text, safe_text) demonstration pair.")
@@ -170,6 +174,7 @@ class SafetyVector:
         return cls(directions, meta)
 
     @classmethod
+    @in_analysis_state
     @torch.no_grad()
     def from_prompts(
         cls,
@@ -192,10 +197,10 @@ class SafetyVector:
             batch_size: texts per forward pass.
 
         Returns:
-            A SafetyVector ``[n_layers, d_model]``.
+            A SafetyVector ``[n_layers, d_model]``, read in eval mode (:mod:`sa_lens.model_state`).
 
         Raises:
-            ValueError: an empty set or an unknown option.
+            ValueError: an empty set, an unknown option, or hooks left on the model that sa_lens did not add.
         """
         if len(harmful) == 0 or len(harmless) == 0:
             raise InputError("from_prompts needs at least one harmful and one harmless request.")

@@ -2,8 +2,10 @@
 
 Per prompt (chat-templated, left-padded, mask-derived positions): the residual entering block 0, every
 head's ``hook_z`` at the last ``n_positions`` positions (and its gradient with respect to the
-refusal-vs-compliance logit difference), every MLP's output and the final norm's scale at the last
-position, and the logit difference itself. Everything else in ``sa_lens.analysis.heads`` is arithmetic
+refusal-vs-compliance logit difference), every MLP's output, the scale of each block's post-attention norm
+(Gemma-2's ``ln1_post``, where a block has one), the final residual and the final norm's scale at the last
+position, and the logit difference itself, read from the unembedding's output: before final logit
+soft-capping (Gemma-2's ``30·tanh(logits/30)``), which no sum of components passes through linearly. Everything else in ``sa_lens.analysis.heads`` is arithmetic
 on these tensors, so harmful and harmless prompts cost one forward and one backward pass each.
 """
 
@@ -19,9 +21,13 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.analysis.logit_diff import TokenSets, logit_diff
 from sa_lens.errors import InputError
+from sa_lens.model_state import in_analysis_state
 from sa_lens.prompts import format_prompts, tokenize_left_padded
 
-__all__ = ["Capture", "capture", "encode", "post_instruction_length"]
+__all__ = ["LOGITS_HOOK", "Capture", "capture", "encode", "has_post_attention_norm", "post_instruction_length"]
+
+# The unembedding's output: the logits before final soft-capping, equal to the model's logits without it.
+LOGITS_HOOK = "unembed.hook_out"
 
 _MARK = "\u2063sa_lens\u2063"  # a user message that cannot merge with the template around it
 
@@ -46,6 +52,11 @@ def encode(model: TransformerBridge, prompts: Sequence[str]):
     return tokenize_left_padded(model.tokenizer, format_prompts(model.tokenizer, list(prompts)), device=model.cfg.device)
 
 
+def has_post_attention_norm(model: TransformerBridge) -> bool:
+    """Whether each block normalises its attention output before adding it to the residual (Gemma-2's ``ln1_post``)."""
+    return "blocks.0.ln1_post.hook_scale" in model.hook_dict
+
+
 @dataclass
 class Capture:
     """Activations of one prompt set, fp32 on CPU; ``k`` = ``n_positions``, last position = index −1.
@@ -54,9 +65,14 @@ class Capture:
         resid0: ``[n, d_model]`` residual entering block 0 at the last position (embeddings).
         z: ``[n, k, n_layers, n_heads, d_head]`` per-head attention output before W_O.
         z_grad: same shape, d(logit diff)/dz, or None when captured without gradients.
-        mlp_out: ``[n, n_layers, d_model]`` MLP outputs at the last position.
+        mlp_out: ``[n, n_layers, d_model]`` MLP outputs at the last position, as added to the residual
+            (after a post-feedforward norm where the block has one).
         scale: ``[n]`` final norm's scale (RMS, or std for LayerNorm) at the last position.
-        logit_diff: ``[n]`` refusal − compliance logit difference at the last position, in logits.
+        logit_diff: ``[n]`` refusal − compliance logit difference at the last position, in logits (before
+            final soft-capping).
+        resid_final: ``[n, d_model]`` residual entering the final norm at the last position.
+        attn_post_scale: ``[n, n_layers]`` scale of each block's post-attention norm at the last position, or
+            None when the blocks have none.
     """
 
     resid0: Float[Tensor, "n d_model"]
@@ -65,8 +81,11 @@ class Capture:
     mlp_out: Float[Tensor, "n n_layers d_model"]
     scale: Float[Tensor, " n"]
     logit_diff: Float[Tensor, " n"]
+    resid_final: Float[Tensor, "n d_model"]
+    attn_post_scale: Float[Tensor, "n n_layers"] | None = None
 
 
+@in_analysis_state
 def capture(
     model: TransformerBridge,
     prompts: Sequence[str],
@@ -87,14 +106,16 @@ def capture(
         batch_size: prompts per pass.
 
     Returns:
-        A :class:`Capture` with one row per prompt, in input order.
+        A :class:`Capture` with one row per prompt, in input order. Runs in eval mode; the caller's mode is
+        restored (:func:`sa_lens.model_state.analysis_state`).
 
     Raises:
-        ValueError: no prompts, or a prompt shorter than ``n_positions`` tokens.
+        ValueError: no prompts, a prompt shorter than ``n_positions`` tokens, or hooks left on the model.
     """
     if len(prompts) == 0:
         raise InputError("capture() got no prompts.")
     n_layers = model.cfg.n_layers
+    post_norm = has_post_attention_norm(model)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode(model, prompts[start : start + batch_size])
@@ -107,13 +128,17 @@ def capture(
             return x
 
         hooks = [("blocks.0.hook_resid_pre", lambda x, hook: keep(x, hook, "resid0")),
-                 ("ln_final.hook_scale", lambda x, hook: keep(x, hook, "scale"))]
+                 ("ln_final.hook_scale", lambda x, hook: keep(x, hook, "scale")),
+                 ("ln_final.hook_in", lambda x, hook: keep(x, hook, "resid_final")),
+                 (LOGITS_HOOK, lambda x, hook: keep(x, hook, "logits"))]
         for layer in range(n_layers):
             hooks.append((f"blocks.{layer}.attn.hook_z", lambda x, hook, l=layer: keep(x, hook, f"z{l}")))
             hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, l=layer: keep(x, hook, f"mlp{l}")))
+            if post_norm:
+                hooks.append((f"blocks.{layer}.ln1_post.hook_scale", lambda x, hook, l=layer: keep(x, hook, f"post{l}")))
         with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=hooks):
-            logits = model(enc["input_ids"], attention_mask=enc["attention_mask"])
-            ld = logit_diff(logits[:, -1], sets)
+            model(enc["input_ids"], attention_mask=enc["attention_mask"])
+            ld = logit_diff(store["logits"][:, -1], sets)
             z_grads = None
             if grad:
                 zs = [store[f"z{layer}"] for layer in range(n_layers)]
@@ -125,12 +150,16 @@ def capture(
                 "mlp_out": torch.stack([store[f"mlp{layer}"][:, -1] for layer in range(n_layers)], 1),
                 "scale": store["scale"][:, -1, 0],
                 "logit_diff": ld,
+                "resid_final": store["resid_final"][:, -1],
             }
+            if post_norm:
+                part["attn_post_scale"] = torch.stack([store[f"post{layer}"][:, -1, 0] for layer in range(n_layers)], 1)
             if z_grads is not None:
                 part["z_grad"] = torch.stack([g[:, -n_positions:] for g in z_grads], 2)
             parts.append({k: v.detach().float().cpu() for k, v in part.items()})
     joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return Capture(
         resid0=joined["resid0"], z=joined["z"], z_grad=joined.get("z_grad"), mlp_out=joined["mlp_out"],
-        scale=joined["scale"], logit_diff=joined["logit_diff"],
+        scale=joined["scale"], logit_diff=joined["logit_diff"], resid_final=joined["resid_final"],
+        attn_post_scale=joined.get("attn_post_scale"),
     )

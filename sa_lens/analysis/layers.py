@@ -26,6 +26,7 @@ from sa_lens.evaluation.decoding import GenerationSettings
 from sa_lens.evaluation.harness import DataSpec, evaluate
 from sa_lens.harm_vector import HarmVector
 from sa_lens.interventions import Compose, DirectionalAblation, HarmRemoval, Intervention, SafeAlign
+from sa_lens.model_state import in_analysis_state
 from sa_lens.safety_vector import SafetyVector
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def layer_intervention(
     return SafeAlign(vector=sv, alpha=alpha, layers=(layer,), allow_other_model=allow_other_model)
 
 
+@in_analysis_state
 def layer_sweep(
     model: TransformerBridge,
     sets: Sequence[DataSpec],
@@ -116,7 +118,9 @@ def layer_sweep(
         bootstrap 95 % intervals. Cost: (len(layers) + baseline) generation passes over every set.
 
     Raises:
-        ValueError: as :func:`layer_intervention` (checked before any generation), or as :func:`sa_lens.evaluate`.
+        ValueError: as :func:`layer_intervention` (checked before any generation), as :func:`sa_lens.evaluate`, or
+            hooks left on the model (:mod:`sa_lens.model_state`; the sweep runs in eval mode, the caller's mode
+            restored).
     """
     _check(method, options.get("sv"), options.get("hv"))
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)

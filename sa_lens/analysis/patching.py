@@ -15,8 +15,9 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from sa_lens.analysis.capture import encode
+from sa_lens.analysis.capture import LOGITS_HOOK, encode
 from sa_lens.analysis.logit_diff import TokenSets, logit_diff
+from sa_lens.model_state import in_analysis_state
 
 __all__ = ["attribution_patch", "patch_heads"]
 
@@ -36,6 +37,7 @@ def attribution_patch(
     return ((source_z - receiver_z) * receiver_grad).sum(dim=(1, 4)).mean(0)
 
 
+@in_analysis_state
 @torch.no_grad()
 def patch_heads(
     model: TransformerBridge,
@@ -58,7 +60,11 @@ def patch_heads(
         batch_size: prompts per pass.
 
     Returns:
-        ``{(layer, head): mean change of the logit difference, in logits}``.
+        ``{(layer, head): mean change of the logit difference, in logits}`` (logits before final soft-capping,
+        as :func:`~sa_lens.analysis.capture.capture` reads them). Runs in eval mode, the caller's mode restored.
+
+    Raises:
+        ValueError: hooks left on the model (:func:`sa_lens.model_state.analysis_state`).
     """
     k = source_z.shape[1]
     out: dict[Head, float] = {}
@@ -73,9 +79,12 @@ def patch_heads(
                 z[:, -k:, head] = src.to(z.dtype)
                 return z
 
-            with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", put)]):
-                logits = model(enc["input_ids"], attention_mask=enc["attention_mask"])
-            total += float((logit_diff(logits[:, -1], sets).cpu() - receiver_logit_diff[start : start + batch_size]).sum())
+            seen: dict[str, Tensor] = {}
+            hooks = [(f"blocks.{layer}.attn.hook_z", put),
+                     (LOGITS_HOOK, lambda x, hook, seen=seen: seen.__setitem__("logits", x))]
+            with model.hooks(fwd_hooks=hooks):
+                model(enc["input_ids"], attention_mask=enc["attention_mask"])
+            total += float((logit_diff(seen["logits"][:, -1], sets).cpu() - receiver_logit_diff[start : start + batch_size]).sum())
         out[(layer, head)] = total / len(receiver_prompts)
     return out
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.errors import InputError
+from sa_lens.model_state import in_analysis_state
 from sa_lens.prompts import format_prompts
 from sa_lens.safety_vector import SafetyVector
 
@@ -35,6 +36,7 @@ def _run(model: TransformerBridge, prompt: str, hook_names: Sequence[str]) -> tu
     return [model.tokenizer.decode([t]) for t in ids[0].tolist()], store
 
 
+@in_analysis_state
 def attention_view(model: TransformerBridge, prompt: str, heads: Sequence[tuple[int, int]]) -> RenderedHTML:
     """Attention patterns of the given heads on one request (chat template applied), as circuitsvis tabs.
 
@@ -47,7 +49,8 @@ def attention_view(model: TransformerBridge, prompt: str, heads: Sequence[tuple[
         ``circuitsvis.attention.attention_heads`` over the heads, named ``L{layer}H{head}``.
 
     Raises:
-        ValueError: no heads, or a head outside the model.
+        ValueError: no heads, a head outside the model, or hooks left on it (:mod:`sa_lens.model_state`; the
+            pass runs in eval mode, the caller's mode restored).
     """
     if not heads:
         raise InputError("attention_view needs at least one (layer, head).")
@@ -61,6 +64,7 @@ def attention_view(model: TransformerBridge, prompt: str, heads: Sequence[tuple[
                                            attention_head_names=[f"L{l}H{h}" for l, h in heads])
 
 
+@in_analysis_state
 def projection_view(
     model: TransformerBridge,
     prompt: str,
@@ -77,6 +81,10 @@ def projection_view(
 
     Returns:
         ``circuitsvis.tokens.colored_tokens_multi``; values in residual-stream units, positive = toward harmful.
+
+    Raises:
+        ValueError: hooks left on the model (:mod:`sa_lens.model_state`; the pass runs in eval mode, the
+            caller's mode restored).
     """
     d = direction.directions if isinstance(direction, SafetyVector) else torch.as_tensor(direction)
     d = d.float()
