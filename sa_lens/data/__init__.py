@@ -213,7 +213,7 @@ def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
     * categories nesting lists of strings, ``{category: [q, ...]}`` or ``{category: {subcategory: [q, ...]}}``
       (declare-lab's ``catqa_english.json`` and ``harmfulqs.json``): each string becomes a row with ``prompt``,
       ``category`` (the outer key) and ``subcategory`` (the inner keys joined by " / ", "" when there are none);
-    * one object per line, as ``datasets`` also reads a ``.json`` file.
+    * one object per line (a single object is one row), as ``datasets`` also reads a ``.json`` file.
 
     Raises:
         DataError: text that parses neither as JSON nor as JSON lines, or a shape other than the above (the
@@ -229,6 +229,8 @@ def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}). "
             "Fix the file, or save one object per line as .jsonl."
         ) from exc
+    if isinstance(data, dict) and not any(isinstance(v, (dict, list)) for v in data.values()):
+        return [data]  # JSON lines with a single line: one row, as datasets reads it
     if isinstance(data, dict):
         return _nested_rows(path, data)
     if isinstance(data, list) and data and all(isinstance(r, str) for r in data):

@@ -335,7 +335,7 @@ def test_nested_json_becomes_rows_with_category_and_subcategory(tmp_path: Path) 
         ("q1", "A", "a1"), ("q2", "A", "a1"), ("q3", "A", "a2"), ("q4", "B", "")]
 
 
-@pytest.mark.parametrize("bad", [{"A": {"a1": [1, 2]}}, {"A": "q"}, {"A": {"a1": [{"prompt": "q"}]}}])
+@pytest.mark.parametrize("bad", [{"A": {"a1": [1, 2]}}, {"B": ["q"], "A": "q"}, {"A": {"a1": [{"prompt": "q"}]}}])
 def test_nested_json_of_another_shape_names_where(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(DataError, match=r"under 'A'.*category → \(subcategory →\) list of questions"):
         load_records(_write(tmp_path / "nested.json", json.dumps(bad)))
@@ -345,3 +345,5 @@ def test_json_file_with_one_object_a_line_is_read_as_json_lines(tmp_path: Path) 
     # datasets reads a .json file of JSON lines too, so a hub repository's .json file may be one.
     path = _write(tmp_path / "rows.json", '{"Question": "q1", "Domain": "d"}\n{"Question": "q2", "Domain": "e"}\n')
     assert [(r["prompt"], r["Domain"]) for r in load_records(path)] == [("q1", "d"), ("q2", "e")]
+    one = _write(tmp_path / "one.json", '{"Question": "q1", "Domain": "d"}\n')
+    assert [(r["prompt"], r["Domain"]) for r in load_records(one)] == [("q1", "d")]
