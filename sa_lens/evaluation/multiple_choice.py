@@ -1,15 +1,25 @@
-"""Utility by multiple-choice log-likelihood: MMLU (answer letter) and TruthfulQA MC1 / MC2.
+"""Utility by multiple-choice log-likelihood, scored exactly as lm-eval-harness scores it: MMLU, TruthfulQA MC1/MC2.
 
-The paper reports MMLU and TruthfulQA for BASE models with numbers matching lm-eval-harness conventions
-(paper-notes.md §4.5); this module scores them the same way without generating: the model reads a
-context and each option is ranked by the summed log-probability of its tokens. Runs through the
-bridge's underlying HF module, so HDR edits and Safe-Align hooks active around the call apply.
-Zero-shot (the paper's MMLU is 5-shot; ``shots`` lets a caller pass dev examples).
+The paper reports MMLU (5-shot) and TruthfulQA for BASE models with numbers matching lm-eval-harness conventions
+(paper-notes.md §4.5). This module is the fast path: no task machinery, one forward pass per distinct input, and
+the same numbers as lm-eval 0.4's ``HFLM`` (per-option log-likelihoods within 1e-4 nats, identical accuracy;
+``tests/unit/test_utility.py`` and ``analyses/utility_parity.py`` check it). What it copies from lm-eval:
+
+- the prompts of lm-eval's ``mmlu`` tasks (subject header, ``first_n`` dev shots, "Answer:" then " A" … " D")
+  and of ``truthfulqa_mc1``/``truthfulqa_mc2`` (the six-pair QA primer, then "Q: …\\nA:" and " option");
+- ``_encode_pair``: trailing whitespace of the context moves onto the continuation, context + continuation are
+  encoded together and split at the context's length, so a SentencePiece tokenizer reads " A" after "Answer:" as
+  the one piece "▁A" (encoded alone it is "▁" + "A", several nats lower);
+- ``HFLM.tok_encode``'s special tokens: the tokenizer's own default (``add_bos_token=None``) or as forced, and none
+  when the text already starts with the BOS string.
+
+Runs through a bridge's underlying HF module, so HDR edits and Safe-Align hooks active around the call apply. The
+full harness (ARC, HellaSwag, any lm-eval task) is :func:`sa_lens.evaluation.utility.utility`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,34 +34,157 @@ from sa_lens.generation import hf_and_tokenizer
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["continuation_logprobs", "mc_prompt", "score_items"]
+__all__ = [
+    "MMLU_SHOTS",
+    "TRUTHFULQA_PRIMER",
+    "continuation_logprobs",
+    "encode_pair",
+    "item_logprobs",
+    "mc_prompt",
+    "mmlu_shots",
+    "score_items",
+    "score_of",
+]
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCD"
+MMLU_SHOTS = 5
+"""Solved dev questions before each MMLU question (the paper's 5-shot; lm-eval's ``first_n`` sampler)."""
+
+TRUTHFULQA_PRIMER = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+)
+"""The six fixed Q/A pairs lm-eval's truthfulqa_mc1/mc2 put before every question (Lin et al. 2022's QA prompt)."""
+
+
+def _mmlu_block(item: MCItem) -> str:
+    if len(item.choices) != len(LETTERS):
+        raise InputError(f"MMLU item {item.id!r} has {len(item.choices)} options; the MMLU prompt lists exactly 4.")
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, item.choices))
+    return f"{item.question.strip()}{options}\nAnswer:"
 
 
 def mc_prompt(item: MCItem, scoring: str, shots: Sequence[MCItem] = ()) -> tuple[str, list[str]]:
-    """The context and the continuations to score for one question.
+    """The context and the continuations lm-eval scores for one question.
 
-    MMLU (``letter``): the lm-eval-harness prompt ("question / A. … / Answer:") and the continuations
-    " A" … " D". TruthfulQA (``mc1``/``mc2``): "Q: question\\nA:" and each option with a leading space.
+    MMLU (``letter``), lm-eval's ``mmlu_<subject>``: "The following are multiple choice questions (with answers)
+    about {subject}.\\n\\n" (subject with spaces for underscores; left out when the item has no category), each
+    shot as "question\\nA. …\\nD. …\\nAnswer: X\\n\\n", then the question ending "Answer:"; continuations " A" … " D".
+    TruthfulQA (``mc1``/``mc2``): :data:`TRUTHFULQA_PRIMER` + "\\n\\nQ: question\\nA:" (question unstripped, as
+    lm-eval) and " option" per option.
 
     Args:
         item: the question.
         scoring: ``letter``, ``mc1`` or ``mc2``.
-        shots: solved examples put before the question (letter scoring only).
+        shots: solved examples before an MMLU question, in order (see :func:`mmlu_shots`); none for TruthfulQA,
+            whose primer is its few-shot prompt.
 
     Returns:
         ``(context, continuations)``, one continuation per option.
+
+    Raises:
+        InputError: an unknown scoring, shots for TruthfulQA, or an MMLU item without exactly 4 options.
     """
     if scoring == "letter":
-        def block(it: MCItem, answered: bool) -> str:
-            lines = [it.question.strip()] + [f"{LETTERS[k]}. {c}" for k, c in enumerate(it.choices)]
-            answer = f" {LETTERS[it.labels.index(1)]}\n\n" if answered else ""
-            return "\n".join(lines) + "\nAnswer:" + answer
+        header = (f"The following are multiple choice questions (with answers) about {item.category.replace('_', ' ')}."
+                  "\n\n" if item.category else "")
+        solved = "".join(f"{_mmlu_block(s)} {LETTERS[s.labels.index(1)]}\n\n" for s in shots)
+        return header + solved + _mmlu_block(item), [f" {letter}" for letter in LETTERS]
+    if scoring not in ("mc1", "mc2"):
+        raise InputError(f"scoring must be 'letter', 'mc1' or 'mc2'; got {scoring!r}.")
+    if shots:
+        raise InputError("TruthfulQA takes no shots: its six-pair primer is its few-shot prompt (lm-eval pins 0).")
+    return f"{TRUTHFULQA_PRIMER}\n\nQ: {item.question}\nA:", [f" {c}" for c in item.choices]
 
-        context = "".join(block(s, True) for s in shots) + block(item, False)
-        return context, [f" {LETTERS[k]}" for k in range(len(item.choices))]
-    return f"Q: {item.question.strip()}\nA:", [f" {c.strip()}" for c in item.choices]
+
+def mmlu_shots(dev: MCSet | Sequence[MCItem], k: int = MMLU_SHOTS) -> dict[str, tuple[MCItem, ...]]:
+    """The first ``k`` dev questions of every subject, in file order (lm-eval's ``first_n`` sampler on ``dev``).
+
+    Args:
+        dev: MMLU's dev split (``load_public("mmlu", path, split="dev")``), 5 questions per subject.
+        k: shots per subject, 0 … 5.
+
+    Returns:
+        subject → its ``k`` shots.
+
+    Raises:
+        InputError: ``k`` negative, or a subject with fewer than ``k`` dev questions.
+    """
+    if k < 0:
+        raise InputError(f"k (shots per subject) must be ≥ 0, got {k}.")
+    by_subject: dict[str, list[MCItem]] = {}
+    for item in dev.items if isinstance(dev, MCSet) else dev:
+        by_subject.setdefault(item.category, []).append(item)
+    short = sorted(s for s, items in by_subject.items() if len(items) < k)
+    if short:
+        raise InputError(f"{k}-shot MMLU needs {k} dev questions per subject; {', '.join(short)} have fewer.")
+    return {subject: tuple(items[:k]) for subject, items in by_subject.items()}
+
+
+def _max_length(config: object, tok: PreTrainedTokenizerBase) -> int:
+    # lm-eval's resolve_max_length: the (text) config's length, else the tokenizer's, else 2048.
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    limit = getattr(tok, "model_max_length", None)
+    return int(limit) if limit is not None and limit < 1e29 else 2048
+
+
+def _tok_encode(tok: PreTrainedTokenizerBase, text: str, add_bos_token: bool | None) -> list[int]:
+    # HFLM.tok_encode: the tokenizer's own special tokens unless forced; none when the text carries BOS already.
+    kwargs = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if add_bos_token is None and prefix is not None and text.startswith(tok.decode(prefix)):
+        kwargs = {"add_special_tokens": False}
+    return tok.encode(text, **kwargs)
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, add_bos_token: bool | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of a context and its continuation as lm-eval's causal ``_encode_pair`` makes them.
+
+    Trailing whitespace of the context is moved onto the continuation; context + continuation are encoded
+    together and the continuation is what follows the context's own encoding. An empty context is lm-eval's
+    case too: the BOS (else EOS) token stands for it.
+
+    Args:
+        tokenizer: the tokenizer the model is scored with.
+        context: the conditioning text.
+        continuation: the text to score.
+        add_bos_token: None = the tokenizer's own special tokens (lm-eval's default); True/False forces them.
+
+    Returns:
+        ``(context_ids, continuation_ids)``.
+
+    Raises:
+        InputError: a continuation that encodes to no tokens.
+    """
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ctx_ids, cont_ids = ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+    else:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = _tok_encode(tokenizer, context + continuation, add_bos_token)
+        ctx_ids = _tok_encode(tokenizer, context, add_bos_token)
+        cont_ids = whole[len(ctx_ids):]
+    if not cont_ids:
+        raise InputError(f"the continuation {continuation!r} has no tokens to score after its context.")
+    return ctx_ids, cont_ids
 
 
 @torch.inference_mode()
@@ -61,66 +194,109 @@ def continuation_logprobs(
     continuations: Sequence[str],
     tokenizer: PreTrainedTokenizerBase | None = None,
     batch_size: int = 32,
+    add_bos_token: bool | None = None,
 ) -> Float[Tensor, " n"]:
-    """Summed log-probability (nats) of each continuation's tokens given its context.
+    """Summed log-probability (nats) of each continuation's tokens given its context, as lm-eval's ``HFLM``.
 
-    Context and continuation are tokenized apart and concatenated (lm-eval-harness), so the option's
-    tokens are the same whatever the context ends with; the context is prefixed with the tokenizer's BOS
-    token when it has one (as the bridge's tokenizer does), so a plain HF model with its own tokenizer and
-    its bridge give the same scores. Rows are right-padded in batches; padding sits
-    after the last scored token, so it cannot change the scores.
+    Tokens come from :func:`encode_pair`; rows sharing context + continuation minus its last token share one
+    forward pass (MMLU's four letters cost one pass, not four), longest first, right-padded (padding sits after
+    the last scored token, so it cannot change a score). Inputs longer than the model's context lose tokens on their
+    left, as in lm-eval.
 
     Args:
-        model: a bridge (hooks and edits active around the call apply) or a plain HF model.
+        model: a bridge (its tokenizer by default, which adds BOS in TransformerLens; hooks and edits active
+            around the call apply) or a plain HF model.
         contexts: one context per row.
-        continuations: one continuation per row (non-empty).
-        tokenizer: only for plain HF models.
-        batch_size: rows per forward pass.
+        continuations: one continuation per row.
+        tokenizer: required for plain HF models; overrides a bridge's.
+        batch_size: distinct inputs per forward pass.
+        add_bos_token: None = the tokenizer's own special tokens; True/False forces them (lm-eval's argument).
 
     Returns:
-        ``[n]`` float32 log-probabilities, in input order.
+        ``[n]`` float32 log-probabilities in nats, in input order.
 
     Raises:
-        ValueError: misaligned inputs or an empty continuation.
+        InputError: misaligned inputs, or a continuation with no tokens or longer than the model's context.
     """
     if len(contexts) != len(continuations):
         raise InputError(f"{len(contexts)} contexts for {len(continuations)} continuations.")
     hf, tok = hf_and_tokenizer(model, tokenizer)
-    # Every context starts with BOS where the tokenizer has one, whatever its add_bos_token says: the bridge's
-    # tokenizer always adds it (TransformerLens) and a checkpoint's own often does not, so a plain model
-    # with its own tokenizer and its bridge would otherwise score the same question differently.
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    ctx_ids = [bos + tok(c, add_special_tokens=False)["input_ids"] for c in contexts]
-    cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
-    if any(len(c) == 0 for c in cont_ids):
-        raise InputError("an empty continuation has no tokens to score.")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    # The input is context + continuation minus its last token (that token is only predicted). Options
-    # of one token therefore share one input — MMLU's four letters cost one forward pass, not four.
-    inputs = [tuple(ctx_ids[i] + cont_ids[i][:-1]) for i in range(len(contexts))]
-    unique = list(dict.fromkeys(inputs))
+    pairs = [encode_pair(tok, c, x, add_bos_token) for c, x in zip(contexts, continuations)]
+    window = _max_length(hf.config, tok)
+    if any(len(cont) > window for _, cont in pairs):
+        raise InputError(f"a continuation is longer than the model's {window}-token context; shorten it.")
+    # The input is context + continuation minus its last token (that token is only predicted), cut from the left
+    # to the model's window as lm-eval does.
+    inputs = [tuple((ctx + cont)[-(window + 1) :][:-1]) for ctx, cont in pairs]
     rows_of: dict[tuple[int, ...], list[int]] = {}
     for i, seq in enumerate(inputs):
         rows_of.setdefault(seq, []).append(i)
-    out = torch.empty(len(contexts))
     # Longest first: the first batch shows an out-of-memory error at once, not at the end.
-    unique.sort(key=len, reverse=True)
+    unique = sorted(rows_of, key=len, reverse=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    out = torch.empty(len(contexts))
     for start in range(0, len(unique), batch_size):
         batch = unique[start : start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
         for r, seq in enumerate(batch):
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
         logits = hf(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device)).logits
         for r, seq in enumerate(batch):
             for i in rows_of[seq]:
-                n_ctx, n_cont = len(ctx_ids[i]), len(cont_ids[i])
-                # Token t is predicted at position t-1; softmax only over the positions scored.
-                logp = torch.log_softmax(logits[r, n_ctx - 1 : n_ctx + n_cont - 1].float(), dim=-1).cpu()
-                out[i] = logp[torch.arange(n_cont), torch.tensor(cont_ids[i])].sum()
+                cont = pairs[i][1]
+                # Token t is predicted at position t-1: the continuation's n tokens at the input's last n positions.
+                logp = torch.log_softmax(logits[r, len(seq) - len(cont) : len(seq)].float(), dim=-1).cpu()
+                out[i] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum()
     return out
+
+
+def item_logprobs(
+    model: TransformerBridge | PreTrainedModel,
+    scoring: str,
+    items: Sequence[MCItem],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    batch_size: int = 32,
+    shots: Mapping[str, Sequence[MCItem]] | None = None,
+    add_bos_token: bool | None = None,
+) -> list[Float[Tensor, " options"]]:
+    """Per question, the log-likelihood (nats) of each option under lm-eval's prompt for ``scoring``.
+
+    Args:
+        model: bridge or HF model.
+        scoring: ``letter`` (MMLU), ``mc1`` or ``mc2`` (TruthfulQA).
+        items: the questions.
+        tokenizer: required for plain HF models.
+        batch_size: distinct inputs per forward pass.
+        shots: MMLU only: subject → solved dev questions (:func:`mmlu_shots`); None is zero-shot.
+        add_bos_token: see :func:`continuation_logprobs`.
+
+    Returns:
+        One ``[options]`` float32 tensor per item, options in the item's order.
+
+    Raises:
+        InputError: see :func:`mc_prompt`; a subject missing from ``shots``.
+    """
+    contexts, conts, sizes = [], [], []
+    for item in items:
+        if shots is not None and scoring == "letter" and item.category not in shots:
+            raise InputError(f"no MMLU shots for subject {item.category!r}; shots cover {', '.join(sorted(shots))}.")
+        ctx, options = mc_prompt(item, scoring, shots[item.category] if shots is not None else ())
+        contexts += [ctx] * len(options)
+        conts += options
+        sizes.append(len(options))
+    ll = continuation_logprobs(model, contexts, conts, tokenizer, batch_size, add_bos_token)
+    return list(torch.split(ll, sizes))
+
+
+def score_of(scoring: str, logprobs: Float[Tensor, " options"], labels: Sequence[int]) -> float:
+    """One question's score in [0, 1] as lm-eval's metric: 1/0 for the arg-max option (MMLU, MC1; the first
+    maximum on ties, as ``np.argmax``) or the MC2 true-probability mass Σ_true p_i / Σ_all p_i, p_i = exp(ll_i)."""
+    truth = torch.tensor(labels, dtype=torch.bool)
+    if scoring == "mc2":
+        return float(torch.softmax(logprobs.double(), dim=0)[truth].sum())
+    return float(truth[int(torch.argmax(logprobs))])
 
 
 def score_items(
@@ -129,37 +305,22 @@ def score_items(
     items: Sequence[MCItem],
     tokenizer: PreTrainedTokenizerBase | None = None,
     batch_size: int = 32,
-    shots: Sequence[MCItem] = (),
+    shots: Mapping[str, Sequence[MCItem]] | None = None,
+    add_bos_token: bool | None = None,
 ) -> list[float]:
-    """Per-question score in [0, 1]: 1/0 correctness (letter, MC1) or the MC2 true-probability mass.
-
-    MC2 = Σ_true p_i / Σ_all p_i with p_i = exp(log-likelihood of option i) (TruthfulQA, Lin et al. 2022).
+    """Per-question score in [0, 1]: 1/0 correctness (MMLU, MC1) or the MC2 true-probability mass (Lin et al. 2022).
 
     Args:
         model: bridge or HF model.
         mcset: the set (for its scoring rule).
         items: the questions to score (a batch of ``mcset.items``).
-        tokenizer: only for plain HF models.
-        batch_size: rows (question × option) per forward pass.
-        shots: solved examples for letter scoring.
+        tokenizer: required for plain HF models.
+        batch_size: distinct inputs per forward pass.
+        shots: MMLU only: subject → solved dev questions (:func:`mmlu_shots`); None is zero-shot.
+        add_bos_token: see :func:`continuation_logprobs`.
 
     Returns:
         One score per item.
     """
-    contexts, conts, owner = [], [], []
-    for k, item in enumerate(items):
-        ctx, options = mc_prompt(item, mcset.scoring, shots)
-        contexts += [ctx] * len(options)
-        conts += options
-        owner += [k] * len(options)
-    ll = continuation_logprobs(model, contexts, conts, tokenizer, batch_size)
-    scores = []
-    for k, item in enumerate(items):
-        lk = ll[[i for i, o in enumerate(owner) if o == k]]
-        labels = torch.tensor(item.labels, dtype=torch.bool)
-        if mcset.scoring == "mc2":
-            p = torch.softmax(lk.double(), dim=0)
-            scores.append(float(p[labels].sum()))
-        else:
-            scores.append(float(labels[int(lk.argmax())]))
-    return scores
+    lls = item_logprobs(model, mcset.scoring, items, tokenizer, batch_size, shots, add_bos_token)
+    return [score_of(mcset.scoring, ll, item.labels) for ll, item in zip(lls, items)]

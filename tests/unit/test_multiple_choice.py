@@ -1,24 +1,52 @@
-"""Log-likelihood scoring of options: equals a direct computation, batch-invariant, MC2 a probability."""
+"""The built-in multiple-choice scorer: lm-eval's joint encoding, prompts and BOS rule; batch-invariant; MC2 a mass.
+
+Parity with lm-eval itself (its HFLM on the same model) is tests/unit/test_utility.py.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sa_lens.data.public import MCItem, MCSet
-from sa_lens.evaluation.multiple_choice import continuation_logprobs, mc_prompt, score_items
+from sa_lens.errors import InputError
+from sa_lens.evaluation.multiple_choice import (
+    TRUTHFULQA_PRIMER,
+    continuation_logprobs,
+    encode_pair,
+    mc_prompt,
+    mmlu_shots,
+    score_items,
+)
 
 
-def test_logprob_equals_a_direct_forward(tiny_bridge):
+def _direct(hf, ids: list[int], n_cont: int) -> torch.Tensor:
+    """Σ log p of the last ``n_cont`` tokens of ``ids`` from one unpadded forward pass."""
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    return sum(logp[len(ids) - 1 - n_cont + k, ids[len(ids) - n_cont + k]] for k in range(n_cont))
+
+
+def test_logprob_equals_a_direct_forward_on_the_joint_encoding(tiny_bridge):
     tok = tiny_bridge.tokenizer
     ctx, cont = "The capital of France is", " Paris"
+    whole = tok(ctx + cont)["input_ids"]  # the bridge's tokenizer adds BOS itself
+    n_ctx = len(tok(ctx)["input_ids"])
     got = continuation_logprobs(tiny_bridge, [ctx], [cont])[0]
-    c_ids = tok(ctx, add_special_tokens=True)["input_ids"]
-    x_ids = tok(cont, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = tiny_bridge.original_model(torch.tensor([c_ids + x_ids])).logits[0]
-    logp = torch.log_softmax(logits, -1)
-    want = sum(logp[len(c_ids) - 1 + k, t] for k, t in enumerate(x_ids))
-    assert torch.isclose(got, want, atol=1e-4)
+    assert torch.isclose(got, _direct(tiny_bridge.original_model, whole, len(whole) - n_ctx), atol=1e-4)
+
+
+def test_encode_pair_splits_the_joint_encoding_at_the_context(tiny_bridge):
+    tok = tiny_bridge.tokenizer
+    ctx_ids, cont_ids = encode_pair(tok, "Q: sky?\nA: ", "blue")  # the trailing space moves onto "blue"
+    assert ctx_ids + cont_ids == tok("Q: sky?\nA: blue")["input_ids"]
+    assert ctx_ids == tok("Q: sky?\nA:")["input_ids"]
+
+
+def test_an_empty_context_is_the_bos_token(tiny_bridge):
+    tok = tiny_bridge.tokenizer
+    ctx_ids, cont_ids = encode_pair(tok, "", " blue")
+    assert ctx_ids == [tok.bos_token_id] and cont_ids == tok(" blue", add_special_tokens=False)["input_ids"]
 
 
 def test_batching_and_padding_do_not_change_scores(tiny_bridge):
@@ -36,10 +64,33 @@ def test_mc2_is_a_probability_and_letter_scoring_is_a_flag(tiny_bridge):
     assert score_items(tiny_bridge, MCSet("m", "letter", (letter,), "x"), [letter])[0] in (0.0, 1.0)
 
 
-def test_mmlu_prompt_lists_options_and_asks_for_a_letter():
-    item = MCItem("0", "2+2?", ("3", "4"), (0, 1))
-    ctx, conts = mc_prompt(item, "letter", shots=[item])
-    assert ctx.count("A. 3\nB. 4\nAnswer:") == 2 and " B\n\n" in ctx and conts == [" A", " B"]
+def test_mmlu_prompt_has_the_subject_header_and_solved_shots():
+    shot = MCItem("d0", "1+1? ", ("1", "2", "3", "4"), (0, 1, 0, 0), "high_school_mathematics")
+    item = MCItem("t0", "2+2?", ("3", "4", "5", "6"), (0, 1, 0, 0), "high_school_mathematics")
+    ctx, conts = mc_prompt(item, "letter", shots=[shot, shot])
+    assert ctx == (
+        "The following are multiple choice questions (with answers) about high school mathematics.\n\n"
+        + "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n" * 2
+        + "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
+    )
+    assert conts == [" A", " B", " C", " D"]
+
+
+def test_truthfulqa_prompt_is_the_primer_then_the_question():
+    item = MCItem("0", "Is the sky blue? ", ("Yes.", " No."), (1, 0))
+    ctx, conts = mc_prompt(item, "mc1")
+    assert ctx == TRUTHFULQA_PRIMER + "\n\nQ: Is the sky blue? \nA:" and conts == [" Yes.", "  No."]
+    assert TRUTHFULQA_PRIMER.count("Q: ") == 6
+    with pytest.raises(InputError, match="primer"):
+        mc_prompt(item, "mc2", shots=[item])
+
+
+def test_mmlu_shots_are_the_first_k_per_subject_in_file_order():
+    dev = [MCItem(f"{s}-{i}", f"q{i}", ("a", "b", "c", "d"), (1, 0, 0, 0), s) for s in ("x", "y") for i in range(5)]
+    shots = mmlu_shots(dev, k=3)
+    assert [it.id for it in shots["x"]] == ["x-0", "x-1", "x-2"] and len(shots["y"]) == 3
+    with pytest.raises(InputError, match="fewer"):
+        mmlu_shots(dev[:4], k=5)
 
 
 def test_plain_hugging_face_model_scores_like_its_bridge(tiny_bridge, tiny_dir):
@@ -47,28 +98,33 @@ def test_plain_hugging_face_model_scores_like_its_bridge(tiny_bridge, tiny_dir):
 
     hf, _ = sa_lens.load_hf_model(tiny_dir)
     ctxs, conts = ["Q: sky?\nA:", "Q: bread?\nA:"], [" blue", " flour and water"]
-    # The bridge's tokenizer adds a BOS that the checkpoint's own tokenizer does not, so both get the bridge's.
     assert torch.allclose(continuation_logprobs(hf, ctxs, conts, tokenizer=tiny_bridge.tokenizer),
                           continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
 
 
-def test_a_plain_model_with_its_own_tokenizer_scores_like_its_bridge(tiny_bridge, tiny_dir):
-    # The newcomer's call: evaluate(hf_model, ..., tokenizer=<the checkpoint's tokenizer>). Its tokenizer adds no
-    # BOS while the bridge's does; scores must not depend on which tokenizer object is passed.
+def test_bos_follows_the_tokenizer_unless_forced(tiny_bridge, tiny_dir):
+    # lm-eval's HFLM: the checkpoint's own tokenizer adds no BOS, so none is scored; add_bos_token=False on the
+    # bridge's tokenizer (which adds one) gives the same numbers.
     import sa_lens
 
     hf, tok = sa_lens.load_hf_model(tiny_dir)
-    tok.padding_side = "left"
-    ctxs = ["Q: What is two plus two?\nA:", "Q: sky?\nA:", "Q: bread?\nA:"]
-    conts = [" four", " The sky is blue", " I'm sorry, but I can't help with that request"]
-    got = continuation_logprobs(hf, ctxs, conts, tokenizer=tok, batch_size=3)
-    # Reference: one example at a time, BOS + context + continuation, no padding.
+    ctxs, conts = ["Q: What is two plus two?\nA:", "Q: sky?\nA:"], [" four", " The sky is blue"]
+    own = continuation_logprobs(hf, ctxs, conts, tokenizer=tok)
     want = []
     for c, x in zip(ctxs, conts):
-        c_ids = [tok.bos_token_id] + tok(c, add_special_tokens=False)["input_ids"]
-        x_ids = tok(x, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(torch.tensor([c_ids + x_ids])).logits[0].float(), -1)
-        want.append(sum(logp[len(c_ids) - 1 + k, t] for k, t in enumerate(x_ids)))
-    assert torch.allclose(got, torch.stack(want), atol=1e-4)
-    assert torch.allclose(got, continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=2), atol=1e-4)
+        whole, n_ctx = tok(c + x)["input_ids"], len(tok(c)["input_ids"])
+        assert whole[0] != tok.bos_token_id
+        want.append(_direct(hf, whole, len(whole) - n_ctx))
+    assert torch.allclose(own, torch.stack(want), atol=1e-4)
+    assert torch.allclose(own, continuation_logprobs(tiny_bridge, ctxs, conts, add_bos_token=False), atol=1e-4)
+    assert not torch.allclose(own, continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
+
+
+def test_inputs_beyond_the_context_window_lose_their_left_as_in_lm_eval(tiny_bridge):
+    window = tiny_bridge.original_model.config.max_position_embeddings
+    ctx, cont = "word " * 400 + "end", " of it"
+    ctx_ids, cont_ids = encode_pair(tiny_bridge.tokenizer, ctx, cont)
+    assert len(ctx_ids) + len(cont_ids) > window + 1
+    kept = (ctx_ids + cont_ids)[-(window + 1) :]  # causal: the last token adds no logits to the ones scored
+    got = continuation_logprobs(tiny_bridge, [ctx], [cont])[0]
+    assert torch.isclose(got, _direct(tiny_bridge.original_model, kept, len(cont_ids)), atol=1e-4)
