@@ -3,7 +3,9 @@
 A head's weights are slices of the checkpoint's projection matrices (HF layout ``[out, in]``):
 ``q_proj`` rows ``h·d_head … (h+1)·d_head``, ``o_proj`` columns of the same range, and ``k_proj`` /
 ``v_proj`` rows of its *key-value* head ``h // (n_heads / n_kv_heads)`` (grouped-query attention shares
-one K/V head among a group of query heads). The head-wise alignment of ΔW_O with an activation-space
+one K/V head among a group of query heads). Fused matrices that stack q, k and v as contiguous blocks are
+sliced first: Phi-3's ``qkv_proj`` (``[out, in]``, rows q | k | v) and GPT-2's ``Conv1D`` ``c_attn``
+(``[in, out]``, columns q | k | v), whose ``c_proj`` is ``[in, out]`` too (a head's inputs are rows). The head-wise alignment of ΔW_O with an activation-space
 direction links the two spaces (anchors.md §4.4: no peer tool connects them).
 
 Layers, kinds and projections are read from parameter names by :mod:`sa_lens.parameter_names`. Every form
@@ -16,6 +18,7 @@ order in float64, and sums over tensors are exactly rounded (``math.fsum``), wha
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -30,6 +33,14 @@ from sa_lens.parameter_names import attention_projection, layer_index, parameter
 from sa_lens.topk import trim_stream, whole_tensors
 
 __all__ = ["head_mass", "layer_mass", "o_alignment", "rank_agreement"]
+
+# (parameter name, axis whose index picks the head: 0 rows / 1 columns, first index, end index) of one matrix.
+Slice = tuple[str, int, int, int]
+_QKV_ROWS = re.compile(r"\.self_attn\.qkv_proj\.weight$")  # Phi-3: [(H + 2·kv)·d_head, d_model]
+_QKV_COLUMNS = re.compile(r"\.attn\.c_attn\.weight$")  # GPT-2 Conv1D: [d_model, 3·d_model]
+_CONV1D_O = re.compile(r"\.attn\.c_proj\.weight$")  # GPT-2 Conv1D: [d_model (heads' inputs), d_model]
+# GPT-NeoX-style fused q/k/v, interleaved per head ([H, 3, d_head] rows): no contiguous q, k or v block.
+_INTERLEAVED = re.compile(r"\.query_key_value\.weight$")
 
 
 def _kept(hv: HarmVector, top_k: float) -> dict[str, Int64[Tensor, " kept"]]:
@@ -79,34 +90,64 @@ def layer_mass(hv: HarmVector, top_k: float = DEFAULT_TOP_K) -> pd.DataFrame:
     return df.sort_values(["layer", "kind"], na_position="first").reset_index(drop=True)
 
 
-def _head_sums(hv: HarmVector, name: str, kept: Int64[Tensor, " kept"], n: int, axis: int) -> Float[Tensor, "n 4"]:
-    """Per block of rows (``axis`` 0) or columns (1), ``n`` equal blocks: Σ τ², Σ |τ|, kept entries, entries."""
+def _head_sums(hv: HarmVector, piece: Slice, kept: Int64[Tensor, " kept"], n: int) -> Float[Tensor, "n 4"]:
+    """Per head: Σ τ², Σ |τ|, kept entries, entries, over ``n`` equal blocks of rows (axis 0) or columns (1)
+    in ``[start, end)`` of the parameter; entries outside that range belong to another matrix of a fused one."""
+    name, axis, start, end = piece
     entry = hv.sparse(name)
     rows, cols = entry.shape
-    size = (rows, cols)[axis]
-    if size % n:
-        raise InputError(f"'{name}' has {size} {('rows', 'columns')[axis]}, which do not split into {n} heads.")
-    width = size // n
+    if (end - start) % n:
+        raise InputError(f"'{name}' has {end - start} {('rows', 'columns')[axis]} for this matrix, which do not split "
+                         f"into {n} heads; check n_heads / n_kv_heads.")
+    width = (end - start) // n
 
-    def head_of(flat: Int64[Tensor, " k"]) -> Int64[Tensor, " k"]:
-        return (flat // cols if axis == 0 else flat % cols) // width
+    def heads_of(flat: Int64[Tensor, " k"]) -> tuple[Int64[Tensor, " m"], Tensor]:
+        index = flat // cols if axis == 0 else flat % cols
+        inside = (index >= start) & (index < end)
+        return (index[inside] - start) // width, inside
 
-    heads = head_of(entry.indices)
-    values = entry.values.double()
+    heads, inside = heads_of(entry.indices)
+    values = entry.values.double()[inside]
     return torch.stack([
         torch.bincount(heads, weights=values.pow(2), minlength=n),
         torch.bincount(heads, weights=values.abs(), minlength=n),
-        torch.bincount(head_of(kept), minlength=n).double(),
-        torch.full((n,), entry.numel / n, dtype=torch.float64),
+        torch.bincount(heads_of(kept)[0], minlength=n).double(),
+        torch.full((n,), width * (cols if axis == 0 else rows), dtype=torch.float64),
     ], dim=1)
+
+
+def _slices(name: str, shape: tuple[int, ...], n_heads: int, n_kv: int) -> dict[str, Slice]:
+    """The q/k/v/o matrices held by one parameter, as slices: one for a separate projection, three for a fused one."""
+    role = attention_projection(name)
+    if role:
+        return {role: (name, 1, 0, shape[1]) if role == "o" else (name, 0, 0, shape[0])}
+    if _INTERLEAVED.search(name):
+        raise InputError(
+            f"'{name}' is a fused q/k/v projection interleaved per head (GPT-NeoX layout), which head_mass does not "
+            "split; per-head mass needs separate q/k/v/o projections or a contiguous fused layout (Phi-3, GPT-2)."
+        )
+    if _QKV_ROWS.search(name):
+        if shape[0] % (n_heads + 2 * n_kv):
+            raise InputError(f"'{name}' has {shape[0]} rows, not (n_heads + 2·n_kv_heads)·d_head with n_heads={n_heads}, "
+                             f"n_kv_heads={n_kv}; pass the model's head counts.")
+        q_end = n_heads * shape[0] // (n_heads + 2 * n_kv)
+        k_end = q_end + n_kv * shape[0] // (n_heads + 2 * n_kv)
+        return {"q": (name, 0, 0, q_end), "k": (name, 0, q_end, k_end), "v": (name, 0, k_end, shape[0])}
+    if _QKV_COLUMNS.search(name):
+        width = shape[1] // 3
+        return {"q": (name, 1, 0, width), "k": (name, 1, width, 2 * width), "v": (name, 1, 2 * width, shape[1])}
+    if _CONV1D_O.search(name):
+        return {"o": (name, 0, 0, shape[0])}
+    return {}
 
 
 def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k: float = DEFAULT_TOP_K) -> pd.DataFrame:
     """τH mass per attention head and matrix (GQA aware), plus each head's total.
 
     Args:
-        hv: the harm vector in any form, with separate q/k/v/o projections
-            (:func:`sa_lens.parameter_names.attention_projection`: Llama, Qwen, Gemma, Mistral layouts).
+        hv: the harm vector in any form, with q/k/v/o projections separate
+            (:func:`sa_lens.parameter_names.attention_projection`: Llama, Qwen, Gemma, Mistral layouts) or fused
+            in contiguous blocks (Phi-3's ``qkv_proj``, GPT-2's ``Conv1D`` ``c_attn`` / ``c_proj``).
         n_heads: query heads per layer (``model.cfg.n_heads``).
         n_kv_heads: key/value heads per layer (``model.cfg.n_key_value_heads``); default ``n_heads``.
         top_k: fraction of the global top-k trim for ``topk_share``.
@@ -117,23 +158,23 @@ def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k
         group); ``total`` = q + o + (k + v) / group size, so totals add up to the layer's attention mass.
 
     Raises:
-        ValueError: no separate attention projections in ``hv`` (fused ones such as GPT-2's ``c_attn`` or
-            Phi-3's ``qkv_proj`` are not split by head), a layer missing one of them, or shapes that do not
-            split into ``n_heads`` / ``n_kv_heads`` heads.
+        ValueError: no attention projections in ``hv``, a per-head interleaved fused one (GPT-NeoX's
+            ``query_key_value``), a layer missing one of q/k/v/o, or shapes that do not split into ``n_heads`` /
+            ``n_kv_heads`` heads.
     """
     n_kv = n_kv_heads or n_heads
     if n_heads % n_kv:
         raise InputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}.")
     group = n_heads // n_kv
-    mats: dict[int, dict[str, str]] = {}
+    mats: dict[int, dict[str, Slice]] = {}
     for name in hv:
-        role = attention_projection(name)
-        if role:
-            mats.setdefault(layer_index(name), {})[role] = name
+        pieces = _slices(name, tuple(hv.deltas[name].shape), n_heads, n_kv)
+        if pieces:
+            mats.setdefault(layer_index(name), {}).update(pieces)
     if not mats:
         raise InputError(
-            "No separate q/k/v/o attention projections (…layers.{l}.self_attn.{q,k,v,o}_proj.weight) in the harm "
-            "vector; fused ones (GPT-2's c_attn, Phi-3's qkv_proj) are not split by head."
+            "No attention projections (…layers.{l}.self_attn.{q,k,v,o}_proj.weight, Phi-3's qkv_proj, GPT-2's "
+            "attn.c_attn / attn.c_proj) in the harm vector; build τH with the attention weights included."
         )
     incomplete = {layer: sorted(set("qkvo") - set(names)) for layer, names in mats.items() if len(names) < 4}
     if incomplete:
@@ -147,8 +188,8 @@ def head_mass(hv: HarmVector, n_heads: int, n_kv_heads: int | None = None, top_k
     rows = []
     w = {"q": 1.0, "o": 1.0, "k": 1 / group, "v": 1 / group}
     for layer, names in sorted(mats.items()):
-        sums = {mat: _head_sums(hv, names[mat], kept[names[mat]], n, axis)
-                for mat, n, axis in (("q", n_heads, 0), ("k", n_kv, 0), ("v", n_kv, 0), ("o", n_heads, 1))}
+        sums = {mat: _head_sums(hv, names[mat], kept[names[mat][0]], n)
+                for mat, n in (("q", n_heads), ("k", n_kv), ("v", n_kv), ("o", n_heads))}
         for head in range(n_heads):
             kv = head // group
             parts = {mat: sums[mat][kv if mat in "kv" else head].tolist() for mat in "qkvo"}
@@ -176,7 +217,9 @@ def o_alignment(
     along v̂ for that input, in residual units (v̂ points harmful − harmless).
 
     Args:
-        hv: the harm vector in any form, with separate o projections (:func:`~sa_lens.parameter_names.attention_projection`).
+        hv: the harm vector in any form, with attention output projections: ``o_proj`` ``[d_model, n_heads·d_head]``
+            (:func:`~sa_lens.parameter_names.attention_projection`) or GPT-2's ``Conv1D`` ``attn.c_proj``, stored
+            ``[in, out]`` and read transposed.
         direction: ``[n_layers, d_model]`` (e.g. ``SafetyVector.directions``) or one ``[d_model]`` vector.
         n_heads: query heads per layer.
         mean_z: optional ``[n_layers, n_heads, d_head]`` mean head activations.
@@ -190,9 +233,12 @@ def o_alignment(
     direction = torch.as_tensor(direction).float()
     rows = []
     for name in hv:
-        if attention_projection(name) != "o":
+        conv1d = bool(_CONV1D_O.search(name))
+        if attention_projection(name) != "o" and not conv1d:
             continue
         layer, t = layer_index(name), hv.dense(name)  # one o_proj densified at a time
+        if conv1d:
+            t = t.T  # to [d_model (out), n_heads·d_head (in)], the layout below
         v = direction if direction.ndim == 1 else direction[layer]
         if v.shape[0] != t.shape[0]:
             raise InputError(f"direction has width {v.shape[0]} but o_proj writes {t.shape[0]} dimensions.")
@@ -209,8 +255,8 @@ def o_alignment(
             rows.append(row)
     if not rows:
         raise InputError(
-            "No attention output projections (…layers.{l}.self_attn.o_proj.weight) in the harm vector; GPT-2's "
-            "c_proj is stored [in, out] and is not split by head."
+            "No attention output projections (…layers.{l}.self_attn.o_proj.weight or GPT-2's …h.{l}.attn.c_proj.weight) "
+            "in the harm vector; build τH with the attention weights included."
         )
     return pd.DataFrame(rows).sort_values(["layer", "head"]).reset_index(drop=True)
 

@@ -150,10 +150,12 @@ def test_layer_mass_of_a_trimmed_vector_holds_only_the_kept_mass(forms):
     assert mass["topk_share"].sum() == pytest.approx(1.0)
 
 
-def test_head_mass_refuses_fused_or_incomplete_projections():
-    fused = HarmVector({"transformer.h.0.attn.c_attn.weight": torch.ones(4, 12)})
-    with pytest.raises(ValueError, match="not split by head"):
-        head_mass(fused, n_heads=2)
+def test_head_mass_refuses_interleaved_or_incomplete_projections():
+    interleaved = HarmVector({"gpt_neox.layers.0.attention.query_key_value.weight": torch.ones(12, 4)})
+    with pytest.raises(ValueError, match="interleaved per head"):
+        head_mass(interleaved, n_heads=2)
+    with pytest.raises(ValueError, match=r"lacks its \['o'\]"):  # GPT-2's fused c_attn without its c_proj
+        head_mass(HarmVector({"transformer.h.0.attn.c_attn.weight": torch.ones(4, 12)}), n_heads=2)
     with pytest.raises(ValueError, match=r"lacks its \['k', 'q', 'v'\]"):
         head_mass(HarmVector({"model.layers.0.self_attn.o_proj.weight": torch.ones(4, 4)}), n_heads=2)
     with pytest.raises(ValueError, match="do not split into 4 heads"):
