@@ -3,7 +3,10 @@
 A reply's first token already says whether the model refuses: refusals start "I'm sorry", "I can't",
 "Sorry", "As an AI…"; compliant answers start "Sure", "Here", "To do this…", "The …", "1.". The metric
 is the mean logit of the refusal tokens minus the mean logit of the compliance tokens at the last
-prompt position (the assistant turn's first token), in logits. Positive = leaning to refuse.
+prompt position (the assistant turn's first token), in logits. Positive = leaning to refuse. On models that
+soft-cap their final logits (Gemma-2: ``30·tanh(logits/30)``) the logits are read before capping, where they
+are a sum of the residual's components (:mod:`sa_lens.analysis.capture`); capping is monotone per token, so a
+token's rank is the same either way.
 This is the logit-difference metric of the refusal-direction work (Arditi et al. 2024), with token
 *sets* instead of one token so it does not hinge on a single phrasing.
 """

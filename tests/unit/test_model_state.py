@@ -12,8 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 import sa_lens
 from sa_lens.analysis.capture import capture
 from sa_lens.analysis.heads import trace_heads
+from sa_lens.analysis.layers import layer_sweep
 from sa_lens.analysis.logit_diff import token_sets
-from sa_lens.analysis.views import projection_view
+from sa_lens.analysis.patching import patch_heads
+from sa_lens.analysis.views import attention_view, projection_view
 from sa_lens.errors import InputError
 from sa_lens.generation import enable_kv_cache
 from sa_lens.head_ablation import ablate_heads_hooks
@@ -110,10 +112,19 @@ def test_a_leftover_transformer_lens_hook_is_refused_by_name(tiny_bridge):
     try:
         with pytest.raises(InputError, match=r"my_probe.*blocks\.1.*reset_hooks"):
             capture(tiny_bridge, HARMLESS, _sets(tiny_bridge), n_positions=1)
-        with pytest.raises(InputError, match="my_probe"):
-            SafetyVector.from_pairs(tiny_bridge, PAIRS)
-        with pytest.raises(InputError, match="my_probe"):
-            projection_view(tiny_bridge, HARMLESS[0], torch.randn(tiny_bridge.cfg.n_layers, tiny_bridge.cfg.d_model))
+        sv = torch.randn(tiny_bridge.cfg.n_layers, tiny_bridge.cfg.d_model)
+        z = torch.zeros(len(HARMLESS), 1, tiny_bridge.cfg.n_layers, tiny_bridge.cfg.n_heads, tiny_bridge.cfg.d_head)
+        every_entry_point = [
+            lambda: SafetyVector.from_pairs(tiny_bridge, PAIRS),
+            lambda: trace_heads(tiny_bridge, sv, HARMFUL, HARMLESS),
+            lambda: patch_heads(tiny_bridge, HARMLESS, z, [(0, 0)], _sets(tiny_bridge), torch.zeros(len(HARMLESS))),
+            lambda: projection_view(tiny_bridge, HARMLESS[0], sv),
+            lambda: attention_view(tiny_bridge, HARMLESS[0], [(0, 0)]),
+            lambda: layer_sweep(tiny_bridge, ["advbench"], "directional_ablation", sv=SafetyVector(sv)),
+        ]
+        for call in every_entry_point:
+            with pytest.raises(InputError, match="my_probe"):
+                call()
     finally:
         tiny_bridge.reset_hooks(including_permanent=True)
     assert foreign_hooks(tiny_bridge) == []
