@@ -2,7 +2,8 @@
 
 Per layer × head, on paired harmful and harmless requests, at the chat template's last position:
 
-- ``projection_*``: the head's output (``hook_z`` through its slice of W_O) projected on the unit
+- ``projection_*``: the head's write into the residual stream (``hook_z`` through its slice of W_O, and
+  through the block's post-attention norm where it has one: :func:`head_writes`) projected on the unit
   safety/harm direction of its layer, in residual-stream units;
 - ``dla_*``: direct logit attribution to the refusal − compliance logit difference, every component of
   the final residual (embeddings, each head, attention biases, each MLP, unembedding bias) scaled by the
@@ -38,7 +39,7 @@ from sa_lens.errors import InputError
 from sa_lens.model_state import in_analysis_state
 from sa_lens.safety_vector import SafetyVector
 
-__all__ = ["COLUMNS", "dla_components", "head_outputs", "top_heads", "trace_heads"]
+__all__ = ["COLUMNS", "dla_components", "head_outputs", "head_writes", "top_heads", "trace_heads"]
 
 COLUMNS = ["layer", "head", "component", "measure", "value", "unit", "n"]
 
@@ -66,6 +67,23 @@ def _through_norm(
     if centres:
         x = x - x.mean(-1, keepdim=True)
     return x / scale[:, None] * weight
+
+
+def head_writes(model: TransformerBridge, cap: Capture) -> Float[Tensor, "n n_layers n_heads d_model"]:
+    """What each head adds to the residual stream at the last position, fp32, in residual units.
+
+    z_h · W_O[h] (:func:`head_outputs`), and where the block normalises its attention output before adding it
+    (Gemma-2's ``ln1_post``) that through the norm with the scale cached on the whole attention output, which is
+    linear: the heads' writes then add up to what the block adds, bias and norm bias aside.
+    """
+    writes = head_outputs(model, cap.z[:, -1])
+    if cap.attn_post_scale is None:
+        return writes
+    for layer in range(model.cfg.n_layers):
+        weight, _, centres = _norm_affine(model.blocks[layer].ln1_post)
+        normed = _through_norm(writes[:, layer].transpose(0, 1), cap.attn_post_scale[:, layer], weight, centres)
+        writes[:, layer] = normed.transpose(0, 1)
+    return writes
 
 
 def _closure_tolerance(model: TransformerBridge) -> float:
@@ -109,24 +127,21 @@ def dla_components(model: TransformerBridge, cap: Capture, sets: TokenSets) -> t
             architecture adds something to the residual that is not split here; the message names it.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    heads = head_outputs(model, cap.z[:, -1])  # [n, L, H, d]
+    heads = head_writes(model, cap)  # [n, L, H, d]
     labels: list[dict] = [{"component": "embed", "layer": pd.NA, "head": pd.NA}]
     stack = [cap.resid0]
     for layer in range(n_layers):
-        attn = [heads[:, layer, head] for head in range(n_heads)]
-        attn_labels = [{"component": f"L{layer}H{head}", "layer": layer, "head": head} for head in range(n_heads)]
+        labels += [{"component": f"L{layer}H{head}", "layer": layer, "head": head} for head in range(n_heads)]
+        stack += [heads[:, layer, head] for head in range(n_heads)]
+        post = None if cap.attn_post_scale is None else _norm_affine(model.blocks[layer].ln1_post)
         b_O = model.blocks[layer].attn.b_O
         if b_O is not None:
-            attn_labels.append({"component": f"attn_bias{layer}", "layer": layer, "head": pd.NA})
-            attn.append(b_O.detach().float().cpu().expand_as(cap.resid0))
-        if cap.attn_post_scale is not None:
-            weight, bias, centres = _norm_affine(model.blocks[layer].ln1_post)
-            attn = [_through_norm(c, cap.attn_post_scale[:, layer], weight, centres) for c in attn]
-            if bias is not None:
-                attn_labels.append({"component": f"ln1_post_bias{layer}", "layer": layer, "head": pd.NA})
-                attn.append(bias.expand_as(cap.resid0))
-        labels += attn_labels
-        stack += attn
+            labels.append({"component": f"attn_bias{layer}", "layer": layer, "head": pd.NA})
+            b_O = b_O.detach().float().cpu().expand_as(cap.resid0)
+            stack.append(b_O if post is None else _through_norm(b_O, cap.attn_post_scale[:, layer], post[0], post[2]))
+        if post is not None and post[1] is not None:
+            labels.append({"component": f"ln1_post_bias{layer}", "layer": layer, "head": pd.NA})
+            stack.append(post[1].expand_as(cap.resid0))
         labels.append({"component": f"mlp{layer}", "layer": layer, "head": pd.NA})
         stack.append(cap.mlp_out[:, layer])
     resid = torch.stack(stack)  # [C, n, d]
@@ -242,7 +257,7 @@ def trace_heads(
     rows: list[dict] = []
     projections = {}
     for name, cap in caps.items():
-        projections[name] = torch.einsum("nlhd,ld->lh", head_outputs(model, cap.z[:, -1]), units) / n
+        projections[name] = torch.einsum("nlhd,ld->lh", head_writes(model, cap), units) / n
         rows += _rows(f"projection_{name}", projections[name], "residual units", n)
     rows += _rows("projection_diff", projections["harmful"] - projections["harmless"], "residual units", n)
 

@@ -17,8 +17,8 @@ import transformers as hf
 from transformers import PreTrainedTokenizerFast
 
 import sa_lens
-from sa_lens.analysis.capture import capture, has_post_attention_norm
-from sa_lens.analysis.heads import dla_components, trace_heads
+from sa_lens.analysis.capture import capture, encode, has_post_attention_norm
+from sa_lens.analysis.heads import dla_components, head_writes, trace_heads
 from sa_lens.analysis.logit_diff import logit_diff, token_sets
 from sa_lens.analysis.patching import attribution_patch, patch_heads
 from sa_lens.analysis.weights import head_mass, layer_mass, o_alignment
@@ -77,6 +77,22 @@ def test_dla_components_sum_to_the_logit_difference(family):
     assert cap.logit_diff.abs().max() > 0.1  # not trivially zero
     torch.testing.assert_close(dla.sum(0), cap.logit_diff, atol=1e-4, rtol=0)
     assert (cap.attn_post_scale is not None) == (name == "gemma2") == has_post_attention_norm(bridge)
+
+
+def test_head_writes_add_up_to_what_each_attention_block_adds_to_the_residual(family):
+    name, bridge, *_ = family
+    cap = capture(bridge, PROMPTS, _sets(bridge), n_positions=1, grad=False)
+    added = {}
+    hooks = [(f"blocks.{layer}.hook_attn_out", lambda x, hook, layer=layer: added.__setitem__(layer, x[:, -1].float()))
+             for layer in range(bridge.cfg.n_layers)]
+    enc = encode(bridge, PROMPTS)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+        bridge(enc["input_ids"], attention_mask=enc["attention_mask"])
+    writes = head_writes(bridge, cap).sum(2)  # [n, layers, d_model]
+    for layer in range(bridge.cfg.n_layers):
+        b_O = bridge.blocks[layer].attn.b_O  # GPT-2's c_proj bias; none of these families has one under a post-norm
+        want = added[layer] - (0 if b_O is None else b_O.detach().float())
+        torch.testing.assert_close(writes[:, layer], want, atol=1e-4, rtol=1e-4)
 
 
 def test_the_logit_difference_is_the_models_before_soft_capping(family):
