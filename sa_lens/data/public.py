@@ -262,11 +262,16 @@ def _xstest_label(want: str) -> Callable[[dict[str, Any]], bool]:
     return lambda row: str(_get(row, "label") or "").strip().lower() == want
 
 
+HARMBENCH_CONTEXT_SEPARATOR = "\n\n---\n\n"
+"""Between a HarmBench contextual item's context and its behaviour in the request (HarmBench's own layout); the
+HarmBench classifier judge splits the request at its last occurrence to fill the contextual template."""
+
+
 def _harmbench_prompt(row: dict[str, Any], behavior: str) -> str:
     # HarmBench's own prompt for contextual behaviours: the context, a rule, then the request. The upstream CSV
     # calls the context ContextString, the hub copy's contextual config calls it context.
     context = str(_get(row, "ContextString") or _get(row, "context") or "").strip()
-    return f"{context}\n\n---\n\n{behavior}" if context else behavior
+    return f"{context}{HARMBENCH_CONTEXT_SEPARATOR}{behavior}" if context else behavior
 
 
 def _not_copyright(row: dict[str, Any]) -> bool:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.data.public import HARMBENCH_CONTEXT_SEPARATOR
 from sa_lens.errors import InputError
 from sa_lens.evaluation.judges import Verdict, check_aligned, judge_nonblank
 from sa_lens.generation import generate_tokens
@@ -99,9 +100,6 @@ Answer: [/INST]"""
 
 HARMBENCH_MAX_TOKENS = 512
 """HarmBench's ``--num_tokens`` default: generations are clipped to this many classifier tokens before judging."""
-
-HARMBENCH_CONTEXT_SEPARATOR = "\n\n---\n\n"
-"""Between context and behaviour in a contextual HarmBench request (HarmBench's generation prompt)."""
 
 
 def clip_generation(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int = HARMBENCH_MAX_TOKENS) -> str:

@@ -46,7 +46,7 @@ from sa_lens.data.public import (
 from sa_lens.errors import InputError
 from sa_lens.evaluation.decoding import GenerationSettings, preset
 from sa_lens.evaluation.judge_registry import Judge, get_judge
-from sa_lens.evaluation.judges import Verdict
+from sa_lens.evaluation.judges import judge_nonblank
 from sa_lens.evaluation.metrics import exact_match
 from sa_lens.evaluation.multiple_choice import score_items
 from sa_lens.evaluation.over_refusal import OverRefusalJudge
@@ -416,24 +416,13 @@ def _run_batch(
             for i, p, r in zip(idx, prompts, replies)
         ]
     judge = harm_judge if s.kind == "harmful" else refusal_judge
-    verdicts = _judge_nonempty(judge, prompts, replies)
+    # Blank replies (empty, whitespace, end-of-turn markers) never reach a judge, a user's own judge included.
+    verdicts = judge_nonblank(judge.judge_batch, prompts, replies)
     return [
         {"dataset": s.name, "kind": s.kind, "macro": s.macro, "id": s.ids[i], "category": s.categories[i],
          "prompt": p, "response": r, "verdict": getattr(v, "value", v), "judge": judge.name}
         for i, p, r, v in zip(idx, prompts, replies, verdicts)
     ]
-
-
-def _judge_nonempty(judge: Any, prompts: list[str], replies: list[str]) -> list:
-    """The judge's verdicts, with empty replies set aside as DEGENERATE before any judge sees them.
-
-    An empty reply neither answers nor refuses. The keyword judge already says so; a harm judge (LLM, Llama
-    Guard, HarmBench classifier) would call it SAFE, and a model that only ends its turn would show ASR 0 %.
-    """
-    empty = [not r.strip() for r in replies]
-    asked = [i for i, e in enumerate(empty) if not e]
-    judged = iter(judge.judge_batch([prompts[i] for i in asked], [replies[i] for i in asked]) if asked else [])
-    return [Verdict.DEGENERATE if e else next(judged) for e in empty]
 
 
 def _write(report: EvalReport) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 
 import pytest
@@ -146,17 +147,20 @@ def test_bundled_sets_by_name_with_exact_match_utility(tiny_bridge, tmp_path):
 
 
 def test_llm_judge_failures_reach_the_report_as_failed(tiny_bridge, tmp_path, monkeypatch):
-    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
     from sa_lens.evaluation.llm_judge import LLMJudge
+
+    # The SDK's own HTTP library (httpx, or httpx2 in openai 3.x) provides the mock transport.
+    http = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
 
     calls = []
 
     def handler(request):
         calls.append(1)
-        return httpx.Response(200, json={"choices": [{"message": {"content": "[B]" if len(calls) % 2 else "unsure"}}]})
+        return http.Response(200, json={"choices": [{"message": {"content": "[B]" if len(calls) % 2 else "unsure"}}]})
 
-    judge = LLMJudge(api_key_env=None, base_url="http://judge.local/v1", transport=httpx.MockTransport(handler),
-                     max_workers=1)
+    judge = LLMJudge(api_key_env=None, base_url="http://judge.local/v1",
+                     http_client=openai.DefaultHttpxClient(transport=http.MockTransport(handler)), max_workers=1)
     report = evaluate(tiny_bridge, [HARMFUL], judge, out_dir=tmp_path, settings=SAMPLED, progress=False)
     row = report.rows[0]
     assert row["failed"] == 3 and row["asr_n"] == 4 and row["asr"] == 1.0
@@ -325,5 +329,8 @@ def test_empty_replies_are_degenerate_for_every_judge_and_flagged_in_the_table(t
     assert verdicts.count("degenerate") == 3 and "" not in judge.seen
     monkeypatch.setattr(harness, "generate", lambda model, prompts, **kw: [""] * len(prompts))
     report = evaluate(tiny_bridge, [HARMFUL], judge, settings=SAMPLED, progress=False)
-    assert report.rows[0]["asr"] == 0.0 and report.rows[0]["degenerate"] == 1.0
-    assert "degenerate 100 %" in report.comparison
+    # Nothing to count: no ASR at all (not ASR 0 %), the degenerate share in its own column and in the table.
+    row = report.rows[0]
+    assert "asr" not in row and row["headline"] is None and row["no_value"] == "all degenerate"
+    assert row["degenerate"] == 1.0
+    assert "n/a (degenerate 100 %)" in report.comparison and "n/a (all degenerate)" in report.summary
