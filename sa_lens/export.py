@@ -12,8 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sa_lens.bridge import is_bridge
@@ -21,7 +23,8 @@ from sa_lens.checkpoints import PICKLE_SUFFIXES, Checkpoint
 from sa_lens.defaults import DEFAULT_LAM
 from sa_lens.errors import InputError
 from sa_lens.harm_removal import apply_harm_removal, check_lam, harm_removal
-from sa_lens.harm_vector import HarmVector, ModelLike
+from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
+from sa_lens.parameter_names import checkpoint_name
 
 __all__ = ["export_harm_removed"]
 
@@ -60,8 +63,29 @@ def export_harm_removed(
     if not hasattr(model, "save_pretrained"):
         raise InputError("export_harm_removed needs a checkpoint folder or a model with save_pretrained; got a state dict.")
     with harm_removal(target, hv, lam):
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=_checkpoint_state_dict(model))
     return out
+
+
+def _checkpoint_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Each tensor of the checkpoint once, under its checkpoint name: parameters, then persistent buffers.
+
+    A bridge mounts its components inside the HF module tree, so ``state_dict()`` lists every weight under
+    several aliases (``attn.q``, ``self_attn.q``, ``…._original_component.q_proj``), which
+    ``save_pretrained`` refuses as shared tensors, and adds buffers of its own (an unembedding bias on
+    ``lm_head``). ``named_parameters`` sees each tensor once, by its first path — the HF one — and a tied
+    ``lm_head`` not at all, which ``from_pretrained`` re-ties from the config as for any tied checkpoint;
+    buffers are kept only where the architecture itself has them (its state dict built on the meta device).
+    """
+    with torch.device("meta"):
+        own = set(type(model)(model.config).state_dict())
+    state = dict(checkpoint_parameters(model))
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            key = checkpoint_name(f"{prefix}.{name}" if prefix else name)
+            if key in own and key not in state:
+                state[key] = buf
+    return state
 
 
 def _export_folder(src: Path, hv: HarmVector, out: Path, lam: float, progress: bool) -> Path:

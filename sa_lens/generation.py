@@ -29,12 +29,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sa_lens.bridge import is_bridge
 from sa_lens.errors import InputError
 from sa_lens.positions import prompt_length
-from sa_lens.prompts import format_prompts, tokenize_left_padded
+from sa_lens.prompts import end_of_turn_ids, format_prompts, tokenize_left_padded
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["enable_kv_cache", "generate", "generate_tokens"]
+__all__ = ["enable_kv_cache", "generate", "generate_tokens", "stop_token_ids"]
 
 _KV_FLAG = "_sa_lens_kv_cache_routed"
 
@@ -88,6 +88,14 @@ def hf_and_tokenizer(
     raise TypeError(f"Expected a TransformerBridge or a transformers PreTrainedModel, got {type(model).__name__}.")
 
 
+def stop_token_ids(hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids generation stops on: ``generation_config.eos_token_id`` and every end-of-turn token of the
+    tokenizer and its chat template (:func:`sa_lens.prompts.end_of_turn_ids`), without repeats."""
+    eos = hf.generation_config.eos_token_id
+    configured = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    return list(dict.fromkeys([*configured, *end_of_turn_ids(tokenizer)]))
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: TransformerBridge | PreTrainedModel,
@@ -95,7 +103,7 @@ def generate_tokens(
     max_new_tokens: int = 64,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool = True,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -108,18 +116,21 @@ def generate_tokens(
         texts: formatted inputs (see :func:`sa_lens.prompts.format_prompts`).
         max_new_tokens: generation budget, in tokens.
         tokenizer: only for plain HF models.
-        add_special_tokens: False for chat-templated text, True for raw text.
+        add_special_tokens: put the tokenizer's BOS in front of every row, exactly once also when the
+            text already starts with it (default); False tokenizes the texts as they are.
         do_sample, temperature, top_k: sampling; greedy by default.
         use_cache: KV cache on (default) or off.
 
     Returns:
-        The new token ids per row, eos included when the model stopped, padding after eos removed.
+        The new token ids per row, cut after the first stop token (:func:`stop_token_ids`: the configured
+        EOS and every end-of-turn token), which stays in the row.
 
     Raises:
         ValueError: a plain HF model without its tokenizer.
         TypeError: a model that is neither a bridge nor a ``PreTrainedModel``.
     """
     hf, tok = hf_and_tokenizer(model, tokenizer)
+    stops = stop_token_ids(hf, tok)
     enc = tokenize_left_padded(tok, texts, add_special_tokens=add_special_tokens, device=hf.device)
     sampling: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
@@ -134,14 +145,14 @@ def generate_tokens(
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
             pad_token_id=tok.pad_token_id,
+            eos_token_id=stops or None,
             **sampling,
         )
     new = out[:, enc["input_ids"].shape[1] :]
-    eos = hf.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    stop_set = set(stops)
     rows = []
     for row in new.tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         rows.append(row[:cut])
     return rows
 
@@ -208,7 +219,6 @@ def generate(
                 [texts[i] for i in idx],
                 max_new_tokens,
                 tokenizer=tokenizer,
-                add_special_tokens=not chat_template,
                 do_sample=do_sample,
                 temperature=temperature,
                 top_k=top_k,

@@ -17,7 +17,10 @@ from sa_lens.errors import InputError
 
 PAPER_PREFIX = "Only provide answer of the given question and do not provide anything else. "
 
-__all__ = ["PAPER_PREFIX", "format_prompts", "tokenize_left_padded", "tokenize_padded"]
+__all__ = ["PAPER_PREFIX", "end_of_turn_ids", "format_prompts", "tokenize_left_padded", "tokenize_padded"]
+
+# Stands in for an assistant reply when rendering a template to see what it writes after one.
+_REPLY = "sa_lens_reply_sentinel"
 
 
 def format_prompts(
@@ -62,6 +65,29 @@ def format_prompts(
     return out
 
 
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id that ends a reply: the tokenizer's EOS and the special tokens the chat template closes
+    an assistant turn with (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``, …).
+
+    A checkpoint's ``generation_config`` often lists only one EOS (Meta-Llama-3-8B-Instruct's first upload
+    stopped on ``<|end_of_text|>`` while each turn ends with ``<|eot_id|>``), so a generator that trusts it
+    alone writes past the end of the turn. The template is the authority on how a turn ends: it is rendered
+    with one user and one assistant message, and the special tokens between the reply and the end of the
+    text are the turn's terminators.
+
+    Returns:
+        Distinct ids, the EOS first; empty when the tokenizer has neither an EOS nor a template.
+    """
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if getattr(tokenizer, "chat_template", None):
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        tail = text[text.rindex(_REPLY) + len(_REPLY) :]
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        ids += [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
+    return list(dict.fromkeys(ids))
+
+
 def tokenize_left_padded(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -73,8 +99,9 @@ def tokenize_left_padded(
     Args:
         tokenizer: the model's tokenizer; a missing pad token is set to eos (the paper's convention).
         texts: formatted inputs.
-        add_special_tokens: False for chat-templated text (the template already holds its special
-            tokens); True for raw text whose tokenizer adds BOS.
+        add_special_tokens: add the tokenizer's own special tokens (its BOS), never doubling a BOS the text
+            already starts with (chat templates such as Llama-2's, Llama-3's and Gemma's write it); False
+            leaves the text's tokens as they are.
         device: where to put the tensors.
 
     Returns:
@@ -96,13 +123,24 @@ def tokenize_padded(
     from the attention mask. Arguments and return as :func:`tokenize_left_padded`.
 
     Raises:
-        ValueError: ``padding_side`` is neither "left" nor "right".
+        ValueError: ``padding_side`` is neither "left" nor "right", or ``texts`` is empty.
     """
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+    if len(texts) == 0:
+        raise InputError("texts is empty; pass at least one text to tokenize.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(
-        list(texts), return_tensors="pt", padding=True, padding_side=padding_side, add_special_tokens=add_special_tokens
-    )
-    return enc.to(device)
+    rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if add_special_tokens and bos is not None:
+        # The template's BOS and the tokenizer's: keep one, as the model saw in training.
+        rows = [r[1:] if t.startswith(tokenizer.bos_token) and r[:2] == [bos, bos] else r for t, r in zip(texts, rows)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return BatchEncoding({"input_ids": ids, "attention_mask": mask}).to(device)

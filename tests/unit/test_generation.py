@@ -90,3 +90,78 @@ def test_plain_hf_model_needs_its_tokenizer(tiny_dir):
     hf, _ = sa_lens.load_hf_model(tiny_dir)
     with pytest.raises(ValueError, match="tokenizer="):
         sa_lens.generate(hf, ["x"], 2)
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """Gemma-2 (template writes <bos>), Phi-3 (template without <s>, tokenizer adds it) and Qwen2 (no BOS at all)."""
+    from model_families import build_family_dir
+
+    return {n: build_family_dir(n, tmp_path_factory.mktemp(n)) for n in ("gemma2", "phi3", "qwen2")}
+
+
+def _fed_inputs(model, hf, run) -> list[list[int]]:
+    """The unpadded rows of the first forward pass of ``hf`` (the prompt pass) while ``run()`` generates."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        if not seen:
+            seen.append((kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()))
+
+    handle = hf.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    ids, mask = seen[0]
+    return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]
+
+
+@pytest.mark.parametrize("name", ["gemma2", "phi3", "qwen2"])
+@pytest.mark.parametrize("chat_template", [True, False])
+@pytest.mark.parametrize("which", ["bridge", "hf"])
+def test_generate_feeds_exactly_one_bos_on_every_path(family_models, name, chat_template, which):
+    if which == "bridge":
+        model = sa_lens.load_model(family_models[name])
+        hf, tok, kwargs = model.original_model, model.tokenizer, {}
+    else:
+        hf, tok = sa_lens.load_hf_model(family_models[name])
+        model, kwargs = hf, {"tokenizer": tok}
+    rows = _fed_inputs(model, hf, lambda: sa_lens.generate(model, PROMPTS, 2, chat_template=chat_template, **kwargs))
+    bos = tok.bos_token_id
+    adds_bos = bos is not None and tok("x")["input_ids"][0] == bos
+    assert len(rows) == len(PROMPTS) and len({len(r) for r in rows}) > 1  # one left-padded batch
+    for row in rows:
+        assert (row[0] == bos) == adds_bos
+        assert row[1] != bos or not adds_bos
+
+
+def test_stop_tokens_are_the_configured_eos_and_the_templates_end_of_turn(family_models):
+    """Unit level; tests/unit/test_model_families.py checks that generation stops on them on every family."""
+    from sa_lens.generation import stop_token_ids
+    from sa_lens.prompts import end_of_turn_ids
+
+    bridge = sa_lens.load_model(family_models["qwen2"])
+    tok = bridge.tokenizer
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert bridge.original_model.generation_config.eos_token_id == endoftext  # the upload lists this one only
+    assert im_end in end_of_turn_ids(tok)
+    assert set(stop_token_ids(bridge.original_model, tok)) == {endoftext, im_end}
+
+
+def test_end_of_turn_ids_of_a_tokenizer_without_template_is_its_eos(tiny_bridge):
+    from sa_lens.prompts import end_of_turn_ids
+
+    tok = tiny_bridge.tokenizer
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        assert end_of_turn_ids(tok) == [tok.eos_token_id]
+    finally:
+        tok.chat_template = template
+
+
+def test_tokenize_padded_refuses_an_empty_batch(tiny_bridge):
+    from sa_lens.prompts import tokenize_left_padded
+
+    with pytest.raises(ValueError, match="texts is empty"):
+        tokenize_left_padded(tiny_bridge.tokenizer, [])
