@@ -2,8 +2,9 @@
 
 From a checkpoint folder the edit streams shard by shard (one shard in memory; the index, config and
 tokenizer files are copied as they are), so a 70B target never has to fit in memory; from an in-memory
-model it edits inside :func:`~sa_lens.harm_removal.harm_removal`, calls ``save_pretrained`` and restores
-the caller's weights bit-exactly.
+model or bridge it edits inside :func:`~sa_lens.harm_removal.harm_removal`, saves each checkpoint tensor
+once under its checkpoint name (a bridge's aliases and its own buffers left out) and restores the caller's
+weights bit-exactly.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def export_harm_removed(
 
     Args:
         target: θt as a local checkpoint folder of safetensors (edited shard by shard), or an HF model /
-            bridge (edited in place for the save, then restored).
+            bridge (edited in place for the save, then restored; a tied ``lm_head`` is written once, as
+            the embedding, and re-tied by ``from_pretrained``). The model's tokenizer is not written: save
+            it beside (a bridge's tokenizer carries TransformerLens's BOS/padding settings).
         hv: the (trimmed) harm vector; dense or sparse entries.
         out_dir: the folder to write; created; must not be the target folder.
         lam: λ (paper default 3 with top-10 % HDR†; paper-notes.md §2.5).
@@ -51,7 +54,9 @@ def export_harm_removed(
         ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``sa_lens.load_model``.
 
     Raises:
-        ValueError: λ not finite; names/shapes of ``hv`` that the target lacks; writing onto the target;
+        ValueError: λ not finite; names/shapes of ``hv`` that the target lacks (also a GPT-2 or Phi-3
+            bridge, which splits the fused q/k/v into tensors of its own: export from the folder); writing
+            onto the target;
             the folder errors of :class:`~sa_lens.checkpoints.Checkpoint`; a state dict (it has no
             ``save_pretrained``: apply :func:`apply_harm_removal` and save it yourself).
     """

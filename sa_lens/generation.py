@@ -15,6 +15,12 @@ output is right but ~3× slower. :func:`enable_kv_cache` adds a forward pre-hook
 component that passes the cache under the name the bridge reads; with it, path 2 equals Hugging Face's
 own ``generate`` on the same weights token for token, with and without the cache, and runs at ~0.75×
 its speed. We use path 2: it is right, fast, honours hooks, and is Hugging Face's tested sampling code.
+
+Where it stops, and what it reads. A checkpoint's ``generation_config`` often names one EOS while chat
+turns end with another (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``), so generation
+stops on both (:func:`stop_token_ids`). Every row starts with exactly one BOS where the tokenizer uses one,
+whether the chat template writes it (Llama-2/3, Mistral, Gemma) or not (Phi-3), and on the paper's raw
+format (:func:`sa_lens.prompts.tokenize_left_padded`). docs/model_families.md lists what is checked per family.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 Source: paper-notes.md §4.2 — the official code feeds ``PAPER_PREFIX + question`` raw, with no chat
 template, left-padded with pad = eos. Chat models are evaluated here with their template by default,
-which is what their users run; ``chat_template=False`` gives the paper's raw format.
+which is what their users run; ``chat_template=False`` gives the paper's raw format. Either way,
+tokenized with ``add_special_tokens=True`` (as generation does), a row holds exactly one BOS where the
+tokenizer uses one (a template that writes it is not doubled), and
+:func:`end_of_turn_ids` reads from the template how an assistant turn ends.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
     Returns:
         Distinct ids, the EOS first; empty when the tokenizer has neither an EOS nor a template.
+
+    Raises:
+        jinja2.TemplateError: a template that cannot render a user turn followed by an assistant turn
+            (it could not format a generation prompt either).
     """
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if getattr(tokenizer, "chat_template", None):

@@ -92,3 +92,22 @@ def test_folder_export_writes_every_shard_and_no_stale_pickle_weights(tiny_dir, 
     shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
     assert all((out / s).exists() for s in shards)
     assert not (out / "pytorch_model.bin").exists() and not (out / "pytorch_model.bin.index.json").exists()
+
+
+def test_bridge_export_writes_each_checkpoint_tensor_once_and_restores_the_bridge(tiny_dir, tiny_bridge, hv, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    before = {n: p.detach().clone() for n, p in checkpoint_parameters(tiny_bridge).items()}
+    expected = _expected(tiny_bridge, hv, 3.0)
+    out = export_harm_removed(tiny_bridge, hv, tmp_path / "safe", lam=3.0)  # tied embeddings, aliased in the bridge
+    with safe_open(str(tiny_dir / "model.safetensors"), "pt") as src, safe_open(str(out / "model.safetensors"), "pt") as dst:
+        assert set(dst.keys()) == set(src.keys())
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
+    got = checkpoint_parameters(exported)
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
+    for n, p in checkpoint_parameters(tiny_bridge).items():
+        assert torch.equal(p.detach().view(torch.uint8), before[n].view(torch.uint8)), n
