@@ -45,8 +45,9 @@ def format_prompts(
         One string per prompt, ready for :func:`tokenize_left_padded`.
 
     Raises:
-        ValueError: ``prompts`` is a bare string or empty, or ``chat_template=True`` on a tokenizer
-            without a template.
+        ValueError: ``prompts`` is a bare string or empty, ``chat_template=True`` on a tokenizer
+            without a template, or a template that refuses the messages (a system prompt on Gemma-2 or
+            Mistral, whose templates have no system role).
     """
     if isinstance(prompts, str):
         raise InputError("prompts must be a list of strings, not one string; wrap it: [prompt].")
@@ -60,11 +61,17 @@ def format_prompts(
         raise InputError(
             "This tokenizer has no chat template; pass chat_template=False to use the paper's raw format."
         )
+    from jinja2 import TemplateError  # transformers renders templates with jinja2, so it is installed
+
     out = []
     for p in prompts:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": p})
-        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        try:
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except TemplateError as e:
+            hint = " Gemma's and Mistral's templates have no system role: leave system_prompt out." if system_prompt else ""
+            raise InputError(f"The model's chat template refused these messages: {e}.{hint}") from e
     return out
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sa_lens
+from sa_lens.errors import InputError
 from sa_lens.generation import generate_tokens
 from sa_lens.prompts import PAPER_PREFIX, format_prompts
 
@@ -165,3 +166,9 @@ def test_tokenize_padded_refuses_an_empty_batch(tiny_bridge):
 
     with pytest.raises(ValueError, match="texts is empty"):
         tokenize_left_padded(tiny_bridge.tokenizer, [])
+
+
+def test_a_system_prompt_on_a_template_without_system_role_is_an_input_error(family_models):
+    bridge = sa_lens.load_model(family_models["gemma2"])
+    with pytest.raises(InputError, match="no system role"):
+        format_prompts(bridge.tokenizer, ["hi"], system_prompt="Be safe.")
