@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -24,7 +23,7 @@ from sa_lens.checkpoints import PICKLE_SUFFIXES, Checkpoint
 from sa_lens.defaults import DEFAULT_LAM
 from sa_lens.errors import InputError
 from sa_lens.harm_removal import apply_harm_removal, check_lam, harm_removal
-from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
+from sa_lens.harm_vector import HarmVector, ModelLike, architecture_state_names, checkpoint_parameters
 from sa_lens.parameter_names import checkpoint_name
 
 __all__ = ["export_harm_removed"]
@@ -82,8 +81,7 @@ def _checkpoint_state_dict(model: nn.Module) -> dict[str, Tensor]:
     ``lm_head`` not at all, which ``from_pretrained`` re-ties from the config as for any tied checkpoint;
     buffers are kept only where the architecture itself has them (its state dict built on the meta device).
     """
-    with torch.device("meta"):
-        own = set(type(model)(model.config).state_dict())
+    own = architecture_state_names(model) or frozenset()
     state = dict(checkpoint_parameters(model))
     for prefix, module in model.named_modules():
         for name, buf in module.named_buffers(recurse=False):

@@ -7,6 +7,7 @@ Arithmetic is fp32 whatever the checkpoint dtype (τH entries are ~1e-4; bf16 wo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -49,11 +50,34 @@ Delta = Float[Tensor, "..."] | SparseDelta
 ModelLike = Union["TransformerBridge", nn.Module, Mapping[str, Tensor]]
 
 
+def architecture_state_names(model: nn.Module) -> frozenset[str] | None:
+    """The names in the state dict of ``model``'s own architecture, or None for a module without an HF config.
+
+    Built once per (class, config) on the meta device, so it costs no memory whatever the model's size. A bridge
+    mounts views of the checkpoint's tensors under names of its own — GPT-2's fused ``c_attn`` and Phi-3's
+    ``qkv_proj`` also appear split into q / k / v parameters sharing their storage, and an unembedding bias
+    buffer sits on ``lm_head`` —, so only these names are the checkpoint's.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    return _state_names(type(model), config.to_json_string())
+
+
+@functools.lru_cache(maxsize=8)
+def _state_names(cls: type, config_json: str) -> frozenset[str]:
+    config = cls.config_class.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        return frozenset(cls(config).state_dict())
+
+
 def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
     """Map checkpoint parameter names to the live tensors of a bridge, an HF model or a state dict.
 
     Tied weights appear once (``named_parameters`` de-duplicates shared tensors), so an edit is never
-    applied twice to the same storage.
+    applied twice to the same storage; on an HF model (a bridge's included) only the names of the
+    architecture's own state dict are kept (:func:`architecture_state_names`), so a bridge's split views of a
+    fused weight are not counted beside it.
 
     Raises:
         ValueError: the bridge's weights were processed by ``enable_compatibility_mode()`` (folded /
@@ -69,7 +93,19 @@ def checkpoint_parameters(model: ModelLike) -> dict[str, Tensor]:
             )
         model = model.original_model
     if isinstance(model, nn.Module):
-        return {checkpoint_name(name): p for name, p in model.named_parameters()}
+        own = architecture_state_names(model)
+        if own is None:
+            return {checkpoint_name(name): p for name, p in model.named_parameters()}
+        # Every path of every tensor, each tensor kept once under its first name in the architecture's own state
+        # dict: a bridge may list a weight first under an alias of its own (Phi-3's o_proj as attn.o).
+        out: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = checkpoint_name(name)
+            if key in own and id(p) not in seen:
+                seen.add(id(p))
+                out[key] = p
+        return out
     if isinstance(model, Mapping):
         # A tied model's state_dict() names one storage twice (embed_tokens and lm_head): keep the first
         # name, as named_parameters() does, so the edit and the top-k count see each weight once.

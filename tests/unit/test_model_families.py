@@ -40,9 +40,6 @@ OPERATIONS = {
 }
 # Why a cell refuses: the InputError's message must match this (the problem and the way out).
 REFUSALS: dict[tuple[str, str], str] = {
-    # The bridge splits GPT-2's c_attn and Phi-3's qkv_proj into q/k/v parameters of its own, so the
-    # checkpoint's fused names are not among the bridge's tensors and a τH in checkpoint names is refused.
-    **{(op, fam): "the target lacks" for op in ("hdr_restore", "export") for fam in ("gpt2", "phi3")},
     # Head tracing reads the chat template's last position; GPT-2 (a base model) has no template.
     **{(op, "gpt2"): "no chat template" for op in ("dla", "patching")},
 }
@@ -146,6 +143,19 @@ def test_export_from_the_bridge_loads_and_equals_the_edit(name, bridges, folders
         assert torch.equal(got[n], t), n
     if bridge.original_model.config.tie_word_embeddings:
         assert exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_harm_vector_from_two_bridges_equals_the_one_from_their_checkpoints(name, bridges, folders):
+    # A bridge lists fused weights (GPT-2's c_attn, Phi-3's qkv_proj) also split into q/k/v views of the same
+    # storage: τH must still hold each checkpoint tensor once, or top-k and the edit count it twice.
+    from_bridges = HarmVector.from_models(bridges(name), sa_lens.load_model(folders(name, seed=1)))
+    base, _ = sa_lens.load_hf_model(folders(name))
+    harmful, _ = sa_lens.load_hf_model(folders(name, seed=1))
+    from_checkpoints = HarmVector.from_models(base, harmful)
+    assert set(from_bridges.deltas) == set(from_checkpoints.deltas) == set(checkpoint_parameters(base))
+    for n in from_checkpoints.deltas:
+        assert torch.equal(from_bridges.dense(n), from_checkpoints.dense(n)), n
 
 
 @pytest.mark.parametrize("name", NAMES)
