@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from sa_lens.interventions import Intervention
 
-__all__ = ["DEFAULT_FEWSHOT", "TASK_ALIASES", "UtilityReport", "utility"]
+__all__ = ["DEFAULT_FEWSHOT", "TASK_ALIASES", "UtilityReport", "parity", "utility"]
 
 DEFAULT_FEWSHOT: dict[str, int] = {
     "mmlu": 5, "truthfulqa_mc1": 0, "truthfulqa_mc2": 0, "arc_easy": 25, "arc_challenge": 25, "hellaswag": 10,
@@ -346,3 +346,35 @@ def utility(
         "lm_eval": _lm_eval_version() if engine == "lm_eval" else None, "seconds": round(seconds, 1),
     }
     return UtilityReport(table, tuple(records), config)
+
+
+def parity(a: UtilityReport, b: UtilityReport) -> dict[str, dict[str, Any]]:
+    """How far two runs of the same items lie apart (the built-in engine against lm-eval's, say), per task.
+
+    Args:
+        a, b: reports over the same tasks and questions.
+
+    Returns:
+        task → ``n`` (questions), ``max_abs_delta`` (largest |Δ| of an option's log-likelihood, nats),
+        ``score_disagreements`` (questions whose ``acc`` differs by more than 1e-6), ``acc_a``, ``acc_b``.
+
+    Raises:
+        InputError: the reports do not hold the same questions with the same options and labels.
+    """
+    rows_a = {(r["subtask"], r["id"]): r for r in a.items}
+    rows_b = {(r["subtask"], r["id"]): r for r in b.items}
+    if rows_a.keys() != rows_b.keys():
+        raise InputError(f"the reports hold different questions ({len(rows_a.keys() ^ rows_b.keys())} in one only).")
+    out: dict[str, dict[str, Any]] = {}
+    for key, ra in rows_a.items():
+        rb = rows_b[key]
+        if ra["labels"] != rb["labels"]:
+            raise InputError(f"{key}: the reports' options or labels differ ({ra['labels']} vs {rb['labels']}).")
+        entry = out.setdefault(ra["task"], {"n": 0, "max_abs_delta": 0.0, "score_disagreements": 0})
+        deltas = [abs(x - y) for x, y in zip(ra["loglikelihoods"], rb["loglikelihoods"])]
+        entry["n"] += 1
+        entry["max_abs_delta"] = max(entry["max_abs_delta"], *deltas)
+        entry["score_disagreements"] += abs(ra["scores"]["acc"] - rb["scores"]["acc"]) > 1e-6
+    for task, entry in out.items():
+        entry["acc_a"], entry["acc_b"] = a[task], b[task]
+    return out

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
 from sa_lens.data.public import load_public
 from sa_lens.errors import InputError
 from sa_lens.evaluation.multiple_choice import TRUTHFULQA_PRIMER, encode_pair, mc_prompt, mmlu_shots
-from sa_lens.evaluation.utility import utility
+from sa_lens.evaluation.utility import parity, utility
 from sa_lens.interventions import HeadAblation
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -90,24 +90,13 @@ def sp_model(sp_tokenizer: LlamaTokenizerFast) -> LlamaForCausalLM:
     return model
 
 
-def _by_key(report) -> dict:
-    return {(r["subtask"], r["id"]): r for r in report.items}
-
-
-def _assert_parity(lm, builtin) -> float:
-    """Same items, every option within TOL nats, same per-item scores and task values; returns max |Δ|."""
-    a, b = _by_key(lm), _by_key(builtin)
-    assert a.keys() == b.keys() and len(a) > 0
-    worst = 0.0
-    for key in a:
-        assert a[key]["labels"] == b[key]["labels"], key
-        delta = torch.tensor(a[key]["loglikelihoods"]) - torch.tensor(b[key]["loglikelihoods"])
-        worst = max(worst, float(delta.abs().max()))
-        assert a[key]["scores"]["acc"] == pytest.approx(b[key]["scores"]["acc"], abs=1e-6), key
-    assert worst <= TOL
-    for task in lm.tasks:
-        assert lm.tasks[task]["acc"].value == pytest.approx(builtin.tasks[task]["acc"].value, abs=1e-9)
-    return worst
+def _assert_parity(lm, builtin) -> None:
+    """Same items, every option within TOL nats, same per-item scores and task values."""
+    table = parity(lm, builtin)
+    assert set(table) == set(lm.tasks) and all(row["n"] > 0 for row in table.values())
+    for task, row in table.items():
+        assert row["max_abs_delta"] <= TOL and row["score_disagreements"] == 0, (task, row)
+        assert row["acc_a"] == pytest.approx(row["acc_b"], abs=1e-9)
 
 
 def test_sentencepiece_letter_is_scored_as_one_piece(sp_tokenizer):
@@ -201,3 +190,12 @@ def test_inputs_beyond_the_window_are_cut_as_lm_eval_cuts_them(tiny_bridge, data
     # The primer and question fill more than the tiny bridge's 256 positions; both engines keep the last 256.
     kwargs = dict(data_dir=data_dir, tasks=["truthfulqa_mc2"], limit=2)
     _assert_parity(utility(tiny_bridge, **kwargs), utility(tiny_bridge, engine="builtin", **kwargs))
+
+
+def test_parity_refuses_reports_of_different_questions(sp_model, sp_tokenizer, data_dir):
+    kwargs = dict(tokenizer=sp_tokenizer, data_dir=data_dir, tasks=["mmlu"], num_fewshot=0, engine="builtin")
+    one, two = utility(sp_model, limit=1, **kwargs), utility(sp_model, limit=2, **kwargs)
+    assert parity(one, one)["mmlu"] == {"n": 2, "max_abs_delta": 0.0, "score_disagreements": 0,
+                                        "acc_a": one["mmlu"], "acc_b": one["mmlu"]}
+    with pytest.raises(InputError, match="different questions"):
+        parity(one, two)
