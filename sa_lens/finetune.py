@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.errors import InputError
+from sa_lens.prompts import token_ids
 
 __all__ = ["finetune", "supervised_batch"]
 
@@ -36,7 +37,7 @@ def supervised_batch(
         head = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        head_ids = token_ids(tokenizer, [head])[0]
         tail_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (head_ids + tail_ids)[:max_length]
         rows.append(ids)

@@ -45,7 +45,7 @@ from sa_lens.harm_removal import check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.head_ablation import ablate_heads_hooks
 from sa_lens.layer_spec import check_layers
-from sa_lens.prompts import format_prompts
+from sa_lens.prompts import format_prompts, tokenize_left_padded
 from sa_lens.provenance import model_name, portable_name
 from sa_lens.safety_vector import SafetyVector, processing_mode
 from sa_lens.sparse_delta import SparseDelta
@@ -544,7 +544,8 @@ class HeadAblation(Intervention):
         count = 0
         for text in format_prompts(model.tokenizer, list(self.mean_prompts)):
             # One text per pass: no padding positions to keep out of the mean.
-            _, cache = model.run_with_cache(text, names_filter=[f"blocks.{lay}.attn.hook_z" for lay in layers])
+            ids = tokenize_left_padded(model.tokenizer, [text], add_special_tokens=True, device=model.cfg.device)
+            _, cache = model.run_with_cache(ids["input_ids"], names_filter=[f"blocks.{lay}.attn.hook_z" for lay in layers])
             for lay in layers:
                 z = cache[f"blocks.{lay}.attn.hook_z"][0].float()  # [pos, n_heads, d_head]
                 sums[lay] = sums.get(lay, 0) + z.sum(0)

@@ -43,12 +43,16 @@ _LIBRARY_PACKAGES = ("transformers", "transformer_lens", "accelerate", "torch")
 _F = TypeVar("_F", bound=Callable)
 
 
-def _is_allowed_plain_hook(fn: Callable) -> bool:
-    """sa_lens's own PyTorch hooks (KV-cache routing, the pass counter) and the libraries' internal ones."""
-    if fn is _route_cache or isinstance(getattr(fn, "__self__", None), GenerationPasses):
-        return True
+def _from_a_library(fn: Callable) -> bool:
+    """A hook whose code lives in one of the libraries underneath (e.g. the permanent TransformerLens hooks its OPT
+    adapter wires between ``fc1`` and ``fc2``): their machinery, not a caller's change."""
     package = (getattr(fn, "__module__", None) or type(fn).__module__ or "").split(".")[0]
     return package in _LIBRARY_PACKAGES
+
+
+def _is_allowed_plain_hook(fn: Callable) -> bool:
+    """sa_lens's own PyTorch hooks (KV-cache routing, the pass counter) and the libraries' internal ones."""
+    return fn is _route_cache or isinstance(getattr(fn, "__self__", None), GenerationPasses) or _from_a_library(fn)
 
 
 def foreign_hooks(model: torch.nn.Module) -> list[str]:
@@ -68,7 +72,7 @@ def foreign_hooks(model: torch.nn.Module) -> list[str]:
                 wrapped.add(handle.hook.id)
                 fn = handle.user_hook
                 label = getattr(fn, "__name__", repr(fn))
-                if not label.startswith(OWN_HOOK_PREFIX):
+                if not (label.startswith(OWN_HOOK_PREFIX) or _from_a_library(fn)):
                     kind = "permanent " if handle.is_permanent else ""
                     found.append(f"{kind}TransformerLens {direction} hook {label!r} on {name or '<model>'}")
         for attr in _TORCH_HOOK_DICTS:

@@ -25,6 +25,7 @@ from transformers import (
 
 from sa_lens.checkpoints import refuse_pickle_weights
 from sa_lens.generation import enable_kv_cache
+from sa_lens.prompts import keep_checkpoint_bos_rule
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -191,5 +192,6 @@ def load_model(
         trust_remote_code=trust_remote_code,
     )
     bridge.eval()
+    keep_checkpoint_bos_rule(bridge.tokenizer, tokenizer)
     enable_kv_cache(bridge)
     return bridge

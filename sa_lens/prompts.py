@@ -18,9 +18,12 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from sa_lens.errors import InputError
 
+# Set on a bridge's tokenizer by keep_checkpoint_bos_rule: whether the checkpoint's own tokenizer adds a BOS.
+_CHECKPOINT_ADDS_BOS = "_sa_lens_checkpoint_adds_bos"
+
 PAPER_PREFIX = "Only provide answer of the given question and do not provide anything else. "
 
-__all__ = ["PAPER_PREFIX", "end_of_turn_ids", "format_prompts", "tokenize_left_padded", "tokenize_padded"]
+__all__ = ["PAPER_PREFIX", "end_of_turn_ids", "format_prompts", "keep_checkpoint_bos_rule", "token_ids", "tokenize_left_padded", "tokenize_padded"]
 
 # Stands in for an assistant reply when rendering a template to see what it writes after one.
 _REPLY = "sa_lens_reply_sentinel"
@@ -102,6 +105,57 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Each text's token ids, unpadded, with exactly one BOS where the tokenizer uses one.
+
+    Every path that feeds formatted text to a model goes through here (generation, ICV reads, analyses,
+    fine-tuning), so all of them see the tokens the model was trained on: chat templates that write the BOS
+    themselves (Llama-2, Llama-3, Gemma, Mistral) and tokenizers that add it (Phi-3's template does not write
+    it) would otherwise give two, or none.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        texts: formatted inputs (chat-templated or raw).
+        add_special_tokens: add the tokenizer's own special tokens (its BOS), never doubling a BOS the text
+            already starts with, and on a bridge loaded by :func:`sa_lens.load_model` only where the
+            checkpoint's own tokenizer adds one (:func:`keep_checkpoint_bos_rule`), so a bridge and the plain
+            HF model get the same ids; False leaves the text's tokens as they are.
+
+    Returns:
+        One list of ids per text.
+    """
+    rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if not (add_special_tokens and bos is not None):
+        return rows
+    checkpoint_adds_bos = getattr(tokenizer, _CHECKPOINT_ADDS_BOS, True)
+    out = []
+    for text, row in zip(texts, rows):
+        written = text.startswith(tokenizer.bos_token)
+        if row[:2] == [bos, bos] and written:
+            row = row[1:]  # the template's BOS and the tokenizer's: keep one, as the model saw in training
+        elif row[:1] == [bos] and not written and not checkpoint_adds_bos:
+            row = row[1:]  # a BOS only the bridge's tokenizer adds (TransformerLens), never the checkpoint's own
+        out.append(row)
+    return out
+
+
+def keep_checkpoint_bos_rule(
+    bridge_tokenizer: PreTrainedTokenizerBase, checkpoint_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Make :func:`token_ids` add a BOS to ``bridge_tokenizer``'s inputs only where the checkpoint's tokenizer does.
+
+    TransformerLens re-creates a bridge's tokenizer with ``add_bos_token=True`` whatever the checkpoint says,
+    so raw text on a bridge would start with a BOS that the same checkpoint loaded in Hugging Face never sees
+    (SmolLM2 and Qwen2 add none; SmolLM2's BOS is its ``<|im_start|>`` turn marker). The rule is read from the
+    checkpoint's own tokenizer and kept on the bridge's tokenizer object; TransformerLens's own ``to_tokens``
+    is left as it is.
+    """
+    bos = checkpoint_tokenizer.bos_token_id
+    adds = bos is not None and checkpoint_tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+    setattr(bridge_tokenizer, _CHECKPOINT_ADDS_BOS, adds)
+
+
 def tokenize_left_padded(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -145,11 +199,7 @@ def tokenize_padded(
         raise InputError("texts is empty; pass at least one text to tokenize.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if add_special_tokens and bos is not None:
-        # The template's BOS and the tokenizer's: keep one, as the model saw in training.
-        rows = [r[1:] if t.startswith(tokenizer.bos_token) and r[:2] == [bos, bos] else r for t, r in zip(texts, rows)]
+    rows = token_ids(tokenizer, texts, add_special_tokens)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -24,7 +24,7 @@ from sa_lens.errors import InputError
 from sa_lens.layer_spec import check_layers
 from sa_lens.model_state import in_analysis_state
 from sa_lens.precision import matmul_precision_in_force
-from sa_lens.prompts import format_prompts, tokenize_padded
+from sa_lens.prompts import format_prompts, token_ids, tokenize_padded
 from sa_lens.provenance import model_name
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class SafetyVector:
             raise InputError("from_prompts needs at least one harmful and one harmless request.")
         n_last = _positions_window(positions)
         formatted = [format_prompts(model.tokenizer, list(group)) for group in (harmful, harmless)]
-        means = [_last_positions_mean(model, t, batch_size, n_last, add_special_tokens=False).mean(0) for t in formatted]
+        means = [_last_positions_mean(model, t, batch_size, n_last).mean(0) for t in formatted]
         meta = _meta(model, positions, "mean_diff_prompts") | {"n_harmful": len(harmful), "n_harmless": len(harmless)}
         return cls((means[0] - means[1]).contiguous(), meta)
 
@@ -300,7 +300,7 @@ def _pair_states(
     come from position ids (ALiBi), or with a sliding window the texts outgrow, run every text whole.
     """
     texts = [t for pair in pairs for t in pair]
-    ids = model.tokenizer(texts, add_special_tokens=True)["input_ids"]
+    ids = token_ids(model.tokenizer, texts)
     config = model.original_model.config
     # Local attention windows (Mistral-style `sliding_window`, GPT-Neo's `window_size`) are not in the packed
     # mask: harmless only while every text fits in them.

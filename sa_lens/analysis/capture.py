@@ -49,7 +49,8 @@ def post_instruction_length(tokenizer) -> int:
 
 def encode(model: TransformerBridge, prompts: Sequence[str]):
     """Chat-templated, left-padded encoding of user requests on the model's device."""
-    return tokenize_left_padded(model.tokenizer, format_prompts(model.tokenizer, list(prompts)), device=model.cfg.device)
+    texts = format_prompts(model.tokenizer, list(prompts))
+    return tokenize_left_padded(model.tokenizer, texts, add_special_tokens=True, device=model.cfg.device)
 
 
 def has_post_attention_norm(model: TransformerBridge) -> bool:

@@ -19,7 +19,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sa_lens.errors import InputError
 from sa_lens.model_state import in_analysis_state
-from sa_lens.prompts import format_prompts
+from sa_lens.prompts import format_prompts, tokenize_left_padded
 from sa_lens.safety_vector import SafetyVector
 
 __all__ = ["attention_view", "projection_view", "save_html"]
@@ -28,7 +28,7 @@ __all__ = ["attention_view", "projection_view", "save_html"]
 def _run(model: TransformerBridge, prompt: str, hook_names: Sequence[str]) -> tuple[list[str], dict[str, Tensor]]:
     """One chat-templated prompt (no padding) through the model; returns its token strings and the hooked tensors."""
     text = format_prompts(model.tokenizer, [prompt])[0]
-    ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.cfg.device)
+    ids = tokenize_left_padded(model.tokenizer, [text], add_special_tokens=True, device=model.cfg.device)["input_ids"]
     store: dict[str, Tensor] = {}
     hooks = [(name, lambda x, hook, name=name: store.__setitem__(name, x.detach().float().cpu())) for name in hook_names]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):

@@ -172,3 +172,19 @@ def test_a_system_prompt_on_a_template_without_system_role_is_an_input_error(fam
     bridge = sa_lens.load_model(family_models["gemma2"])
     with pytest.raises(InputError, match="no system role"):
         format_prompts(bridge.tokenizer, ["hi"], system_prompt="Be safe.")
+
+
+def test_raw_format_gets_the_checkpoints_bos_rule_on_a_bridge_too(tiny_dir, tiny_bridge):
+    # The tiny ChatML tokenizer (as SmolLM2's) defines a BOS (<|im_start|>) but never adds one; TransformerLens's
+    # tokenizer would put it before every raw prompt, so bridge and HF model would read different inputs.
+    from sa_lens.prompts import token_ids
+
+    _, hf_tok = sa_lens.load_hf_model(tiny_dir)
+    texts = format_prompts(hf_tok, ["hi", "How do I bake bread?"], chat_template=False)
+    assert tiny_bridge.tokenizer("x")["input_ids"][0] == tiny_bridge.tokenizer.bos_token_id  # TransformerLens's own
+    ours = token_ids(tiny_bridge.tokenizer, texts)
+    assert ours == token_ids(hf_tok, texts) == hf_tok(texts, add_special_tokens=False)["input_ids"]
+    hf, _ = sa_lens.load_hf_model(tiny_dir)
+    assert generate_tokens(tiny_bridge, texts, 6, add_special_tokens=True) == generate_tokens(
+        hf, texts, 6, tokenizer=hf_tok, add_special_tokens=True
+    )

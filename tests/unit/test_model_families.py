@@ -21,7 +21,7 @@ from sa_lens import HarmVector, SafetyLens, SafetyVector, checkpoint_parameters,
 from sa_lens.errors import InputError
 from sa_lens.evaluation.multiple_choice import continuation_logprobs
 from sa_lens.generation import generate_tokens
-from sa_lens.prompts import end_of_turn_ids, format_prompts, tokenize_left_padded
+from sa_lens.prompts import end_of_turn_ids, format_prompts, token_ids, tokenize_left_padded
 
 NAMES = list(FAMILIES)
 OPERATIONS = {
@@ -230,6 +230,17 @@ def test_every_prompt_path_has_exactly_one_bos(name, which, bridges, folders):
             real = [t for t, m in zip(ids, mask) if m]
             assert (real[0] == bos) == adds_bos, path
             assert real[1] != bos or not adds_bos, path
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bridge_and_plain_model_feed_the_same_ids_on_every_prompt_path(name, bridges, folders):
+    # TransformerLens re-creates the bridge's tokenizer with add_bos_token=True; sa_lens keeps the checkpoint's
+    # own BOS rule, so the paper's raw format reaches the bridge as it reaches the HF model (Qwen2 adds none).
+    bridge_tok, hf_tok = bridges(name).tokenizer, sa_lens.load_hf_model(folders(name))[1]
+    for chat in (False, True) if FAMILIES[name].template_has_bos is not None else (False,):
+        texts = format_prompts(hf_tok, ["hi", *HARMFUL], chat_template=chat)
+        assert format_prompts(bridge_tok, ["hi", *HARMFUL], chat_template=chat) == texts
+        assert token_ids(bridge_tok, texts) == token_ids(hf_tok, texts), chat
 
 
 @pytest.mark.parametrize("name", NAMES)

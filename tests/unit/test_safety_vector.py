@@ -9,6 +9,7 @@ import torch
 
 import sa_lens
 from sa_lens import SafetyLens, SafetyVector, demonstration_text, safety_hooks
+from sa_lens.prompts import token_ids
 from sa_lens.steering import OFFICIAL_FACTOR, inject_official
 
 PAIRS = [
@@ -21,7 +22,7 @@ PAIRS = [
 def _per_example_reference(bridge, pairs) -> torch.Tensor:
     """Straightforward official-style loop: one unpadded text at a time, last-4 mean of each block output."""
     def states(text):
-        ids = bridge.tokenizer(text, return_tensors="pt")["input_ids"]
+        ids = torch.tensor(token_ids(bridge.tokenizer, [text]))  # the checkpoint's BOS rule, as every sa_lens path
         _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_out") and n.count(".") == 2 and n.startswith("blocks."))
         return torch.stack([cache[f"blocks.{l}.hook_out"][0, -4:].float().mean(0) for l in range(bridge.cfg.n_layers)])
 
@@ -140,7 +141,7 @@ def test_demonstration_text_matches_the_official_template():
 def _states(bridge, text, n_last, chat=False):
     if chat:
         text = bridge.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    ids = bridge.tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"]
+    ids = torch.tensor(token_ids(bridge.tokenizer, [text]))  # one BOS by the checkpoint's rule, as every sa_lens path
     _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.") and n.count(".") == 2 and n.endswith("hook_out"))
     return torch.stack([cache[f"blocks.{l}.hook_out"][0, -n_last:].float().mean(0) for l in range(bridge.cfg.n_layers)])
 
