@@ -279,24 +279,28 @@ def evaluate_scenario(
 
 def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
     """The lab table's rows from an evaluation report: per method, ASR (+ degenerate) on ``harmful``,
-    over-refusal on ``safe`` and on its XSTest-style (``contrast``) prompts, exact-match ``utility`` on ``qa``, and
-    ``asr_{name}`` on any extra harmful set; each value with its n and bootstrap 95 % interval (fractions)."""
+    over-refusal (+ ``degenerate_safe``) on ``safe`` and on its XSTest-style (``contrast``) prompts, exact-match
+    ``utility`` on ``qa``, and ``asr_{name}`` on any extra harmful set; each value with its n and bootstrap 95 %
+    interval (fractions). ASR and over-refusal leave degenerate replies out of n (see
+    :func:`sa_lens.evaluation.report.summarize`); the degenerate shares' n count every judged reply."""
     rows: dict[str, dict] = {}
     for r in report.rows:
         row = rows.setdefault(r["state"], {"scenario": scenario, "method": r["state"]})
-        metrics = {"harmful": ("asr", "degenerate"), "safe": ("over_refusal",), "qa": ("exact_match",)}.get(
+        metrics = {"harmful": ("asr", "degenerate"), "safe": ("over_refusal", "degenerate"), "qa": ("exact_match",)}.get(
             r["dataset"], ("asr",))
         for metric in metrics:
             if metric not in r:  # every judgement of the set failed: no rate (the row's "failed" says how many)
                 continue
-            key = "utility" if metric == "exact_match" else metric
-            if r["dataset"] not in ("harmful", "safe", "qa"):
+            key = {"exact_match": "utility"}.get(metric, metric)
+            if r["dataset"] == "safe" and metric == "degenerate":
+                key = "degenerate_safe"
+            elif r["dataset"] not in ("harmful", "safe", "qa"):
                 key = f"{metric}_{r['dataset']}"
             row |= {key: r[metric], f"{key}_n": r[f"{metric}_n"], f"{key}_ci95": r[f"{metric}_ci95"]}
     for method, row in rows.items():
         contrast = [rec["verdict"] in ("full_refusal", "partial_refusal") for rec in report.records
                     if rec["state"] == method and rec["dataset"] == "safe" and rec.get("category") == "contrast"
-                    and rec["verdict"] != "failed"]  # as summarize: a failed judgement is out of n
+                    and rec["verdict"] not in ("failed", "degenerate")]  # as summarize: out of n
         if not contrast:  # a cut-down safe set may hold no XSTest-style prompt: no rate, not an error
             row |= {"over_refusal_contrast": float("nan"), "over_refusal_contrast_n": 0,
                     "over_refusal_contrast_ci95": [float("nan"), float("nan")]}
@@ -321,7 +325,7 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         n = next(r for r in rows if r["scenario"] == scenario)
         lines.append(
-            f"\n{scenario} scenario — {split} split (harmful n={n['asr_n']}, safe n={n['over_refusal_n']} of which "
+            f"\n{scenario} scenario — {split} split (harmful n={n['degenerate_n']}, safe n={n['degenerate_safe_n']} of which "
             f"XSTest-style n={n['over_refusal_contrast_n']}, QA n={n['utility_n']}); keyword judge, greedy decoding, "
             "over-refusal = full + partial refusals (XSTest), bootstrap 95 % intervals in results.json"
         )

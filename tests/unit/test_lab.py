@@ -31,7 +31,8 @@ def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monk
     saved = json.loads((report / "results.json").read_text())
     assert saved["rows"] == rows and saved["config"]["split"] == "dev"
     lines = (report / "generations.jsonl").read_text().splitlines()
-    assert len(lines) == 10 * sum(r_n for r_n in (rows[0]["asr_n"], rows[0]["over_refusal_n"], rows[0]["utility_n"], 2))
+    # Every item of every set, degenerate replies included (their n is every judged reply's).
+    assert len(lines) == 10 * sum(r_n for r_n in (rows[0]["degenerate_n"], rows[0]["degenerate_safe_n"], rows[0]["utility_n"], 2))
     assert (report / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     generations = [json.loads(line) for line in lines]
 
