@@ -2,7 +2,8 @@
 
 Equivalence tests: the refactor that turns model states into intervention objects must reproduce, on the
 tiny random model of ``tests/conftest.py``, what the code did before it. The values in
-``tests/data/frozen/`` were computed from commit 67a2fbc by calling this module's group helpers
+``tests/data/frozen/`` were computed from commit 67a2fbc (the ICV, ``evaluate`` and lab files regenerated at
+a3c9872, see below) by calling this module's group helpers
 (``trimmed_harm_vector`` … ``lab_outputs``) and writing what the ``*_summary`` functions return, with the
 conftest fixtures (``build_tiny_model_dir``, seeds 0 and 1) and torch on 2 CPU threads
 (``FROZEN_THREADS``); two runs gave identical files.
@@ -21,6 +22,12 @@ that becomes the reference, call the helpers and summaries of this module from a
 conftest fixtures built there, write the summaries to the files named in ``FROZEN_FILES`` (json.dumps
 with indent=1; τH′ values with safetensors), run it twice and compare, update the commit named here and
 in ``SOURCE``, and say in the commit message which outputs changed and why.
+
+Regenerated at a3c9872 (issue 13), on purpose: (1) ICV demonstrations are raw text, and the tiny ChatML tokenizer
+defines a BOS it never adds; the bridge now follows that rule (``prompts.keep_checkpoint_bos_rule``) instead of
+TransformerLens's always-BOS, so the ICV changed and with it Safe-Align's and Safety Arithmetic's replies
+(evaluate: 4 of 76 items; lab: 64 of 1060), every other reply identical; (2) degenerate replies are left out of
+ASR's and over-refusal's n, so rows with degenerate replies changed value and n (verdicts unchanged).
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ FROZEN_FILES = {
     "evaluate": FROZEN / "evaluate.json",
     "lab": FROZEN / "lab.json",
 }
-SOURCE = "commit 67a2fbc"
+SOURCE = "commit 67a2fbc (τH′) / a3c9872 (ICV, evaluate, lab)"
 FROZEN_THREADS = 2  # torch intra-op threads when the values were computed
 # Verdict values renamed since 67a2fbc with the same meaning; both sides are compared in the new names.
 # c266f57: the keyword judge's "compliance" is "not_refused" (Verdict.from_record reads the old value).
