@@ -89,7 +89,8 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     text are the turn's terminators.
 
     Returns:
-        Distinct ids, the EOS first; empty when the tokenizer has neither an EOS nor a template.
+        Distinct ids, the EOS first; the EOS alone when the template does not render an assistant's reply;
+        empty when the tokenizer has neither an EOS nor a template.
 
     Raises:
         jinja2.TemplateError: a template that cannot render a user turn followed by an assistant turn
@@ -99,6 +100,8 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY}]
         text = tokenizer.apply_chat_template(chat, tokenize=False)
+        if _REPLY not in text:  # a template that renders no assistant turns says nothing of how one ends
+            return ids
         tail = text[text.rindex(_REPLY) + len(_REPLY) :]
         special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         ids += [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
@@ -191,7 +194,7 @@ def tokenize_padded(
     from the attention mask. Arguments and return as :func:`tokenize_left_padded`.
 
     Raises:
-        ValueError: ``padding_side`` is neither "left" nor "right", or ``texts`` is empty.
+        ValueError: ``padding_side`` is neither "left" nor "right", ``texts`` is empty, or a text has no tokens.
     """
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
@@ -200,6 +203,10 @@ def tokenize_padded(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = token_ids(tokenizer, texts, add_special_tokens)
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise InputError(f"text {empty[0]} ({texts[empty[0]]!r}) has no tokens (and this tokenizer adds no BOS); "
+                         "give every row some text.")
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -627,7 +627,13 @@ def _mmlu_item(row: dict[str, Any], i: int) -> MCItem:
     choices = tuple(str(c) for c in raw)
     answer = _get(row, "answer")
     letters = tuple(_MMLU_LETTERS)
-    index = letters.index(answer.strip()) if isinstance(answer, str) and answer.strip() in letters else int(answer)
+    letter = answer.strip().upper() if isinstance(answer, str) else None
+    if letter in letters:
+        index = letters.index(letter)
+    elif isinstance(answer, int) or (letter or "").isdigit():
+        index = int(answer)
+    else:
+        raise InputError(f"answer {answer!r} is neither a letter A-{letters[len(choices) - 1]} nor an index from 0")
     if not 0 <= index < len(choices):
         raise InputError(f"answer {answer!r} out of range")
     labels = tuple(int(k == index) for k in range(len(choices)))

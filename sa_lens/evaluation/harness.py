@@ -46,10 +46,10 @@ from sa_lens.data.public import (
 from sa_lens.errors import InputError
 from sa_lens.evaluation.decoding import GenerationSettings, preset
 from sa_lens.evaluation.judge_registry import Judge, get_judge
-from sa_lens.evaluation.judges import judge_nonblank
+from sa_lens.evaluation.judges import Verdict, judge_nonblank
 from sa_lens.evaluation.metrics import exact_match
 from sa_lens.evaluation.multiple_choice import score_items
-from sa_lens.evaluation.over_refusal import OverRefusalJudge
+from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
 from sa_lens.evaluation.report import comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.generation import generate
@@ -417,12 +417,26 @@ def _run_batch(
         ]
     judge = harm_judge if s.kind == "harmful" else refusal_judge
     # Blank replies (empty, whitespace, end-of-turn markers) never reach a judge, a user's own judge included.
-    verdicts = judge_nonblank(judge.judge_batch, prompts, replies)
+    verdicts = _checked(judge, s.kind, judge_nonblank(judge.judge_batch, prompts, replies))
     return [
         {"dataset": s.name, "kind": s.kind, "macro": s.macro, "id": s.ids[i], "category": s.categories[i],
-         "prompt": p, "response": r, "verdict": getattr(v, "value", v), "judge": judge.name}
+         "prompt": p, "response": r, "verdict": v, "judge": judge.name}
         for i, p, r, v in zip(idx, prompts, replies, verdicts)
     ]
+
+
+def _checked(judge: Any, kind: str, verdicts: list) -> list[str]:
+    """The verdicts as stored values, refused before anything is written when a judge returns something else: a
+    stored unknown value would fail every later summary, and a rerun would reuse it."""
+    allowed = [v.value for v in (Verdict if kind == "harmful" else RefusalClass)]
+    values = [getattr(v, "value", v) for v in verdicts]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        what = "sa_lens.evaluation.Verdict" if kind == "harmful" else "sa_lens.evaluation.over_refusal.RefusalClass"
+        raise InputError(f"judge {getattr(judge, 'name', judge)!r} returned {bad[0]!r} on a {kind} set; it must return "
+                         f"{what} values ({', '.join(allowed)}) — return FAILED where it cannot decide.")
+    return values
+
 
 
 def _write(report: EvalReport) -> None:

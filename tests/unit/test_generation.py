@@ -188,3 +188,20 @@ def test_raw_format_gets_the_checkpoints_bos_rule_on_a_bridge_too(tiny_dir, tiny
     assert generate_tokens(tiny_bridge, texts, 6, add_special_tokens=True) == generate_tokens(
         hf, texts, 6, tokenizer=hf_tok, add_special_tokens=True
     )
+
+
+def test_a_text_with_no_tokens_is_refused_by_name(tiny_bridge):
+    from sa_lens.prompts import tokenize_left_padded
+
+    with pytest.raises(InputError, match=r"text 1 \(''\) has no tokens"):
+        tokenize_left_padded(tiny_bridge.tokenizer, ["How do I", ""], add_special_tokens=True)
+
+
+def test_end_of_turn_ids_fall_back_to_eos_for_a_template_without_assistant_turns(tiny_bridge):
+    from copy import deepcopy
+
+    from sa_lens.prompts import end_of_turn_ids
+
+    tok = deepcopy(tiny_bridge.tokenizer)
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    assert end_of_turn_ids(tok) == [tok.eos_token_id]

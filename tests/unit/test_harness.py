@@ -334,3 +334,22 @@ def test_empty_replies_are_degenerate_for_every_judge_and_flagged_in_the_table(t
     assert "asr" not in row and row["headline"] is None and row["no_value"] == "all degenerate"
     assert row["degenerate"] == 1.0
     assert "n/a (degenerate 100 %)" in report.comparison and "n/a (all degenerate)" in report.summary
+
+
+@pytest.mark.parametrize("bad", [None, "unsafe", True])
+def test_a_judge_returning_something_else_than_verdicts_is_refused_before_anything_is_stored(tiny_bridge, tmp_path, bad):
+    class Sloppy:
+        name = "sloppy"
+
+        def judge_batch(self, prompts, responses):
+            return [bad for _ in responses]
+
+    with pytest.raises(ValueError, match=r"judge 'sloppy' returned .* it must return sa_lens.evaluation.Verdict"):
+        evaluate(tiny_bridge, [HARMFUL], Sloppy(), out_dir=tmp_path, settings=SAMPLED, progress=False)
+    # Nothing unreadable was kept: a fixed judge of the same name then runs, no stored record trips it.
+    class Fixed(Sloppy):
+        def judge_batch(self, prompts, responses):
+            return [Verdict.SAFE for _ in responses]
+
+    report = evaluate(tiny_bridge, [HARMFUL], Fixed(), out_dir=tmp_path, settings=SAMPLED, progress=False)
+    assert {r["verdict"] for r in report.records} <= {"safe", "degenerate"}

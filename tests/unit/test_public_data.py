@@ -166,6 +166,15 @@ def test_an_mmlu_answer_that_is_no_letter_is_reported_not_read_as_a(tmp_path, an
         load_public("mmlu", f)
 
 
+def test_an_mmlu_answer_letter_in_lowercase_is_read_and_a_wrong_one_is_named(tmp_path):
+    f = tmp_path / "algebra_test.csv"
+    f.write_text("question,choice0,choice1,choice2,choice3,answer\nWhat is 1+1?,1,2,3,4, b\nWhat is 2+2?,1,2,3,4,x\n")
+    with pytest.raises(DataError, match=r"item 2 .*neither a letter A-D nor an index"):
+        load_public("mmlu", f)
+    f.write_text("question,choice0,choice1,choice2,choice3,answer\nWhat is 1+1?,1,2,3,4, b\n")
+    assert load_public("mmlu", f).items[0].labels == (0, 1, 0, 0)
+
+
 def test_set_reprs_name_the_set_not_its_prompts():
     long = "Explain, step by step, something nobody should print in a repr. " * 20
     prompts = PromptSet("advbench", "harmful", (long,) * 500, tuple(map(str, range(500))), ("a", "b") * 250, "walledai/AdvBench")
