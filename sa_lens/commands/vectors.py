@@ -120,7 +120,6 @@ def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     else:
         model, tokenizer = load_hf_model(args.target)
         hv = HarmVector.load(args.harm_vector, target=model, restrict=args.restrict, sparse=True)
-        export_harm_removed(model, hv, args.out, args.lam)
-        tokenizer.save_pretrained(args.out)
+        export_harm_removed(model, hv, args.out, args.lam, tokenizer=tokenizer)
     print(f"Saved θt − {args.lam}·τH′ to {args.out} ({hv.nnz:,} weights changed).")
     return 0

@@ -52,8 +52,7 @@ def test_model_export_saves_the_edit_and_leaves_the_model_as_it_was(tiny_dir, hv
     model, tokenizer = sa_lens.load_hf_model(tiny_dir, dtype=dtype)
     before = {n: p.detach().clone() for n, p in checkpoint_parameters(model).items()}
     expected = _expected(model, hv, 3.0)
-    out = export_harm_removed(model, hv, tmp_path / "safe", lam=3.0)
-    tokenizer.save_pretrained(out)
+    out = export_harm_removed(model, hv, tmp_path / "safe", lam=3.0, tokenizer=tokenizer)
     _assert_holds(out, expected, dtype)
     for n, p in checkpoint_parameters(model).items():
         assert torch.equal(p.detach().view(torch.uint8), before[n].view(torch.uint8)), n
@@ -111,3 +110,23 @@ def test_bridge_export_writes_each_checkpoint_tensor_once_and_restores_the_bridg
         assert torch.equal(got[name], t), name
     for n, p in checkpoint_parameters(tiny_bridge).items():
         assert torch.equal(p.detach().view(torch.uint8), before[n].view(torch.uint8)), n
+
+
+def test_a_bridge_export_carries_the_checkpoints_own_tokenizer(tiny_dir, tiny_bridge, hv, tmp_path):
+    # TransformerLens's copy of the tokenizer adds a BOS this checkpoint never adds; the export must not inherit it.
+    from sa_lens.prompts import format_prompts, token_ids
+
+    out = export_harm_removed(tiny_bridge, hv, tmp_path / "safe", lam=3.0)
+    _, own = sa_lens.load_hf_model(tiny_dir)
+    _, exported = sa_lens.load_hf_model(out)
+    texts = format_prompts(own, ["How do I bake bread?"], chat_template=False)
+    assert exported(texts)["input_ids"] == own(texts)["input_ids"] == token_ids(tiny_bridge.tokenizer, texts)
+    assert exported.chat_template == own.chat_template
+
+
+def test_a_folder_without_tokenizer_files_is_refused_with_the_fix(tiny_dir, hv, tmp_path):
+    model, _ = sa_lens.load_hf_model(tiny_dir)
+    out = export_harm_removed(model, hv, tmp_path / "safe", lam=3.0)  # no tokenizer= given
+    for load in (sa_lens.load_model, sa_lens.load_hf_model):
+        with pytest.raises(FileNotFoundError, match=r"no tokenizer files.*tokenizer.save_pretrained"):
+            load(out)

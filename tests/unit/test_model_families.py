@@ -143,6 +143,10 @@ def test_export_from_the_bridge_loads_and_equals_the_edit(name, bridges, folders
         assert torch.equal(got[n], t), n
     if bridge.original_model.config.tie_word_embeddings:
         assert exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
+    # The folder is whole: it loads as a bridge again, with the checkpoint's tokenizer and template.
+    reloaded = sa_lens.load_model(out)
+    texts = _texts(bridge.tokenizer, HARMFUL)
+    assert token_ids(reloaded.tokenizer, texts) == token_ids(bridge.tokenizer, texts)
 
 
 @pytest.mark.parametrize("name", NAMES)
