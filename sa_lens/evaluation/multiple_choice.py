@@ -238,11 +238,11 @@ def continuation_logprobs(
     for start in range(0, len(unique), batch_size):
         batch = unique[start : start + batch_size]
         ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
         for r, seq in enumerate(batch):
             ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-        logits = hf(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device)).logits
+        # No attention mask, as lm-eval: right padding is never attended to by the causal positions before it, and
+        # without a padding mask attention takes its plain causal path.
+        logits = hf(input_ids=ids.to(hf.device)).logits
         for r, seq in enumerate(batch):
             for i in rows_of[seq]:
                 cont = pairs[i][1]
