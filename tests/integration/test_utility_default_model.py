@@ -1,6 +1,6 @@
 """Utility on the embedded SmolLM2-135M-Instruct: the built-in scorer equals lm-eval's HFLM item by item.
 
-Kept small for CI (about 3 minutes on one CPU thread): the first 4 questions, 5-shot, of the 6 MMLU subjects with
+Kept small for CI (90 s on 2 CPU threads): the first 4 questions, 5-shot, of the 6 MMLU subjects with
 the shortest prompts, and the first 4 TruthfulQA questions for MC1 and MC2 (the full measurement, 228 MMLU
 questions over all subjects, is analyses/utility_parity.py).
 """
