@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sa_lens.bridge import is_bridge
+from sa_lens.bridge import checkpoint_tokenizer, is_bridge
 from sa_lens.errors import InputError
 from sa_lens.positions import prompt_length
 from sa_lens.prompts import end_of_turn_ids, format_prompts, tokenize_left_padded
@@ -80,13 +80,17 @@ def hf_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The Hugging Face model to run (a bridge's own, with KV-cache routing on) and its tokenizer.
 
+    For a bridge the tokenizer is the checkpoint's own (:func:`sa_lens.bridge.checkpoint_tokenizer`), not
+    TransformerLens's copy made with ``add_bos_token=True``: what runs on the HF module then reads exactly what
+    the same checkpoint reads in Hugging Face, lm-eval or vLLM.
+
     Raises:
         ValueError: a plain HF model without ``tokenizer``.
         TypeError: neither a bridge nor a ``PreTrainedModel``.
     """
     if is_bridge(model):
         enable_kv_cache(model)
-        return model.original_model, tokenizer or model.tokenizer
+        return model.original_model, tokenizer or checkpoint_tokenizer(model)
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
             raise InputError("A plain Hugging Face model needs its tokenizer: pass tokenizer=tok.")

@@ -27,7 +27,9 @@ Regenerated at a3c9872 (issue 13), on purpose: (1) ICV demonstrations are raw te
 defines a BOS it never adds; the bridge now follows that rule (``prompts.keep_checkpoint_bos_rule``) instead of
 TransformerLens's always-BOS, so the ICV changed and with it Safe-Align's and Safety Arithmetic's replies
 (evaluate: 4 of 76 items; lab: 64 of 1060), every other reply identical; (2) degenerate replies are left out of
-ASR's and over-refusal's n, so rows with degenerate replies changed value and n (verdicts unchanged).
+ASR's and over-refusal's n, so rows with degenerate replies changed value and n (verdicts unchanged); (3) at the
+next commit, multiple choice on a bridge reads the checkpoint's tokenizer (no BOS here, as lm-eval's HFLM), which
+changed one MMLU item's score (Safe-Align m2) in evaluate.json.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sa_lens.bridge import checkpoint_tokenizer
 from sa_lens.data.public import MCItem, MCSet
 from sa_lens.errors import InputError
 from sa_lens.evaluation.multiple_choice import (
@@ -28,9 +29,12 @@ def _direct(hf, ids: list[int], n_cont: int) -> torch.Tensor:
 
 
 def test_logprob_equals_a_direct_forward_on_the_joint_encoding(tiny_bridge):
-    tok = tiny_bridge.tokenizer
+    # Scored with the checkpoint's own tokenizer (this one adds no BOS), as `lm_eval --model hf` reads it, not with
+    # TransformerLens's copy that always adds one.
+    tok = checkpoint_tokenizer(tiny_bridge)
+    assert tok("x")["input_ids"][0] != tok.bos_token_id and tiny_bridge.tokenizer("x")["input_ids"][0] == tok.bos_token_id
     ctx, cont = "The capital of France is", " Paris"
-    whole = tok(ctx + cont)["input_ids"]  # the bridge's tokenizer adds BOS itself
+    whole = tok(ctx + cont)["input_ids"]
     n_ctx = len(tok(ctx)["input_ids"])
     got = continuation_logprobs(tiny_bridge, [ctx], [cont])[0]
     assert torch.isclose(got, _direct(tiny_bridge.original_model, whole, len(whole) - n_ctx), atol=1e-4)
@@ -96,15 +100,15 @@ def test_mmlu_shots_are_the_first_k_per_subject_in_file_order():
 def test_plain_hugging_face_model_scores_like_its_bridge(tiny_bridge, tiny_dir):
     import sa_lens
 
-    hf, _ = sa_lens.load_hf_model(tiny_dir)
+    hf, own = sa_lens.load_hf_model(tiny_dir)  # each with its own tokenizer, as a user has them
     ctxs, conts = ["Q: sky?\nA:", "Q: bread?\nA:"], [" blue", " flour and water"]
-    assert torch.allclose(continuation_logprobs(hf, ctxs, conts, tokenizer=tiny_bridge.tokenizer),
+    assert torch.allclose(continuation_logprobs(hf, ctxs, conts, tokenizer=own),
                           continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
 
 
 def test_bos_follows_the_tokenizer_unless_forced(tiny_bridge, tiny_dir):
-    # lm-eval's HFLM: the checkpoint's own tokenizer adds no BOS, so none is scored; add_bos_token=False on the
-    # bridge's tokenizer (which adds one) gives the same numbers.
+    # lm-eval's HFLM: the checkpoint's own tokenizer adds no BOS, so none is scored — on the bridge too, whose
+    # TransformerLens tokenizer would add one (passed explicitly, it does).
     import sa_lens
 
     hf, tok = sa_lens.load_hf_model(tiny_dir)
@@ -116,8 +120,9 @@ def test_bos_follows_the_tokenizer_unless_forced(tiny_bridge, tiny_dir):
         assert whole[0] != tok.bos_token_id
         want.append(_direct(hf, whole, len(whole) - n_ctx))
     assert torch.allclose(own, torch.stack(want), atol=1e-4)
-    assert torch.allclose(own, continuation_logprobs(tiny_bridge, ctxs, conts, add_bos_token=False), atol=1e-4)
-    assert not torch.allclose(own, continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
+    assert torch.allclose(own, continuation_logprobs(tiny_bridge, ctxs, conts), atol=1e-4)
+    assert not torch.allclose(own, continuation_logprobs(tiny_bridge, ctxs, conts, tokenizer=tiny_bridge.tokenizer),
+                              atol=1e-4)
 
 
 def test_inputs_beyond_the_context_window_lose_their_left_as_in_lm_eval(tiny_bridge):
