@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sa_lens.data import DataError
 from sa_lens.data.public import (
     PUBLIC_SETS,
+    MCItem,
     MCSet,
     PromptSet,
     QASet,
@@ -48,7 +49,7 @@ from sa_lens.evaluation.decoding import GenerationSettings, preset
 from sa_lens.evaluation.judge_registry import Judge, get_judge
 from sa_lens.evaluation.judges import Verdict, judge_nonblank
 from sa_lens.evaluation.metrics import exact_match
-from sa_lens.evaluation.multiple_choice import score_items
+from sa_lens.evaluation.multiple_choice import MMLU_SHOTS, mmlu_shots, score_items
 from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
 from sa_lens.evaluation.report import comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
@@ -232,6 +233,7 @@ def evaluate(
     batch_size: int = 16,
     tokenizer: PreTrainedTokenizerBase | None = None,
     over_refusal_judge: OverRefusalJudge | None = None,
+    mmlu_dev: MCSet | None = None,
     retry_failed: bool = True,
     n_boot: int = 2000,
     seed: int = 0,
@@ -261,6 +263,10 @@ def evaluate(
         batch_size: prompts (or questions) per batch; also the unit of loss on a crash.
         tokenizer: only for a plain HF model.
         over_refusal_judge: the judge for safe sets (default: XSTest classes by keyword rules).
+        mmlu_dev: MMLU's dev split (``load_public("mmlu", path, split="dev")``) for 5-shot letter-scored sets, as
+            the paper reports MMLU (lm-eval's first five dev questions of each subject); None scores zero-shot.
+            Both use lm-eval's prompt (subject header, joint tokenisation); :func:`sa_lens.evaluation.utility`
+            runs lm-eval itself.
         retry_failed: on resume, redo items whose judgement FAILED.
         n_boot: bootstrap resamples for the 95 % intervals.
         seed: subset and bootstrap seed (sampling seeds come from ``settings.seed``).
@@ -313,9 +319,13 @@ def evaluate(
     store = ResultStore(out / "results.jsonl" if out else None)
     model_id = model_name(model)
 
+    shots = mmlu_shots(mmlu_dev) if mmlu_dev is not None else None
+    # lm-eval's prompt and tokenisation (since issue 13): records scored the older way are not reused.
+    mc_config = f"lmeval-{MMLU_SHOTS}shot" if shots is not None else "lmeval-0shot"
+
     def config_of(s: EvalSet, fingerprint: str) -> str:
         if s.kind == "mc":
-            return f"{model_id}|{fingerprint}|mc-{s.scoring}"
+            return f"{model_id}|{fingerprint}|mc-{s.scoring}|{mc_config if s.scoring == 'letter' else 'lmeval'}"
         digest = settings_of[s.name].digest()
         if s.kind == "qa":
             return f"{model_id}|{fingerprint}|{digest}|{BATCHING}|exact-match"
@@ -337,7 +347,8 @@ def evaluate(
                     batch = _batch_digest(s, idx, b)
                     todo = [not _reusable(store, k, s, i, batch, retry_failed) for k, i in zip(keys, idx)]
                     if any(todo):
-                        recs = _run_batch(model, tokenizer, s, idx, b, settings_of[s.name], harm_judge, refusal_judge)
+                        recs = _run_batch(model, tokenizer, s, idx, b, settings_of[s.name], harm_judge, refusal_judge,
+                                          shots)
                         for rec, k, i in zip(recs, keys, idx):
                             rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i), "batch": batch}
                         store.append(r for r, redo in zip(recs, todo) if redo)
@@ -394,10 +405,12 @@ def _run_batch(
     settings: GenerationSettings,
     harm_judge: Judge,
     refusal_judge: OverRefusalJudge,
+    shots: Mapping[str, Sequence[MCItem]] | None = None,
 ) -> list[dict]:
     if isinstance(s, MCSet):
         items = [s.items[i] for i in idx]
-        scores = score_items(model, s, items, tokenizer, batch_size=len(items))
+        scores = score_items(model, s, items, tokenizer, batch_size=len(items),
+                             shots=shots if s.scoring == "letter" else None)
         return [
             {"dataset": s.name, "kind": "mc", "scoring": s.scoring, "id": it.id, "category": it.category,
              "prompt": it.question, "score": sc}

@@ -353,3 +353,16 @@ def test_a_judge_returning_something_else_than_verdicts_is_refused_before_anythi
 
     report = evaluate(tiny_bridge, [HARMFUL], Fixed(), out_dir=tmp_path, settings=SAMPLED, progress=False)
     assert {r["verdict"] for r in report.records} <= {"safe", "degenerate"}
+
+
+def test_mmlu_dev_scores_five_shot_as_lm_eval_and_is_part_of_the_resume_key(tiny_bridge, tmp_path):
+    from sa_lens.evaluation.multiple_choice import mmlu_shots, score_items
+
+    dev = MCSet("mmlu", "letter", tuple(MCItem(f"d{i}", f"What is {i}+2?", ("1", "2", "3", "4"), (0, 0, 1, 0))
+                                         for i in range(5)), "test")
+    five = evaluate(tiny_bridge, [MC], mmlu_dev=dev, out_dir=tmp_path, progress=False)
+    want = score_items(tiny_bridge, MC, MC.items, shots=mmlu_shots(dev))
+    assert [r["score"] for r in five.records] == want
+    zero = evaluate(tiny_bridge, [MC], out_dir=tmp_path, progress=False)  # the 5-shot records are not reused
+    assert [r["score"] for r in zero.records] == score_items(tiny_bridge, MC, MC.items)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * len(MC.items)
