@@ -2,7 +2,8 @@
 
 Runs :func:`sa_lens.evaluation.utility.utility` twice over the same questions — ``engine="lm_eval"`` (lm-eval's
 ``HFLM`` and task configs, local data handed over) and ``engine="builtin"`` (:mod:`sa_lens.evaluation.multiple_choice`)
-— on SmolLM2-135M-Instruct through its bridge (the bridge's tokenizer, which adds BOS), and writes per task the
+— on SmolLM2-135M-Instruct through its bridge (the checkpoint's own tokenizer, which adds no BOS, as
+``lm_eval --model hf`` reads it), and writes per task the
 largest |Δ| of an option's log-likelihood, the questions whose score differs, both accuracies and both run times.
 
 Subset (fixed, no sampling): MMLU 5-shot, the first ``--mmlu-per-subject`` test questions (default 4; lm-eval's
@@ -89,7 +90,7 @@ def main() -> None:
     doc = {
         "model": model_name(model),
         "weights_fingerprint": state_fingerprint(model),
-        "tokenizer": "the bridge's (adds BOS)",
+        "tokenizer": "the checkpoint's own (adds no BOS), as lm_eval --model hf",
         "subset": {"mmlu": f"first {args.mmlu_per_subject} test questions of each subject, 5-shot (first 5 dev)",
                    "mmlu_subjects_excluded": sorted(args.exclude),
                    "truthfulqa": f"first {args.truthfulqa} questions of mc_task.json, MC1 and MC2, 0-shot + primer"},

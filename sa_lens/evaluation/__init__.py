@@ -21,6 +21,10 @@ from sa_lens.evaluation.metrics import (
 from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
 from sa_lens.evaluation.states import STATE_NAMES, safety_arithmetic_states
 
+# The function, as the docs call it (sal.evaluation.utility(...)); the module stays importable by its full path
+# (from sa_lens.evaluation.utility import UtilityReport), lm-eval is imported only when it runs.
+from sa_lens.evaluation.utility import UtilityReport, parity, utility
+
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
     "JUDGES",
@@ -32,6 +36,7 @@ __all__ = [
     "OverRefusalJudge",
     "Rate",
     "RefusalClass",
+    "UtilityReport",
     "Verdict",
     "accuracy",
     "attack_success_rate",
@@ -44,8 +49,10 @@ __all__ = [
     "load_sets",
     "macro_mean",
     "normalize_answer",
+    "parity",
     "preset",
     "safety_arithmetic_states",
     "rate",
     "refusal_rate",
+    "utility",
 ]

@@ -1,7 +1,7 @@
 """Judges by name: ``keyword`` (default), ``llm``, ``llama-guard``, ``harmbench-classifier``.
 
 Every judge has ``name`` and ``judge_batch(prompts, responses) -> list[Verdict]``; the heavy ones are
-imported only when asked for, so the keyword path needs neither httpx nor a classifier download.
+imported only when asked for, so the keyword path needs neither the openai client nor a classifier download.
 """
 
 from __future__ import annotations

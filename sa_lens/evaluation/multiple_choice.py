@@ -205,8 +205,8 @@ def continuation_logprobs(
     left, as in lm-eval.
 
     Args:
-        model: a bridge (its tokenizer by default, which adds BOS in TransformerLens; hooks and edits active
-            around the call apply) or a plain HF model.
+        model: a bridge (by default its checkpoint's own tokenizer, not TransformerLens's always-BOS copy;
+            hooks and edits active around the call apply) or a plain HF model.
         contexts: one context per row.
         continuations: one continuation per row.
         tokenizer: required for plain HF models; overrides a bridge's.

@@ -293,9 +293,9 @@ def utility(
             hub. ARC and HellaSwag always come from the hub.
         batch_size: inputs per forward pass.
         tokenizer: required for a plain HF model; overrides a bridge's.
-        add_bos_token: None = the tokenizer's own special tokens (lm-eval's default). A bridge's tokenizer adds
-            BOS (TransformerLens); ``lm_eval --model hf`` on a checkpoint whose own tokenizer adds none (SmolLM2,
-            GPT-2) scores without it: pass False to reproduce that.
+        add_bos_token: None = the tokenizer's own special tokens (lm-eval's default). On a bridge loaded by
+            :func:`sa_lens.load_model` that is the checkpoint's own tokenizer, not TransformerLens's copy that
+            always adds a BOS, so the run reads what ``lm_eval --model hf`` reads; True/False forces it.
         engine: ``lm_eval`` (lm-eval's ``HFLM`` and task configs) or ``builtin`` (MMLU and TruthfulQA through
             :mod:`sa_lens.evaluation.multiple_choice`; same prompts and tokens, one process, no task machinery).
         n_boot: bootstrap resamples of each interval (≥ 100).
