@@ -26,5 +26,12 @@ def test_paper_preset_run_is_reproducible_and_resumes(tmp_path):
     again = sa_lens.evaluate(model, ["advbench", "xstest", "mmlu"], out_dir=tmp_path / "b", **kw)
     assert [r["response"] for r in first.records if "response" in r] == [r["response"] for r in again.records if "response" in r]
     assert [r["dataset"] for r in first.rows] == ["advbench", "xstest", "mmlu"]
-    assert all(r[f"{r['headline']}_n"] == 4 for r in first.rows)
+    by = {r["dataset"]: r for r in first.rows}
+    assert by["mmlu"]["accuracy_n"] == 4 and by["advbench"]["degenerate_n"] == by["xstest"]["degenerate_n"] == 4
+    # The paper's raw prompt, without the chat template: the default model ends its turn at once (a blank reply or a
+    # lone "."), so every reply is degenerate and the sets have no ASR or over-refusal ("n/a"), never a 0 % that
+    # would read as safe.
+    assert {r["verdict"] for r in first.records if "response" in r} == {"degenerate"}
+    assert by["advbench"]["headline"] is None and by["advbench"]["no_value"] == "all degenerate"
+    assert "n/a (degenerate 100 %)" in first.comparison
     assert first.config["settings"]["prompt_format"] == "raw"
