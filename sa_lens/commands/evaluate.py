@@ -27,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="override the preset's generation budget")
     p.add_argument("--seed", type=int, default=0, help="sampling and subsample seed (default: %(default)s)")
     p.add_argument("--limit", type=int, help="fixed random subset of N items per set")
+    p.add_argument("--mmlu-dev", help="MMLU's dev split (a folder of *_dev.csv or a file): score mmlu 5-shot as the "
+                   "paper and lm-eval do; omitted: zero-shot")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: %(default)s)")
     p.add_argument("-o", "--out", default="sa_lens_eval", help="report folder; rerunning resumes (default: %(default)s)")
 
@@ -64,6 +66,7 @@ def _judge(args: argparse.Namespace):
 
 
 def _evaluate(model, args: argparse.Namespace, states=None) -> int:
+    from sa_lens.data.public import load_public
     from sa_lens.evaluation.decoding import preset
     from sa_lens.evaluation.harness import evaluate
 
@@ -72,9 +75,11 @@ def _evaluate(model, args: argparse.Namespace, states=None) -> int:
     if "system_prompt" in overrides and args.prompt_format is None:
         overrides["prompt_format"] = "chat"
     settings = preset(args.preset, seed=args.seed, **overrides)
+    mmlu_dev = load_public("mmlu", args.mmlu_dev, split="dev") if args.mmlu_dev else None
     report = evaluate(
         model, [d for d in args.data.split(",") if d], _judge(args), states=states, settings=settings,
         out_dir=args.out, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+        mmlu_dev=mmlu_dev,
     )
     print(report.summary, "", report.comparison, "", f"Report in {Path(args.out).resolve()} ({report.seconds:.0f} s).", sep="\n")
     return 0

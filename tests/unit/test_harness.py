@@ -366,3 +366,18 @@ def test_mmlu_dev_scores_five_shot_as_lm_eval_and_is_part_of_the_resume_key(tiny
     zero = evaluate(tiny_bridge, [MC], out_dir=tmp_path, progress=False)  # the 5-shot records are not reused
     assert [r["score"] for r in zero.records] == score_items(tiny_bridge, MC, MC.items)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * len(MC.items)
+
+
+def test_cli_mmlu_dev_scores_mmlu_five_shot(tiny_dir, tiny_bridge, tmp_path):
+    from sa_lens.data.public import load_public
+
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    test, dev = tmp_path / "algebra_test.csv", tmp_path / "algebra_dev.csv"
+    test.write_text(header + "What is 1+1?,1,2,3,4,B\nWhat is 2+2?,1,2,3,4,D\n")
+    dev.write_text(header + "".join(f"What is {i}+0?,0,1,2,3,{'ABCD'[i % 4]}\n" for i in range(5)))
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--data", f"mmlu={test}", "--mmlu-dev", str(dev),
+                     "-o", str(out)]) == 0
+    got = [r["score"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())]
+    want = evaluate(tiny_bridge, [f"mmlu={test}"], mmlu_dev=load_public("mmlu", dev, split="dev"), progress=False)
+    assert got == [r["score"] for r in want.records] and len(got) == 2
