@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.bridge import checkpoint_tokenizer, is_bridge
 from sa_lens.errors import InputError
+from sa_lens.eval_mode import eval_mode
 from sa_lens.positions import prompt_length
 from sa_lens.prompts import end_of_turn_ids, format_prompts, tokenize_left_padded
 
@@ -149,7 +150,8 @@ def generate_tokens(
         # Greedy: clear sampling knobs a checkpoint's generation_config may carry, which would only warn.
         sampling.update(temperature=None, top_k=None, top_p=None)
     # Lets position-policy hooks tell prompt from generated columns, with and without the KV cache.
-    with prompt_length(enc["input_ids"].shape[1], hf):
+    # Eval mode for the call (a model left in train() would sample dropout), the caller's modes restored after.
+    with eval_mode(hf), prompt_length(enc["input_ids"].shape[1], hf):
         out = hf.generate(
             **enc,
             max_new_tokens=max_new_tokens,

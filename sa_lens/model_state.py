@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 
 from sa_lens.errors import InputError
+from sa_lens.eval_mode import eval_mode
 from sa_lens.generation import _route_cache
 from sa_lens.positions import GenerationPasses
 
@@ -110,13 +111,8 @@ def analysis_state(model: torch.nn.Module, what: str = "this analysis") -> Itera
             "the handle their register_*_hook call returned (handle.remove()); to analyse a modified model, apply "
             "the change as a sa_lens intervention (with iv.apply(model): ...)."
         )
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def in_analysis_state(fn: _F) -> _F:

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data.public import MCItem, MCSet
 from sa_lens.errors import InputError
+from sa_lens.eval_mode import eval_mode
 from sa_lens.generation import hf_and_tokenizer
 
 if TYPE_CHECKING:
@@ -243,7 +244,8 @@ def continuation_logprobs(
             ids[r, : len(seq)] = torch.tensor(seq)
         # No attention mask, as lm-eval: right padding is never attended to by the causal positions before it, and
         # without a padding mask attention takes its plain causal path.
-        logits = hf(input_ids=ids.to(hf.device)).logits
+        with eval_mode(hf):  # a model left in train() would score through dropout
+            logits = hf(input_ids=ids.to(hf.device)).logits
         for r, seq in enumerate(batch):
             for i in rows_of[seq]:
                 cont = pairs[i][1]

@@ -205,3 +205,19 @@ def test_end_of_turn_ids_fall_back_to_eos_for_a_template_without_assistant_turns
     tok = deepcopy(tiny_bridge.tokenizer)
     tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
     assert end_of_turn_ids(tok) == [tok.eos_token_id]
+
+
+def test_a_model_left_in_train_mode_generates_and_scores_as_in_eval_mode_and_stays_in_train(tiny_dir):
+    from sa_lens.evaluation.multiple_choice import continuation_logprobs
+
+    hf, tok = sa_lens.load_hf_model(tiny_dir)
+    texts = format_prompts(tok, ["How do I bake bread?", "hi"])
+    want = generate_tokens(hf, texts, 6, tokenizer=tok)
+    want_ll = continuation_logprobs(hf, ["Q: sky?\nA:"], [" blue"], tokenizer=tok)
+    for layer in hf.model.layers:  # dropout that acts only in train mode
+        layer.self_attn.attention_dropout = 0.5
+    hf.train()
+    torch.manual_seed(0)
+    assert generate_tokens(hf, texts, 6, tokenizer=tok) == want
+    assert torch.equal(continuation_logprobs(hf, ["Q: sky?\nA:"], [" blue"], tokenizer=tok), want_ll)
+    assert all(m.training for m in hf.modules())
