@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.data.public import HARMBENCH_CONTEXT_SEPARATOR
 from sa_lens.errors import InputError
-from sa_lens.evaluation.judges import Verdict, check_aligned, judge_nonblank
+from sa_lens.evaluation.judges import Verdict, judge_nonblank
 from sa_lens.generation import generate_tokens
 from sa_lens.models import load_hf_model
 from sa_lens.provenance import model_name, portable_name
@@ -282,7 +282,6 @@ class _ClassifierJudge(ABC):
         Raises:
             ValueError: misaligned inputs.
         """
-        check_aligned(prompts, responses)
         return judge_nonblank(self._classify, prompts, responses)
 
     def _classify(self, prompts: list[str], responses: list[str]) -> list[Verdict]:

@@ -35,7 +35,7 @@ import openai
 
 from sa_lens.errors import InputError
 from sa_lens.evaluation.judge_registry import JudgeUnavailableError
-from sa_lens.evaluation.judges import Verdict, check_aligned, judge_nonblank
+from sa_lens.evaluation.judges import Verdict, judge_nonblank
 
 __all__ = ["JUDGE_PROMPT", "JudgeUnavailableError", "LLMJudge", "parse_verdict"]
 
@@ -199,7 +199,6 @@ class LLMJudge:
             ValueError: misaligned inputs.
             JudgeUnavailableError: the endpoint is unreachable after the retries or rejects the request itself.
         """
-        check_aligned(prompts, responses)
         results = judge_nonblank(self._judge_all, prompts, responses, blank=(Verdict.DEGENERATE, ""))
         self.errors = [(i, why) for i, (v, why) in enumerate(results) if v is Verdict.FAILED]
         return [v for v, _ in results]
