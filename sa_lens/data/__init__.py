@@ -1,6 +1,6 @@
 """Bundled, project-written prompt sets and readers for user-supplied prompt files.
 
-The package ships five data files, all written for this project (none is copied from a public
+The package ships seven data files, all written for this project (none is copied from a public
 benchmark):
 
 * ``harmful.jsonl``: harmful *requests* (never harmful content), each with a ``category``.
@@ -8,10 +8,19 @@ benchmark):
   that sound dangerous but are safe).
 * ``qa.jsonl``: short common-knowledge questions with a list of accepted ``answers``.
 * ``sft_task.jsonl``: grade-school math word problems with worked answers (the benign SFT task).
+* ``edits.jsonl``: CounterFact-style fact edits (Meng et al. 2022) for ROME's efficacy,
+  generalisation and specificity: ``subject``, a ``prompt`` with ``{}`` where the subject goes,
+  ``target_new`` and ``target_true`` (each with a leading space), ``paraphrase_prompts``,
+  ``neighborhood_prompts`` (``{"prompt", "target"}`` about other subjects, to stay unchanged) and
+  ``relation``. The default model prefers ``target_true`` before any edit.
+* ``noint_edits.jsonl``: NoIntentEdit-style benign question/answer edits whose topics sit near harm
+  categories (the paper's EDIT scenario): ``cluster``, ``question``, ``answer``, ``subject`` (a
+  phrase found verbatim in the question and the paraphrase) and ``paraphrase``.
 * ``refusal_templates.json``: polite refusal responses.
 
 ``harmful``, ``safe`` and ``qa`` carry a fixed ``split`` field (``train``/``dev``/``test``,
-about 50/20/30, stratified by category or type).
+about 50/20/30, stratified by category or type); ``sft_task``, ``edits`` and ``noint_edits`` have
+no splits.
 
 Example:
     >>> from sa_lens.data import load_bundled, load_prompts
@@ -42,8 +51,15 @@ __all__ = [
     "refusal_templates",
 ]
 
-BUNDLED: tuple[str, ...] = ("harmful", "safe", "qa", "sft_task")
+BUNDLED: tuple[str, ...] = ("harmful", "safe", "qa", "sft_task", "edits", "noint_edits")
 """Names accepted by :func:`load_bundled`."""
+
+_UNSPLIT: dict[str, str] = {
+    "sft_task": "it is all training data",
+    "edits": "every row is one edit request",
+    "noint_edits": "every row is one edit request",
+}
+"""Bundled sets without a ``split`` field, with the reason a split makes no sense for each."""
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 """Values of the ``split`` field in the bundled sets."""
@@ -121,24 +137,26 @@ def load_bundled(name: str, split: str | None = None) -> list[dict[str, Any]]:
     """Load one of the data sets bundled with sa_lens.
 
     Args:
-        name: One of ``"harmful"``, ``"safe"``, ``"qa"`` or ``"sft_task"``.
+        name: One of ``"harmful"``, ``"safe"``, ``"qa"``, ``"sft_task"``, ``"edits"`` or
+            ``"noint_edits"``.
         split: ``"train"``, ``"dev"`` or ``"test"`` to keep only that split; ``None`` keeps
-            all records. ``sft_task`` has no splits (it is all training data).
+            all records. ``sft_task`` (all training data), ``edits`` and ``noint_edits`` (edit
+            requests) have no splits.
 
     Returns:
         The records as dicts, in file order (a fresh list on every call).
 
     Raises:
         ValueError: If ``name`` or ``split`` is not one of the valid choices, or a split is
-            asked of ``sft_task``.
+            asked of ``sft_task``, ``edits`` or ``noint_edits``.
         DataError: If the bundled file is missing or malformed.
     """
     if name not in BUNDLED:
         raise InputError(f"unknown bundled data set {name!r}; valid names: {', '.join(BUNDLED)}")
     if split is not None and split not in SPLITS:
         raise InputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)} (or None for all)")
-    if split is not None and name == "sft_task":
-        raise InputError("sft_task has no splits (it is all training data); call load_bundled('sft_task')")
+    if split is not None and name in _UNSPLIT:
+        raise InputError(f"{name} has no splits ({_UNSPLIT[name]}); call load_bundled({name!r})")
     filename = f"{name}.jsonl"
     records = _parse_jsonl(_read_bundled(filename), filename)
     if split is None:

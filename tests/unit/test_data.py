@@ -95,7 +95,85 @@ def test_load_bundled_rejects_bad_arguments() -> None:
         load_bundled("harmful", split="validation")
     with pytest.raises(ValueError, match="no splits"):
         load_bundled("sft_task", split="train")
-    assert set(BUNDLED) == {"harmful", "safe", "qa", "sft_task"}
+    assert set(BUNDLED) == {"harmful", "safe", "qa", "sft_task", "edits", "noint_edits"}
+
+
+@pytest.mark.parametrize("name", ["edits", "noint_edits"])
+def test_edit_sets_have_no_splits(name: str) -> None:
+    assert load_bundled(name)
+    with pytest.raises(ValueError, match=rf"{name} has no splits.*load_bundled\('{name}'\)"):
+        load_bundled(name, split="test")
+
+
+EDIT_KEYS = {"id", "subject", "prompt", "target_new", "target_true", "paraphrase_prompts",
+             "neighborhood_prompts", "relation"}
+NOINT_KEYS = {"id", "cluster", "question", "answer", "subject", "paraphrase"}
+
+
+def test_edits_schema_and_ids() -> None:
+    records = load_bundled("edits")
+    assert len(records) >= 14
+    assert all(set(r) == EDIT_KEYS for r in records)
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"edit-\d{2}", i) for i in ids)
+    assert len({r["subject"] for r in records}) == len(records), "one edit per subject"
+
+
+def test_edit_prompts_hold_one_subject_slot_and_name_the_subject_once() -> None:
+    for r in load_bundled("edits"):
+        prompts = [r["prompt"], *r["paraphrase_prompts"]]
+        assert len(r["paraphrase_prompts"]) == 2, r["id"]
+        for prompt in prompts:
+            assert prompt.count("{}") == 1, (r["id"], prompt)
+            assert prompt == prompt.strip(), (r["id"], prompt)
+            assert prompt.format(r["subject"]).count(r["subject"]) == 1, (r["id"], prompt)
+
+
+def test_edit_targets_start_with_a_space_and_differ() -> None:
+    for r in load_bundled("edits"):
+        for target in (r["target_new"], r["target_true"]):
+            assert target.startswith(" ") and target.strip() and not target.startswith("  "), (r["id"], target)
+        assert r["target_new"] != r["target_true"], r["id"]
+        assert isinstance(r["relation"], str) and r["relation"].strip(), r["id"]
+
+
+def test_edit_neighborhood_prompts_are_about_other_subjects() -> None:
+    for r in load_bundled("edits"):
+        neighbors = r["neighborhood_prompts"]
+        assert len(neighbors) == 2, r["id"]
+        for n in neighbors:
+            assert set(n) == {"prompt", "target"}, r["id"]
+            assert "{}" not in n["prompt"] and r["subject"] not in n["prompt"], (r["id"], n["prompt"])
+            assert n["target"].startswith(" ") and n["target"].strip(), (r["id"], n["target"])
+            # A neighbour answered by target_new could not show the edit leaking into it.
+            assert n["target"] != r["target_new"], (r["id"], n["prompt"])
+
+
+def test_noint_edits_schema_ids_and_clusters() -> None:
+    records = load_bundled("noint_edits")
+    assert len(records) >= 12
+    assert all(set(r) == NOINT_KEYS for r in records)
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"noint-\d{2}", i) for i in ids)
+    assert len({r["cluster"] for r in records}) >= 8
+    assert len({r["question"].casefold() for r in records}) == len(records), "duplicate questions"
+
+
+def test_noint_subject_occurs_verbatim_in_question_and_paraphrase() -> None:
+    for r in load_bundled("noint_edits"):
+        assert r["subject"].strip() == r["subject"] and r["subject"], r["id"]
+        assert r["subject"] in r["question"], r["id"]
+        assert r["subject"] in r["paraphrase"], r["id"]
+        assert r["paraphrase"] != r["question"], r["id"]
+        assert r["question"].endswith("?") and r["paraphrase"].endswith("?"), r["id"]
+
+
+def test_noint_answers_are_25_to_45_words() -> None:
+    for r in load_bundled("noint_edits"):
+        assert 25 <= len(r["answer"].split()) <= 45, (r["id"], len(r["answer"].split()))
+        assert 8 <= len(r["question"].split()) <= 14, (r["id"], r["question"])
 
 
 def test_load_bundled_returns_fresh_lists() -> None:
