@@ -8,7 +8,7 @@ traceback, since that one is a bug to report. The subclasses also derive from th
 
 from __future__ import annotations
 
-__all__ = ["InputError", "SaLensError"]
+__all__ = ["ConvergenceError", "InputError", "SaLensError"]
 
 
 class SaLensError(Exception):
@@ -17,3 +17,7 @@ class SaLensError(Exception):
 
 class InputError(SaLensError, ValueError):
     """An argument, option, file content or model does not fit what was asked (a wrong shape, range, name…)."""
+
+
+class ConvergenceError(SaLensError, RuntimeError):
+    """An optimisation stopped short of its target (a knowledge edit's loss stayed above its bound); nothing was applied."""

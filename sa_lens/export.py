@@ -27,7 +27,7 @@ from sa_lens.harm_removal import apply_harm_removal, check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector, ModelLike, architecture_state_names, checkpoint_parameters
 from sa_lens.parameter_names import checkpoint_name
 
-__all__ = ["export_harm_removed"]
+__all__ = ["export_harm_removed", "save_checkpoint"]
 
 
 def export_harm_removed(
@@ -71,8 +71,21 @@ def export_harm_removed(
     if not hasattr(model, "save_pretrained"):
         raise InputError("export_harm_removed needs a checkpoint folder or a model with save_pretrained; got a state dict.")
     with harm_removal(target, hv, lam):
-        model.save_pretrained(out, state_dict=_checkpoint_state_dict(model))
-    tokenizer = tokenizer or (checkpoint_tokenizer(target) if is_bridge(target) else None)
+        return save_checkpoint(target, out, tokenizer)
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Save a bridge's or HF model's weights as they are now as a ``from_pretrained`` folder, each tensor once under
+    its checkpoint name (:func:`_checkpoint_state_dict`), with ``tokenizer`` (default for a bridge loaded by
+    :func:`sa_lens.load_model`: the checkpoint's own).
+
+    Returns:
+        ``out_dir``.
+    """
+    out = Path(out_dir)
+    hf = model.original_model if is_bridge(model) else model
+    hf.save_pretrained(out, state_dict=_checkpoint_state_dict(hf))
+    tokenizer = tokenizer or (checkpoint_tokenizer(model) if is_bridge(model) else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

@@ -18,8 +18,8 @@ from typing import Literal
 
 from sa_lens.errors import InputError
 
-__all__ = ["KINDS", "Kind", "Projection", "attention_projection", "checkpoint_name", "layer_index", "parameter_kind",
-           "select_names"]
+__all__ = ["KINDS", "Kind", "Projection", "attention_projection", "checkpoint_name", "is_mlp_output_projection",
+           "layer_index", "parameter_kind", "select_names"]
 
 Kind = Literal["attention", "mlp", "embeddings", "norms", "tower", "other"]
 KINDS: tuple[Kind, ...] = ("attention", "mlp", "embeddings", "norms", "tower", "other")
@@ -41,6 +41,13 @@ _KIND_PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
     ("mlp", re.compile(r"\.(?:mlp|feed_forward|block_sparse_moe)\.")),
 )
 _PROJECTION = re.compile(_ATTENTION + r"(?:([qkvo])_proj|(dense))\.weight$")
+# The matrix that writes an MLP's hidden activations back into the residual stream: Llama/Mistral/Qwen/Gemma/Phi-3
+# ``mlp.down_proj``, GPT-2 ``mlp.c_proj`` (Conv1D), GPT-NeoX/Falcon ``mlp.dense_4h_to_h``, Phi-2 ``mlp.fc2``, OPT
+# ``fc2`` directly under the layer, GPT-J ``mlp.fc_out``. A mixture of experts has one per expert
+# (``experts.N.w2``), so no single matrix is "the" MLP output there.
+_MLP_OUTPUT = re.compile(
+    r"\.(?:(?:mlp|feed_forward)\.(?:down_proj|c_proj|dense_4h_to_h|fc2|fc_out)|fc2)\.weight$"
+)
 
 
 def checkpoint_name(name: str) -> str:
@@ -90,6 +97,17 @@ def attention_projection(name: str) -> Projection | None:
     if not m:
         return None
     return m.group(1) or "o"
+
+
+def is_mlp_output_projection(name: str) -> bool:
+    """Whether a decoder weight is its layer's MLP output projection (what ROME edits: Meng et al. 2022, §3).
+
+    True for ``model.layers.5.mlp.down_proj.weight``, ``transformer.h.5.mlp.c_proj.weight`` (GPT-2's attention
+    ``attn.c_proj`` is not), ``gpt_neox.layers.5.mlp.dense_4h_to_h.weight``, OPT's ``model.decoder.layers.5.fc2.weight``;
+    False outside the decoder layers and for the experts of a mixture of experts.
+    """
+    name = checkpoint_name(name)
+    return layer_index(name) is not None and parameter_kind(name) in ("mlp", "other") and bool(_MLP_OUTPUT.search(name))
 
 
 def select_names(
