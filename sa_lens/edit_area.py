@@ -21,10 +21,15 @@ from sa_lens.checkpoints import (
     paired_names,
 )
 from sa_lens.errors import InputError
-from sa_lens.harm_vector import ModelLike, checkpoint_parameters
-from sa_lens.parameter_names import layer_index
+from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
+from sa_lens.parameter_names import layer_index, select_names
+from sa_lens.topk import Count
 
-__all__ = ["EditArea", "detect_edit_area"]
+__all__ = ["VARIANTS", "EditArea", "detect_edit_area", "edit_area_vector"]
+
+VARIANTS = ("paper", "official")
+"""How HDR treats the edit area: ``paper`` (Eqs. 11–13: τH zero outside it, top-k within it) or ``official``
+(the official code: top-k within the area, the full untrimmed τH kept outside it; paper-notes.md §2.3)."""
 
 
 @dataclass(frozen=True)
@@ -95,3 +100,42 @@ def detect_edit_area(
     n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
     area = sorted({j for i in changed_layers for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < n_layers})
     return EditArea(changed, tuple(changed_layers), tuple(area))
+
+
+def edit_area_vector(
+    hv: HarmVector, layers: tuple[int, ...] | list[int], top_k: float | None = 0.10, variant: str = "paper",
+    count: Count = "official",
+) -> HarmVector:
+    """τH for HDR in the EDIT scenario: trimmed to its top-k by magnitude *within* the edit area.
+
+    Args:
+        hv: the untrimmed harm vector τH = θH − θb over the whole model.
+        layers: the edit area (:attr:`EditArea.layers`).
+        top_k: fraction kept within the area (global threshold over the area's parameters); None = no trim
+            (the task-vector baseline restricted to the area, as the official code's HDR‡ mask is).
+        variant: ``"paper"`` (default; zero outside the area, paper Eqs. 11–13) or ``"official"`` (the untrimmed
+            τH outside the area as well, as the official code subtracts it; paper-notes.md §2.3, §7.6).
+        count: the trim's counting rule (:meth:`HarmVector.trim`).
+
+    Returns:
+        A new :class:`HarmVector`; its ``meta`` records the area and the variant.
+
+    Raises:
+        ValueError: an unknown variant, an empty area, or no parameter of ``hv`` in it.
+    """
+    if variant not in VARIANTS:
+        raise InputError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+    layers = tuple(sorted(set(layers)))
+    if not layers:
+        raise InputError("The edit area is empty: the edited model does not differ from the base in any decoder "
+                         "layer. Check that --target is the edited model and --base the model it was edited from.")
+    inside = hv.restrict(layers=layers)
+    if not inside.deltas:
+        raise InputError(f"The harm vector has no parameter in the edit area {list(layers)}.")
+    if top_k is not None:
+        inside = inside.trim(top_k, scope="global", count=count)
+    deltas = dict(inside.deltas)
+    if variant == "official":
+        kept = set(select_names(hv.deltas, layers=layers))
+        deltas |= {n: d for n, d in hv.deltas.items() if n not in kept}
+    return HarmVector(deltas, {**inside.meta, "edit_area": list(layers), "edit_area_variant": variant})
