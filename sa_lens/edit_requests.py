@@ -6,7 +6,8 @@ Two row forms are read (:meth:`EditRequest.from_row`, :func:`load_edits`):
   goes (``"{} is located in the city of"``), ``target_new`` (or ``target``), optional ``target_true``,
   ``paraphrase_prompts`` and ``neighborhood_prompts`` (``{"prompt", "target"}``: facts that must not move).
 - **NoIntentEdit-style** (the Safety Arithmetic paper's edit instances, paper-notes.md §6): ``question`` and
-  ``answer``, optional ``subject`` and ``paraphrase``. The rows name no subject, so, as documented here: the
+  ``answer`` (column names in any case: the paper's file has ``Question``, ``Answer``), optional ``subject`` and
+  ``paraphrase``. The rows name no subject, so, as documented here: the
   prompt is the question, the target is the answer, and the subject is the row's ``subject`` when given, else the
   question without its trailing ``?`` and its leading question words (``"What are the effects of bullying?"`` →
   ``"the effects of bullying"``). ROME reads its key at the subject's *last* token, so the derived subject puts
@@ -114,6 +115,8 @@ class EditRequest:
         Raises:
             ValueError: a row of neither form, or a bad field (names the row).
         """
+        # Column names in any case: the paper's own file (Unintentional_Edit_Instance) has Question, Answer, Cluster.
+        row = {**{str(k).lower(): v for k, v in row.items()}, **row}
         rid = str(row.get("id", row.get("case_id", index)))
         if "question" in row and "answer" in row:
             question = str(row["question"])
@@ -145,8 +148,8 @@ def load_edits(source: str | os.PathLike | Sequence[Mapping]) -> list[EditReques
     """Edit requests from a JSONL / JSON / CSV file (:func:`sa_lens.data.load_records`) or from rows.
 
     Raises:
-        ValueError: no rows, or a row that is not a valid request (every row is checked before any is used).
-        FileNotFoundError: a missing file.
+        ValueError: no rows, or a row that is not a valid request (every row is checked before any is used); a
+            missing or malformed file (:class:`sa_lens.data.DataError`).
     """
     if isinstance(source, (str, os.PathLike)):
         from sa_lens.data import load_records

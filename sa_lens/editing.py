@@ -103,11 +103,16 @@ class RomeOptions:
             value = getattr(self, name)
             if not (is_finite_real(value) and value >= 0):
                 raise InputError(f"{name} must be a finite number ≥ 0; got {value!r}.")
-        if not self.contexts or any(not isinstance(c, str) for c in self.contexts):
+        # One string is refused, not read as a sequence of one-character texts.
+        contexts = () if isinstance(self.contexts, str) else tuple(self.contexts)
+        if not contexts or any(not isinstance(c, str) for c in contexts):
             raise InputError("contexts must be a non-empty sequence of strings (the first is usually '').")
-        object.__setattr__(self, "contexts", tuple(self.contexts))
+        object.__setattr__(self, "contexts", contexts)
         if self.stats_texts is not None:
-            object.__setattr__(self, "stats_texts", tuple(self.stats_texts))
+            texts = () if isinstance(self.stats_texts, str) else tuple(self.stats_texts)
+            if not texts or any(not isinstance(t, str) for t in texts):
+                raise InputError("stats_texts must be None (the bundled text) or a non-empty sequence of strings.")
+            object.__setattr__(self, "stats_texts", texts)
 
 
 @dataclass(frozen=True)

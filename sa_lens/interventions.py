@@ -17,7 +17,8 @@ The paper's states (paper §3, paper-notes.md §2–3)::
     Safe-Align         = SafeAlign(pairs=pairs, alpha=α)        # ICV read from the model as it is, then injected
     Safety Arithmetic  = Compose([HarmRemoval(hv, lam), SafeAlign(pairs=pairs, alpha=α)])   # ICV read from θ̂
 
-and the analyses' ablations: :class:`DirectionalAblation` (Arditi et al. 2024) and :class:`HeadAblation`.
+the EDIT scenario's edited model (paper §4): :class:`KnowledgeEdit` (ROME, Meng et al. 2022), and the analyses'
+ablations: :class:`DirectionalAblation` (Arditi et al. 2024) and :class:`HeadAblation`.
 Design after mergekit's method registry and steering-vectors' ``SteeringVector.apply``.
 """
 
@@ -31,7 +32,7 @@ import os
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -40,11 +41,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM
+from sa_lens.edit_requests import EditRequest
+from sa_lens.editing import RomeOptions, _batch, _hf_and_tokenizer, _requests, knowledge_edit
 from sa_lens.errors import InputError
 from sa_lens.harm_removal import check_lam, harm_removal
 from sa_lens.harm_vector import HarmVector
 from sa_lens.head_ablation import ablate_heads_hooks
 from sa_lens.layer_spec import check_layers
+from sa_lens.mlp_projection import mlp_output
 from sa_lens.prompts import format_prompts, tokenize_left_padded
 from sa_lens.provenance import model_name, portable_name
 from sa_lens.safety_vector import SafetyVector, processing_mode
@@ -61,6 +65,7 @@ __all__ = [
     "HarmRemoval",
     "HeadAblation",
     "Intervention",
+    "KnowledgeEdit",
     "SafeAlign",
     "from_dict",
     "load",
@@ -571,6 +576,76 @@ class HeadAblation(Intervention):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class KnowledgeEdit(Intervention):
+    """ROME knowledge edits of one layer's MLP output projection, restored bit-exactly on exit (paper §4, EDIT).
+
+    The paper's EDIT scenario edits the target with ROME (Meng et al. 2022, §3) and shows the edit erodes safety;
+    ``Compose([KnowledgeEdit(edits, layer=4), HarmRemoval(hv, lam)])`` is HDR on the edited model. Applying runs
+    :func:`sa_lens.editing.knowledge_edit`: each request's rank-one update ΔW (``[d_model, d_mlp]``, GPT-2's
+    ``Conv1D`` stores it transposed) is computed on the model as the previous ones left it, and the weight is
+    written back bit for bit on exit, also after an exception. The update is recomputed at every ``apply``
+    (deterministic for fixed options on one model and device; key statistics are cached by
+    :mod:`sa_lens.edit_stats`).
+
+    Attributes:
+        edits: the requests, applied in order (:class:`~sa_lens.edit_requests.EditRequest`, or rows of either
+            form :meth:`EditRequest.from_row` reads, normalised to requests on construction).
+        layer: the decoder layer whose MLP output projection is edited.
+        options: :class:`~sa_lens.editing.RomeOptions` (steps, lr, KL and weight-decay factors, key-statistics
+            corpus, …); every field is part of the fingerprint.
+
+    Raises:
+        ValueError: (on construction) no edits, one request not wrapped in a list, a malformed row or request, a
+            layer that is not an integer ≥ 0, options that are not RomeOptions; (on check/apply) a layer past the
+            model's, an architecture without one locatable MLP output projection (a mixture of experts), a subject
+            with no token of its own, ``chat`` without a chat template.
+        ConvergenceError: (on apply) an edit whose target NLL stayed above ``options.max_loss``; nothing stays applied.
+    """
+
+    edits: tuple[EditRequest, ...]
+    layer: int
+    options: RomeOptions = RomeOptions()
+    kind: ClassVar[str] = "knowledge_edit"
+
+    def __post_init__(self) -> None:
+        edits = self.edits
+        if not isinstance(edits, (EditRequest, Mapping, str, bytes)):
+            edits = list(edits) if isinstance(edits, Iterable) else [edits]
+            bad = sorted({type(e).__name__ for e in edits if not isinstance(e, (EditRequest, Mapping))})
+            if bad:
+                raise InputError(f"KnowledgeEdit edits must be EditRequests or rows (dicts); got {', '.join(bad)}.")
+        object.__setattr__(self, "edits", tuple(_requests(edits)))
+        layer = _index(self.layer, "KnowledgeEdit layer")
+        if layer < 0:
+            raise InputError(f"KnowledgeEdit layer must be a decoder layer index ≥ 0; got {layer}.")
+        object.__setattr__(self, "layer", layer)
+        if not isinstance(self.options, RomeOptions):
+            raise InputError(f"KnowledgeEdit options must be RomeOptions, got {type(self.options).__name__}.")
+
+    @property
+    def name(self) -> str:
+        return f"ROME L{self.layer} ×{len(self.edits)}"
+
+    def to_dict(self) -> dict:
+        # Through JSON once so tuples are lists: the dict equals what from_dict reads back.
+        return {"kind": self.kind, "edits": json.loads(json.dumps([asdict(r) for r in self.edits])),
+                "layer": self.layer, "options": json.loads(json.dumps(asdict(self.options)))}
+
+    def check(self, model: TransformerBridge) -> None:
+        _, tokenizer = _hf_and_tokenizer(model, None)
+        site = mlp_output(model, self.layer)
+        if self.options.chat and not getattr(tokenizer, "chat_template", None):
+            raise InputError("KnowledgeEdit with RomeOptions(chat=True) needs a tokenizer with a chat template.")
+        for request in self.edits:  # every request's tokens (subject position, target), nothing optimised
+            _batch(tokenizer, request, self.options, site.weight.device)
+
+    @contextlib.contextmanager
+    def apply(self, model: TransformerBridge) -> Iterator[TransformerBridge]:
+        with knowledge_edit(model, self.edits, self.layer, self.options):
+            yield model
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Compose(Intervention):
     """Several interventions applied in order and undone in reverse; ``Compose([])`` is the original model.
 
@@ -620,7 +695,7 @@ class Compose(Intervention):
 
 
 INTERVENTIONS: dict[str, type] = {
-    cls.kind: cls for cls in (HarmRemoval, SafeAlign, DirectionalAblation, HeadAblation, Compose)
+    cls.kind: cls for cls in (HarmRemoval, SafeAlign, DirectionalAblation, HeadAblation, KnowledgeEdit, Compose)
 }
 """Registry: the ``kind`` written by ``to_dict`` → the class :func:`from_dict` rebuilds."""
 
@@ -692,6 +767,14 @@ def _from_dict(d: Any, vectors: dict, depth: int) -> Intervention:
             kind_of = d.get("direction_type")
             direction = v if kind_of == "safety_vector" else v.directions[0] if kind_of == "tensor_1d" else v.directions
             return DirectionalAblation(direction, layers, seq("sites"), d.get("allow_other_model", False))
+        if kind == "knowledge_edit":
+            options = d["options"]
+            if not isinstance(options, Mapping):
+                raise TypeError(f"'options' must be an object; got {options!r}")
+            rows = seq("edits")
+            if not all(isinstance(r, Mapping) for r in rows):
+                raise TypeError("each of 'edits' must be an object of EditRequest fields")
+            return KnowledgeEdit(tuple(EditRequest(**r) for r in rows), d["layer"], RomeOptions(**options))
         return HeadAblation(seq("heads"), d["mode"], seq("mean_prompts"))
     except KeyError as e:
         raise InputError(f"{kind} config lacks the field {e.args[0]!r}; write configs with to_dict or save.") from None
