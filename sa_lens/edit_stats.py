@@ -33,6 +33,10 @@ __all__ = ["bundled_texts", "key_second_moment"]
 _MEMO: dict[str, tuple[Tensor, int]] = {}
 
 
+class _KeysRead(Exception):
+    """Ends a statistics forward pass once the projection's keys are read (as ROME's nethook ``stop=True``)."""
+
+
 def bundled_texts() -> list[str]:
     """The plain texts the default statistics are estimated on (all of ``sa_lens.data``'s bundled sets)."""
     from sa_lens import data
@@ -103,6 +107,7 @@ def key_second_moment(
         k = args[0][mask.to(args[0].device)].detach().double().cpu()
         total += k.T @ k
         count += k.shape[0]
+        raise _KeysRead  # the layers above and the LM head cannot change these keys: skip them
 
     handle = site.module.register_forward_pre_hook(hook)
     device = next(model.parameters()).device
@@ -112,7 +117,10 @@ def key_second_moment(
                 enc = tokenize_padded(tokenizer, texts[b : b + batch_size], "right", add_special_tokens=True, device=device)
                 ids, attn = enc["input_ids"][:, :max_length], enc["attention_mask"][:, :max_length]
                 mask = attn.bool()
-                model(input_ids=ids, attention_mask=attn)
+                try:
+                    model(input_ids=ids, attention_mask=attn, use_cache=False)
+                except _KeysRead:
+                    pass
     finally:
         handle.remove()
     mom2 = (total / count).float()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
 from sa_lens import SafetyVector, demonstration_text, evaluate, load_hf_model
 from sa_lens.data.public import PromptSet
+from sa_lens.edit_requests import EditRequest
+from sa_lens.editing import RomeOptions
 from sa_lens.evaluation.decoding import preset
 from sa_lens.harm_removal import harm_removal
 from sa_lens.harm_vector import HarmVector
@@ -20,6 +24,7 @@ from sa_lens.interventions import (
     DirectionalAblation,
     HarmRemoval,
     HeadAblation,
+    KnowledgeEdit,
     SafeAlign,
     from_dict,
     load,
@@ -389,3 +394,185 @@ def test_a_resume_with_another_batch_size_or_a_grown_set_equals_a_fresh_run(tiny
         resumed = evaluate(tiny_bridge, [s], out_dir=tmp_path, batch_size=batch_size, **kw)
         fresh = evaluate(tiny_bridge, [s], batch_size=batch_size, **kw)
         assert [r["response"] for r in resumed.records] == [r["response"] for r in fresh.records]
+
+
+# ---- KnowledgeEdit (ROME; paper §4, EDIT) --------------------------------------------------------------------
+
+
+SEA = EditRequest("Tell me about {}", "the sea", " blue", target_true=" bread", id="sea")
+SKY_ROW = {"id": "sky", "prompt": "Tell me about {}", "subject": "the sky", "target_new": " four"}
+ROME_FAST = RomeOptions(steps=15, stats_texts=("The sky is blue.", "Two plus two is four.", "Tell me a story."))
+
+
+@pytest.fixture()
+def rome_cache(tmp_path, monkeypatch):
+    """ROME's key statistics in a fresh cache folder and memo, never the user's."""
+    from sa_lens import edit_stats
+
+    monkeypatch.setenv("SA_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(edit_stats, "_MEMO", {})
+
+
+def test_knowledge_edit_reads_rows_as_requests_and_names_itself():
+    iv = KnowledgeEdit([SEA, SKY_ROW, SEA], 4)
+    assert iv.edits == (SEA, EditRequest.from_row(SKY_ROW, 1), SEA) and iv.options == RomeOptions()
+    assert iv.name == "ROME L4 ×3" and iv.vectors() == {}
+    assert KnowledgeEdit((r for r in [SEA]), np.int64(0)).layer == 0
+    assert KnowledgeEdit([asdict(SEA)], 4) == KnowledgeEdit([SEA], 4)  # a row of the request's own fields
+
+
+_EDIT_CHANGES = {
+    "prompt": dict(prompt="Say something about {}"), "subject": dict(subject="the ocean", prompt="Tell me about {}"),
+    "target": dict(target=" green"), "target_true": dict(target_true=None), "paraphrases": dict(paraphrases=("{}?",)),
+    "neighbours": dict(neighbours=(("The sky is", " blue"),)), "id": dict(id="sea2"),
+}
+_OPTION_CHANGES = {
+    "steps": 41, "lr": 0.25, "kl_factor": 0.5, "weight_decay": 0.0, "clamp_norm_factor": 2.0, "early_stop_loss": 0.1,
+    "max_loss": 2.0, "chat": True, "contexts": ("",), "ridge": 1e-3, "stats_texts": ("One text.",),
+}
+
+
+def test_the_knowledge_edit_fingerprint_covers_every_request_and_option_field_and_the_layer():
+    from dataclasses import fields, replace
+
+    assert set(_EDIT_CHANGES) == {f.name for f in fields(EditRequest)}  # a new field must join the lists
+    assert set(_OPTION_CHANGES) == {f.name for f in fields(RomeOptions)}
+    ref = KnowledgeEdit([SEA], 4)
+    seen = {ref.fingerprint()}
+    variants = [KnowledgeEdit([replace(SEA, **c)], 4) for c in _EDIT_CHANGES.values()]
+    variants += [KnowledgeEdit([SEA], 4, replace(RomeOptions(), **{k: v})) for k, v in _OPTION_CHANGES.items()]
+    variants += [KnowledgeEdit([SEA], 5), KnowledgeEdit([SEA, SEA], 4), KnowledgeEdit([SEA, SKY_ROW], 4),
+                 KnowledgeEdit([SKY_ROW, SEA], 4)]
+    for iv in variants:
+        assert iv.fingerprint() not in seen, iv.to_dict()
+        seen.add(iv.fingerprint())
+    assert KnowledgeEdit([replace(SEA)], 4) == ref and hash(KnowledgeEdit([SEA], 4)) == hash(ref)
+
+
+def test_knowledge_edit_round_trips_through_json_and_files(tmp_path):
+    iv = KnowledgeEdit([replace_request(SEA), SKY_ROW], 1, RomeOptions(steps=7, chat=True, stats_texts=("a", "b")))
+    d = json.loads(json.dumps(iv.to_dict()))
+    assert d == iv.to_dict() and d["options"]["stats_texts"] == ["a", "b"] and d["edits"][0]["neighbours"]
+    back = from_dict(d)
+    assert back == iv and back.edits == iv.edits and back.options == iv.options and back.name == iv.name
+    loaded = load(save(Compose((iv, KnowledgeEdit([SEA], 0))), tmp_path / "edit.json"))
+    assert loaded.steps == (iv, KnowledgeEdit([SEA], 0)) and loaded.steps[0].options == iv.options
+
+
+def replace_request(r: EditRequest) -> EditRequest:
+    from dataclasses import replace
+
+    return replace(r, paraphrases=("Say something about {}",), neighbours=(("The sky is", " blue"),))
+
+
+def test_knowledge_edit_applies_rome_and_restores_bit_for_bit(tiny_bridge, rome_cache):
+    from sa_lens.editing import edit_scores
+
+    iv = KnowledgeEdit([SEA, SKY_ROW], 0, ROME_FAST)
+    before, logits = _snapshot(tiny_bridge), tiny_bridge(PROMPT)
+    with iv.apply(tiny_bridge) as model:
+        assert model is tiny_bridge and not torch.allclose(tiny_bridge(PROMPT), logits)
+        assert edit_scores(tiny_bridge, [SEA])[0]["efficacy"] == 1.0
+        changed = [n for n, p in _snapshot(tiny_bridge).items() if not torch.equal(p, before[n])]
+        assert [n.replace("._original_component", "") for n in changed] == ["model.layers.0.mlp.down_proj.weight"]
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items())
+    with pytest.raises(RuntimeError, match="boom"):
+        with iv.apply(tiny_bridge):
+            raise RuntimeError("boom")
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items())
+    assert torch.equal(tiny_bridge(PROMPT), logits)
+
+
+def test_knowledge_edit_then_harm_removal_compose_as_the_edit_scenario_and_restore(tiny_bridge, hv, rome_cache):
+    from sa_lens.editing import knowledge_edit
+
+    edit = KnowledgeEdit([SEA], 0, ROME_FAST)
+    composed = Compose((edit, HarmRemoval(hv, 3.0)))
+    assert composed.name == "ROME L0 ×1 + HDR λ=3"
+    before = _snapshot(tiny_bridge)
+    with composed.apply(tiny_bridge):
+        got = tiny_bridge(PROMPT)
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items())
+    with knowledge_edit(tiny_bridge, [SEA], 0, ROME_FAST), harm_removal(tiny_bridge, hv, 3.0):
+        want = tiny_bridge(PROMPT)
+    with edit.apply(tiny_bridge):
+        edited_only = tiny_bridge(PROMPT)
+    assert torch.equal(got, want) and not torch.allclose(got, edited_only)
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items())
+
+
+def test_knowledge_edit_check_finds_the_projection_and_tokenises_without_optimising(tiny_bridge, monkeypatch):
+    import sa_lens.editing as editing
+
+    monkeypatch.setattr(editing, "_rome_update", lambda *a, **k: pytest.fail("check optimised"))
+    before = _snapshot(tiny_bridge)
+    KnowledgeEdit([SEA, SKY_ROW], 1).check(tiny_bridge)
+    with pytest.raises(ValueError, match=r"layer must be a decoder layer index in 0\.\.1; got 2"):
+        KnowledgeEdit([SEA], 2).check(tiny_bridge)
+    with pytest.raises(ValueError, match=r"layer must be a decoder layer index in 0\.\.1; got 2"):
+        with KnowledgeEdit([SEA], 2).apply(tiny_bridge):
+            pytest.fail("entered")
+    tokenizer = tiny_bridge.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    monkeypatch.setattr(editing, "checkpoint_tokenizer", lambda bridge: tokenizer)
+    with pytest.raises(ValueError, match="chat template"):
+        KnowledgeEdit([SEA], 0, RomeOptions(chat=True)).check(tiny_bridge)
+    assert all(torch.equal(p, before[n]) for n, p in _snapshot(tiny_bridge).items())
+
+
+def test_evaluate_refuses_a_knowledge_edit_past_the_models_layers_before_generating(tiny_bridge, monkeypatch):
+    import sa_lens.evaluation.harness as harness
+
+    calls = []
+    monkeypatch.setattr(harness, "_run_batch", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="layer must be a decoder layer index"):
+        evaluate(tiny_bridge, [HARMFUL], states={"Original": Compose(), "edited": KnowledgeEdit([SEA], 9)},
+                 progress=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: KnowledgeEdit(SEA, 0), "not one; wrap it"),
+        (lambda: KnowledgeEdit(SKY_ROW, 0), "not one; wrap it"),
+        (lambda: KnowledgeEdit([], 0), "edits is empty"),
+        (lambda: KnowledgeEdit(["Tell me about the sea"], 0), "EditRequests or rows"),
+        (lambda: KnowledgeEdit(7, 0), "EditRequests or rows"),
+        (lambda: KnowledgeEdit([{"prompt": "Tell me about the sea", "subject": "the sky", "target_new": " x"}], 0),
+         "'the sky' does not occur"),
+        (lambda: KnowledgeEdit([SEA], -1), "layer must be a decoder layer index ≥ 0"),
+        (lambda: KnowledgeEdit([SEA], True), "layer must be integer"),
+        (lambda: KnowledgeEdit([SEA], 1.0), "layer must be integer"),
+        (lambda: KnowledgeEdit([SEA], 0, {"steps": 3}), "options must be RomeOptions"),
+    ],
+)
+def test_bad_knowledge_edits_are_refused_on_construction(build, message):
+    from sa_lens.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"kind": "knowledge_edit"},
+        {"kind": "knowledge_edit", "edits": [1], "layer": 0, "options": {}},
+        {"kind": "knowledge_edit", "edits": "x", "layer": 0, "options": {}},
+        {"kind": "knowledge_edit", "edits": [{"prompt": "{} is", "subject": "a", "target": " b", "x": 1}],
+         "layer": 0, "options": {}},
+        {"kind": "knowledge_edit", "edits": [{"prompt": "{} is", "subject": "a", "target": " b"}], "layer": 0,
+         "options": {"stepz": 3}},
+        {"kind": "knowledge_edit", "edits": [{"prompt": "{} is", "subject": "a", "target": " b"}], "layer": 0,
+         "options": [3]},
+        {"kind": "knowledge_edit", "edits": [{"prompt": "{} is", "subject": "a", "target": " b"}], "layer": "0",
+         "options": {}},
+        {"kind": "knowledge_edit", "edits": [], "layer": 0, "options": {}},
+    ],
+)
+def test_malformed_knowledge_edit_configs_are_input_errors(config):
+    from sa_lens.errors import InputError
+
+    with pytest.raises(InputError):
+        from_dict(config)
