@@ -135,7 +135,11 @@ def edit_area_vector(
     if top_k is not None:
         inside = inside.trim(top_k, scope="global", count=count)
     deltas = dict(inside.deltas)
+    meta = {**inside.meta, "edit_area": list(layers), "edit_area_variant": variant}
     if variant == "official":
         kept = set(select_names(hv.deltas, layers=layers))
         deltas |= {n: d for n, d in hv.deltas.items() if n not in kept}
-    return HarmVector(deltas, {**inside.meta, "edit_area": list(layers), "edit_area_variant": variant})
+        # Every layer is in the vector again: its provenance keeps hv's own restriction, not the area's.
+        meta.pop("layers", None)
+        meta |= {"layers": hv.meta["layers"]} if "layers" in hv.meta else {}
+    return HarmVector(deltas, meta)

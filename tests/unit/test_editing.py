@@ -430,6 +430,7 @@ def test_edit_area_vector_official_adds_the_untrimmed_vector_outside_the_area():
         want = paper.dense(n) if _inside(n, (1, 2)) else hv.dense(n)
         assert torch.equal(got.dense(n), want), n
     assert got.meta["edit_area"] == [1, 2] and got.meta["edit_area_variant"] == "official"
+    assert paper.meta["layers"] == [1, 2] and "layers" not in got.meta  # it holds every layer, as hv does
 
 
 def test_edit_area_vector_without_trim_is_the_task_vector_restricted_to_the_area():
