@@ -70,9 +70,18 @@ def mlp_output(model, layer: int) -> MlpOutput:
     """Locate layer ``layer``'s MLP output projection on a TransformerBridge or a Hugging Face model.
 
     Raises:
-        ValueError: ``layer`` is not an integer in range (names the range), or the architecture has no single
-            recognisable MLP output projection at that layer (e.g. a mixture of experts); names what was found.
+        ValueError: ``layer`` is not an integer in range (names the range), the architecture has no single
+            recognisable MLP output projection at that layer (e.g. a mixture of experts; names what was found), or
+            a bridge whose weights ``enable_compatibility_mode()`` processed.
     """
+    if is_bridge(model) and getattr(model, "_weights_processed", False):
+        # A processed bridge runs on folded copies: the checkpoint's module is never called (its hooks never fire)
+        # and an edit of its weight would not reach the bridge's forward pass.
+        raise InputError(
+            "This bridge's weights were folded/centred by enable_compatibility_mode(), so its forward pass no longer "
+            "reads the checkpoint's MLP output projection and a ROME edit cannot reach it. Edit a bridge loaded with "
+            "sa_lens.load_model() before (or without) enable_compatibility_mode()."
+        )
     n_layers = decoder_layer_count(model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise InputError(f"layer must be a decoder layer index in 0..{n_layers - 1}; got {layer!r}.")

@@ -232,6 +232,15 @@ def test_an_mlp_output_that_cannot_be_located_is_refused_by_name(tiny_hf, build,
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_bridge_processed_by_compatibility_mode_is_refused(tiny_bridge):
+    # Its forward pass runs on folded copies: the checkpoint's projection is never called (was a bare KeyError).
+    tiny_bridge.enable_compatibility_mode()
+    before = _snapshot(tiny_bridge.original_model)
+    with pytest.raises(InputError, match="enable_compatibility_mode"):
+        apply_edits(tiny_bridge, [SEA], 0, FAST)
+    assert _changed(tiny_bridge.original_model, before) == []
+
+
 def test_rome_options_are_checked_on_construction():
     for bad, message in [
         (dict(steps=0), "steps"), (dict(steps=True), "steps"), (dict(lr=0.0), "lr"),
