@@ -46,7 +46,7 @@ from sa_lens.mlp_projection import MlpOutput, capture_keys, mlp_output
 from sa_lens.prompts import format_prompts, token_ids
 from sa_lens.validation import is_finite_real
 
-__all__ = ["CONTEXTS", "EditResult", "RomeOptions", "apply_edits", "edit_scores", "knowledge_edit", "save_edited",
+__all__ = ["CONTEXTS", "EditResult", "RomeOptions", "apply_edits", "default_edit_layer", "edit_scores", "knowledge_edit", "save_edited",
            "summarise_scores"]
 
 CONTEXTS: tuple[str, ...] = (
@@ -58,6 +58,13 @@ CONTEXTS: tuple[str, ...] = (
     "This is worth remembering. ",
 )
 """Prefixes the key and value are averaged over (ROME's context templates; the first, empty, is the bare prompt)."""
+
+
+def default_edit_layer(n_layers: int) -> int:
+    """The layer edited when none is given: layer 5 of Llama-2-7b's 32 (the paper's code edits there and masks
+    layers 4–6; paper-notes.md §1, §6.1), scaled to the model's depth: ``round(5 · n_layers / 32)``.
+    SmolLM2-135M's 30 layers → 5; a 2-layer test model → 0."""
+    return min(n_layers - 1, round(5 * n_layers / 32))
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,7 @@ def _rome_update(
                 if nll.item() < options.early_stop_loss or steps == options.steps:
                     break
                 kl_now = logits[b.kl_rows, :, :][torch.arange(1), b.lookup[b.kl_rows]].float().log_softmax(-1)
-                kl = F.kl_div(kl_now, kl_init, log_target=True, reduction="batchmean")
+                kl = F.kl_div(kl_init, kl_now, log_target=True, reduction="batchmean")  # KL(now ‖ init), as ROME's code
                 decay = delta.norm() / state["v"].norm() ** 2
                 loss = nll + options.kl_factor * kl + options.weight_decay * decay
                 optimiser.zero_grad()
