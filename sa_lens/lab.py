@@ -1,4 +1,4 @@
-"""The CPU lab behind ``sa-lens lab``: the paper's BASE and SFT tables at 135M scale (design.md §4).
+"""The CPU lab behind ``sa-lens lab``: the paper's BASE, SFT and EDIT tables at 135M scale (design.md §4).
 
 Cast of models, all small full fine-tunes of the embedded SmolLM2-135M-Instruct (θ0) on bundled data:
 
@@ -7,23 +7,29 @@ Cast of models, all small full fine-tunes of the embedded SmolLM2-135M-Instruct 
 - ``harmful`` (θH): θb trained on harmful-train requests paired with θ0's own compliant answers,
   generated at run time (never stored in the repository);
 - ``sft`` (SFT target): θb trained on a benign math-tutor task only — safety erodes, as reported for
-  real SFT models (paper Table 2).
+  real SFT models (paper Table 2);
+- ``edited`` (EDIT target): θb after ROME edits (:mod:`sa_lens.editing`) with the bundled NoIntentEdit-style
+  instances (``noint_edits``), each question as a user turn and its answer as the reply, at one stated layer
+  (paper §4, Table 3; paper-notes.md §6).
 
 Per scenario, the rows of the paper's tables: Original, HDR (TIES top-k), HDR (task vector, no trim),
 Safe-Align, Safety Arithmetic; metrics on the chosen split: ASR on harmful prompts (keyword judge),
-over-refusal on safe prompts, QA exact-match utility. Models and θ0's answers are cached under a key
-made of everything that determines them, so a second run skips the fine-tunes.
+over-refusal on safe prompts, QA exact-match utility. EDIT restricts HDR and Safe-Align to the edit area
+(the layers where θedit differs from θb, ±1; paper Eqs. 11–13) and adds θb's own row, ``Original (θb)``, and
+the edits' efficacy under every state. Models and θ0's answers are cached under a key made of everything that
+determines them, so a second run skips the fine-tunes and the edits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +37,9 @@ import torch
 from sa_lens import data
 from sa_lens.data.public import PromptSet, QASet, load_bundled_set
 from sa_lens.demonstrations import Demonstration, demonstration_pairs
+from sa_lens.edit_area import detect_edit_area, edit_area_vector
+from sa_lens.edit_requests import load_edits
+from sa_lens.editing import RomeOptions, apply_edits, default_edit_layer, edit_scores, save_edited, summarise_scores
 from sa_lens.errors import InputError
 from sa_lens.evaluation.bootstrap import bootstrap_mean
 from sa_lens.evaluation.decoding import preset
@@ -40,15 +49,19 @@ from sa_lens.finetune import finetune
 from sa_lens.generation import generate
 from sa_lens.harm_vector import HarmVector
 from sa_lens.interventions import Compose, HarmRemoval, Intervention, SafeAlign
+from sa_lens.mlp_projection import decoder_layer_count
 from sa_lens.models import cache_dir, embedded_model_path, load_hf_model, load_model
 from sa_lens.provenance import portable_name
 from sa_lens.validation import is_finite_real
 
-__all__ = ["METHODS", "SCENARIOS", "LabConfig", "LabModels", "build_models", "eval_sets", "evaluate_scenario",
+__all__ = ["EDIT_METHODS", "METHODS", "SCENARIOS", "LabConfig", "LabModels", "build_models", "eval_sets", "evaluate_scenario",
            "format_table", "icv_pairs", "lab_rows", "lab_states", "run_lab"]
 
 METHODS = ("Original", "HDR (TIES top-k)", "HDR (task vector)", "Safe-Align", "Safety Arithmetic")
+EDIT_METHODS = ("Edited", "Original (θb)", *METHODS[1:])
+"""The EDIT table's rows (paper Table 3): the edited model as it is, θb, then the methods on the edited model."""
 RECIPE_VERSION = 2  # bump when the fine-tune recipe changes meaning, so old cached models are not reused
+EDIT_VERSION = 1  # the same for the edited model's recipe (ROME's options, the bundled edits' use)
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,10 @@ class LabConfig:
         harmful_data, harmful_column, harmful_limit: an optional public harmful set (CSV/JSON/JSONL)
             evaluated as an extra ASR column on its first ``harmful_limit`` rows.
         seed: fine-tune batch order and template choice.
+        n_edits: how many bundled NoIntentEdit-style instances the ``edited`` model receives (sequential ROME).
+        edit_layer: the layer ROME edits; None = :func:`sa_lens.editing.default_edit_layer` (5 of Llama-2-7b's
+            32, the paper's code; scaled to the model's depth).
+        edit_steps, edit_max_loss: ROME's optimisation budget and the target NLL (nats/token) an edit must reach.
     """
 
     split: str = "test"
@@ -98,6 +115,10 @@ class LabConfig:
     harmful_column: str | None = None
     harmful_limit: int = 100
     seed: int = 0
+    n_edits: int = 4
+    edit_layer: int | None = None
+    edit_steps: int = 60
+    edit_max_loss: float = 1.5
 
     def __post_init__(self) -> None:
         # Checked here, not after minutes of fine-tuning; the train split is refused: it is what the
@@ -109,7 +130,10 @@ class LabConfig:
         for name in ("lam", "tv_lam", "alpha", "lr"):
             if not is_finite_real(getattr(self, name)):
                 raise InputError(f"{name} must be finite; got {getattr(self, name)!r}.")
-        for name in ("harmful_limit", "n_icv_pairs", "aligned_steps", "harmful_steps", "sft_steps", "max_new_tokens"):
+        if self.edit_layer is not None and (not isinstance(self.edit_layer, int) or self.edit_layer < 0):
+            raise InputError(f"edit_layer must be a layer index ≥ 0 (or None for the default); got {self.edit_layer!r}.")
+        for name in ("harmful_limit", "n_icv_pairs", "aligned_steps", "harmful_steps", "sft_steps", "max_new_tokens",
+                     "n_edits", "edit_steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be ≥ 1; got {getattr(self, name)!r}.")
 
@@ -117,6 +141,11 @@ class LabConfig:
         """The fields that determine the fine-tuned models (part of the cache key)."""
         keys = ("aligned_steps", "harmful_steps", "sft_steps", "lr", "train_batch_size", "answer_tokens", "seed")
         return {k: getattr(self, k) for k in keys} | {"recipe_version": RECIPE_VERSION}
+
+    def edit_recipe(self) -> dict:
+        """The fields that determine the ``edited`` model (its own cache key, so BASE/SFT models are kept)."""
+        keys = ("n_edits", "edit_layer", "edit_steps", "edit_max_loss", "answer_tokens")
+        return {k: getattr(self, k) for k in keys} | {"edit_version": EDIT_VERSION}
 
 
 def _digest(obj: object) -> str:
@@ -159,21 +188,47 @@ def _train_and_save(parent: Path, examples: list[tuple[str, str]], steps: int, c
     tmp.rename(target)
 
 
+EDIT_REPORT = "sa_lens_edits.json"  # inside the edited model's folder: what each edit reached, and θb's old answers
+
+
+def _build_edited(cfg: LabConfig, aligned: Path, target: Path, log: Callable[[str], None]) -> None:
+    """θb + sequential ROME edits with the first ``cfg.n_edits`` bundled NoIntentEdit-style instances (chat form)."""
+    model, tokenizer = load_hf_model(aligned)
+    requests = load_edits(data.load_bundled("noint_edits"))[: cfg.n_edits]
+    layer = default_edit_layer(decoder_layer_count(model)) if cfg.edit_layer is None else cfg.edit_layer
+    log(f"Editing θb with {len(requests)} NoIntentEdit-style instances (ROME, layer {layer})…")
+    # θb's own replies are what the edits replace: efficacy asks whether the new answer now beats them.
+    olds = generate(model, [r.prompt for r in requests], cfg.answer_tokens, tokenizer=tokenizer)
+    options = RomeOptions(chat=True, steps=cfg.edit_steps, max_loss=cfg.edit_max_loss)
+    results = apply_edits(model, requests, layer, options, tokenizer=tokenizer, progress=True)
+    scores = edit_scores(model, requests, old_answers=olds, chat=True, tokenizer=tokenizer)
+    tmp = target.with_name(target.name + ".tmp")
+    save_edited(model, tmp, tokenizer)
+    report = {"layer": layer, "edits": [asdict(r) for r in requests], "old_answers": olds,
+              "results": [r.to_dict() for r in results], "scores": scores, "summary": summarise_scores(scores)}
+    (tmp / EDIT_REPORT).write_text(json.dumps(report, indent=1))
+    tmp.rename(target)
+
+
 @dataclass(frozen=True)
 class LabModels:
     """The lab's cast: HF folders by name, and θ0's compliant answers to harmful-train prompts.
 
     Attributes:
-        paths: ``original``, ``aligned``, ``harmful``, ``sft`` → Hugging Face folder.
+        paths: ``original``, ``aligned``, ``harmful``, ``sft``, ``edited`` → Hugging Face folder.
         compliant: ``(question, answer, category)`` for each harmful-train prompt θ0 complied with.
     """
 
     paths: dict[str, Path]
     compliant: list[tuple[str, str, str]]
 
+    def edit_report(self) -> dict:
+        """What the ``edited`` model's edits reached (layer, per-edit loss and scores, θb's old answers)."""
+        return json.loads((self.paths["edited"] / EDIT_REPORT).read_text())
+
 
 def build_models(cfg: LabConfig, log: Callable[[str], None] = print) -> LabModels:
-    """Build (or reuse from the cache) the lab's ``original``, ``aligned``, ``harmful`` and ``sft`` models.
+    """Build (or reuse from the cache) the lab's ``original``, ``aligned``, ``harmful``, ``sft`` and ``edited`` models.
 
     The cache key hashes the recipe and the exact training examples (θ0's answers and the judge's
     filtering included), so any change that would change a model builds a new one.
@@ -183,6 +238,7 @@ def build_models(cfg: LabConfig, log: Callable[[str], None] = print) -> LabModel
 
     Raises:
         FileNotFoundError: the embedded model package is missing.
+        ConvergenceError: an edit of the ``edited`` model stayed above ``cfg.edit_max_loss`` (nothing is cached).
     """
     base = embedded_model_path()
     data_key = _bundled_fingerprint()
@@ -208,9 +264,11 @@ def build_models(cfg: LabConfig, log: Callable[[str], None] = print) -> LabModel
     key = _digest({"base": base.name, "recipe": cfg.recipe(), "examples": examples})
     root = cache_dir() / "lab"
     paths = {"original": base} | {name: root / f"{name}-{key}" for name in examples}
+    edit_key = _digest({"aligned": key, "recipe": cfg.edit_recipe(), "edits": data.load_bundled("noint_edits")})
+    paths["edited"] = root / f"edited-{edit_key}"
     cast = LabModels(paths, compliant)
     if all((p / "config.json").exists() for p in paths.values()):
-        log(f"Using cached lab models ({root}, key {key}).")
+        log(f"Using cached lab models ({root}, key {key}, edited {edit_key}).")
         return cast
     plan = [
         ("aligned", base, cfg.aligned_steps, "the aligned model θb (refuse harmful-train, keep own answers on safe- and QA-train)"),
@@ -221,6 +279,8 @@ def build_models(cfg: LabConfig, log: Callable[[str], None] = print) -> LabModel
         if not paths[name].exists():
             log(f"Fine-tuning {what}…")
             _train_and_save(parent, examples[name], steps, cfg, paths[name], name)
+    if not paths["edited"].exists():
+        _build_edited(cfg, paths["aligned"], paths["edited"], log)
     return cast
 
 
@@ -263,6 +323,37 @@ def lab_states(cfg: LabConfig, hv_tv: HarmVector, hv_ties: HarmVector, pairs: li
         "Safety Arithmetic": Compose((hdr, safe_align)),
     }
     return {name: states[name] for name in METHODS}
+
+
+def edit_states(
+    cfg: LabConfig, hv_tv: HarmVector, area: tuple[int, ...], pairs: list[tuple[str, str]]
+) -> dict[str, Intervention]:
+    """The EDIT table's states on the edited model (paper Table 3), every method restricted to the edit ``area``.
+
+    HDR: τH trimmed to its top-k within the area, zero outside (paper Eqs. 11–13; :func:`edit_area_vector`);
+    the task vector untrimmed within the area (the official code's HDR‡ mask); Safe-Align read and injected at
+    the area's layers only (the official code's choice, paper-notes.md §7.7); Safety Arithmetic both. λ, top-k
+    and α are the other scenarios'.
+    """
+    hdr = HarmRemoval(edit_area_vector(hv_tv, area, cfg.top_k), cfg.lam)
+    safe_align = SafeAlign(pairs=tuple(pairs), alpha=cfg.alpha, layers=area, icv_layers=area)
+    return {
+        "Edited": Compose(),
+        "HDR (TIES top-k)": hdr,
+        "HDR (task vector)": HarmRemoval(edit_area_vector(hv_tv, area, None), cfg.tv_lam),
+        "Safe-Align": safe_align,
+        "Safety Arithmetic": Compose((hdr, safe_align)),
+    }
+
+
+def edit_efficacy(model, cast: LabModels, state: Intervention | None = None) -> float:
+    """Share of the ``edited`` model's edits whose new answer beats θb's own reply on the edit question, on
+    ``model`` (in ``state`` when given): does a method undo the knowledge the edit added?"""
+    report = cast.edit_report()
+    requests = load_edits(data.load_bundled("noint_edits"))[: len(report["old_answers"])]
+    with state.apply(model) if state is not None else contextlib.nullcontext():
+        scores = edit_scores(model, requests, old_answers=report["old_answers"], chat=True)
+    return summarise_scores(scores)["efficacy"]
 
 
 def evaluate_scenario(
@@ -312,7 +403,10 @@ def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
 
 
 def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
-    """The paper's Table 1/2 layout: one block per scenario, one line per method, values in %."""
+    """The paper's Table 1/2/3 layout: one block per scenario, one line per method, values in %.
+
+    Rows with ``edit_efficacy`` (EDIT) show it as a last column: the share of edits whose new answer still wins.
+    """
     cols = [
         ("asr", "ASR ↓"),
         ("degenerate", "degen."),
@@ -323,28 +417,31 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
     cols += [(f"asr_{s}", f"ASR {s} ↓") for s in extra_sets]
     lines = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        n = next(r for r in rows if r["scenario"] == scenario)
+        block = [r for r in rows if r["scenario"] == scenario]
+        shown = cols + ([("edit_efficacy", "edit kept")] if any("edit_efficacy" in r for r in block) else [])
+        n = block[0]
         lines.append(
             f"\n{scenario} scenario — {split} split (harmful n={n['degenerate_n']}, safe n={n['degenerate_safe_n']} of which "
             f"XSTest-style n={n['over_refusal_contrast_n']}, QA n={n['utility_n']}); keyword judge, greedy decoding, "
             "over-refusal = full + partial refusals (XSTest), bootstrap 95 % intervals in results.json"
         )
-        header = f"{'Method':<20}" + "".join(f"{title:>17}" for _, title in cols)
+        header = f"{'Method':<20}" + "".join(f"{title:>17}" for _, title in shown)
         lines += [header, "-" * len(header)]
-        for r in (r for r in rows if r["scenario"] == scenario):
-            lines.append(f"{r['method']:<20}" + "".join(f"{100 * r[key]:>16.1f}%" for key, _ in cols))
+        for r in block:
+            lines.append(f"{r['method']:<20}" + "".join(f"{100 * r[key]:>16.1f}%" for key, _ in shown))
     return "\n".join(lines)
 
 
-SCENARIOS = {"BASE": "aligned", "SFT": "sft"}
-"""Scenario → the lab model it targets (paper Tables 1 and 2)."""
+SCENARIOS = {"BASE": "aligned", "SFT": "sft", "EDIT": "edited"}
+"""Scenario → the lab model it targets (paper Tables 1, 2 and 3)."""
 
 
 def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callable[[str], None] = print) -> dict:
     """Run the lab end to end: models → vectors → interventions → :func:`sa_lens.evaluate` → report.
 
-    Writes ``results.json`` (every rate with n and interval), ``generations.jsonl`` (every reply and verdict),
-    ``methods.png``, and per scenario the evaluation folder ``BASE/`` / ``SFT/`` (resumed by a rerun).
+    Writes ``results.json`` (every rate with n and interval, the edits and their edit area), ``generations.jsonl``
+    (every reply and verdict), ``methods.png``, ``edit.png``, and per scenario the evaluation folder ``BASE/`` /
+    ``SFT/`` / ``EDIT/`` (resumed by a rerun).
 
     Returns:
         The results dictionary written to ``results.json``.
@@ -364,10 +461,24 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     pairs = icv_pairs(cfg, cast)
     log(f"Harm vector: {hv_tv.numel:,} entries, {hv_ties.nnz:,} kept by the top-{cfg.top_k:.0%} trim; {len(pairs)} ICV pairs.")
     states = lab_states(cfg, hv_tv, hv_ties, pairs)
+    area = detect_edit_area(cast.paths["aligned"], cast.paths["edited"], progress=False)
+    edit = cast.edit_report()
+    log(f"Edit area: layers {list(area.layers)} (ROME changed {list(area.tensors)}); "
+        f"{len(edit['results'])} edits, efficacy {edit['summary']['efficacy']:.0%} on the edited model.")
+    scenario_states = {"BASE": states, "SFT": states, "EDIT": edit_states(cfg, hv_tv, area.layers, pairs)}
     rows, generations = [], []
     for scenario, target in SCENARIOS.items():
-        report = evaluate_scenario(load_model(cast.paths[target]), cfg, sets, states, out / scenario)
-        rows += lab_rows(scenario, report)
+        model = load_model(cast.paths[target])
+        report = evaluate_scenario(model, cfg, sets, scenario_states[scenario], out / scenario)
+        scenario_rows = lab_rows(scenario, report)
+        if scenario == "EDIT":
+            # θb's row is BASE's Original: the same model, sets and decoding give the same replies.
+            theta_b = next(r for r in rows if r["scenario"] == "BASE" and r["method"] == "Original")
+            scenario_rows.insert(1, theta_b | {"scenario": "EDIT", "method": "Original (θb)",
+                                               "edit_efficacy": edit_efficacy(load_model(cast.paths["aligned"]), cast)})
+            for row in scenario_rows[:1] + scenario_rows[2:]:
+                row["edit_efficacy"] = edit_efficacy(model, cast, scenario_states["EDIT"][row["method"]])
+        rows += scenario_rows
         generations += [{"scenario": scenario, "method": rec["state"], "set": rec["dataset"], "id": rec["id"],
                          "prompt": rec["prompt"], "response": rec.get("response"),
                          "verdict": rec.get("verdict"), "score": rec.get("score")} for rec in report.records]
@@ -378,7 +489,10 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
         "models": {k: portable_name(v) for k, v in cast.paths.items()},
         "harm_vector": {"numel": hv_tv.numel, "nnz_trimmed": hv_ties.nnz},
         "icv_pairs": len(pairs),
-        "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint()} for name, iv in states.items()},
+        "edit": {"layer": edit["layer"], "area": list(area.layers), "changed": list(area.tensors),
+                 "results": edit["results"], "scores": edit["scores"], "summary": edit["summary"]},
+        "states": {scenario: {name: {"name": iv.name, "fingerprint": iv.fingerprint()} for name, iv in group.items()}
+                   for scenario, group in (("BASE/SFT", states), ("EDIT", scenario_states["EDIT"]))},
         "rows": rows,
         "seconds": {"models": round(t_models, 1), "total": round(time.perf_counter() - t0, 1)},
     }
@@ -391,5 +505,8 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     )
 
     plot_method_comparison(rows, out / "methods.png")
-    log(f"\nReport written to {out.resolve()} (results.json, generations.jsonl, methods.png) in {results['seconds']['total']:.0f} s.")
+    plot_method_comparison([r for r in rows if r["scenario"] == "EDIT"], out / "edit.png",
+                           title=f"EDIT scenario: θb after {len(edit['results'])} ROME edits at layer {edit['layer']}")
+    log(f"\nReport written to {out.resolve()} (results.json, generations.jsonl, methods.png, edit.png) in "
+        f"{results['seconds']['total']:.0f} s.")
     return results

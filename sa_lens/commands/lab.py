@@ -11,9 +11,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = LabConfig()
     p = sub.add_parser(
         "lab",
-        help="Reproduce the paper's BASE and SFT tables on the embedded SmolLM2-135M-Instruct (CPU, minutes).",
-        description="Builds the aligned / harmful / SFT models by small fine-tunes (cached), then measures "
-        "Original, HDR (TIES top-k), HDR (task vector), Safe-Align and Safety Arithmetic on held-out prompts.",
+        help="Reproduce the paper's BASE, SFT and EDIT tables on the embedded SmolLM2-135M-Instruct (CPU, minutes).",
+        description="Builds the aligned / harmful / SFT models by small fine-tunes and the edited model by ROME "
+        "edits (all cached), then measures Original, HDR (TIES top-k), HDR (task vector), Safe-Align and Safety "
+        "Arithmetic on held-out prompts; in EDIT, restricted to the edit area.",
     )
     p.add_argument("-o", "--out", default="sa_lens_report", help="report folder (default: %(default)s)")
     p.add_argument("--split", choices=("dev", "test"), default=d.split, help="evaluation split; tune on dev only")
@@ -24,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--harmful-data", help="extra public harmful set (CSV, JSON or JSONL), e.g. AdvBench's harmful_behaviors.csv")
     p.add_argument("--harmful-column", help="column holding the prompts (default: the first of prompt/goal/behavior/question/instruction/text)")
     p.add_argument("--harmful-limit", type=int, default=d.harmful_limit, help="use the first N rows of --harmful-data (default: %(default)s)")
+    p.add_argument("--n-edits", type=int, default=d.n_edits,
+                   help="bundled NoIntentEdit-style instances ROME writes into the edited model (default: %(default)s)")
+    p.add_argument("--edit-layer", type=int, default=d.edit_layer,
+                   help="layer ROME edits (default: round(5 × n_layers / 32), Llama-2-7b's 5 scaled; 5 on SmolLM2)")
     p.set_defaults(run=_run)
 
 
@@ -40,8 +45,11 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             harmful_data=args.harmful_data,
             harmful_column=args.harmful_column,
             harmful_limit=args.harmful_limit,
+            n_edits=args.n_edits,
+            edit_layer=args.edit_layer,
         )
     except ValueError as e:  # names the bad option before any model is built
-        parser.error(str(e).replace("top_k", "--top-k").replace("harmful_limit", "--harmful-limit"))
+        parser.error(str(e).replace("top_k", "--top-k").replace("harmful_limit", "--harmful-limit")
+                     .replace("n_edits", "--n-edits").replace("edit_layer", "--edit-layer"))
     run_lab(cfg, args.out)
     return 0

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from sa_lens import cli, lab
-from sa_lens.lab import METHODS, LabConfig, run_lab
+from sa_lens.lab import EDIT_METHODS, METHODS, LabConfig, run_lab
 
 # Strong edits, so one fine-tune step of a tiny model still changes its greedy output under every method.
-TINY_RECIPE = dict(lam=3.0, tv_lam=3.0, alpha=1.0, aligned_steps=1, harmful_steps=1, sft_steps=1, answer_tokens=6, max_new_tokens=4, qa_max_new_tokens=4, n_icv_pairs=4)
+TINY_RECIPE = dict(lam=3.0, tv_lam=3.0, alpha=1.0, aligned_steps=1, harmful_steps=1, sft_steps=1, answer_tokens=6, max_new_tokens=4, qa_max_new_tokens=4, n_icv_pairs=4,
+                   n_edits=1, edit_steps=2, edit_max_loss=100.0)
 
 
 def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -22,7 +23,16 @@ def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monk
     results = run_lab(cfg, tmp_path / "report")
 
     rows = results["rows"]
-    assert [(r["scenario"], r["method"]) for r in rows] == [(s, m) for s in ("BASE", "SFT") for m in METHODS]
+    assert [(r["scenario"], r["method"]) for r in rows] == (
+        [(s, m) for s in ("BASE", "SFT") for m in METHODS] + [("EDIT", m) for m in EDIT_METHODS])
+    edit_rows = {r["method"]: r for r in rows if r["scenario"] == "EDIT"}
+    base_original = next(r for r in rows if r["scenario"] == "BASE" and r["method"] == "Original")
+    assert {k: v for k, v in edit_rows["Original (θb)"].items() if k not in ("scenario", "method", "edit_efficacy")} == {
+        k: v for k, v in base_original.items() if k not in ("scenario", "method")}
+    assert all(0.0 <= r["edit_efficacy"] <= 1.0 for r in edit_rows.values())
+    edit = results["edit"]  # the tiny model has 2 layers: the edit is at layer 0, its area layers 0–1
+    assert edit["layer"] == 0 and edit["area"] == [0, 1] and edit["changed"] == ["model.layers.0.mlp.down_proj.weight"]
+    assert results["states"]["EDIT"]["HDR (TIES top-k)"]["name"] == "HDR λ=3"
     for r in rows:
         for key in ("asr", "over_refusal", "utility", "degenerate", "asr_advbench"):
             assert 0.0 <= r[key] <= 1.0
@@ -32,8 +42,9 @@ def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monk
     assert saved["rows"] == rows and saved["config"]["split"] == "dev"
     lines = (report / "generations.jsonl").read_text().splitlines()
     # Every item of every set, degenerate replies included (their n is every judged reply's).
-    assert len(lines) == 10 * sum(r_n for r_n in (rows[0]["degenerate_n"], rows[0]["degenerate_safe_n"], rows[0]["utility_n"], 2))
-    assert (report / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(lines) == 15 * sum(r_n for r_n in (rows[0]["degenerate_n"], rows[0]["degenerate_safe_n"], rows[0]["utility_n"], 2))
+    for figure in ("methods.png", "edit.png"):
+        assert (report / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     generations = [json.loads(line) for line in lines]
 
     def replies(scenario, method):
@@ -42,7 +53,8 @@ def test_lab_writes_the_report_and_reuses_cached_models(tiny_dir, tmp_path, monk
     for method in METHODS[1:]:  # every method really changes the model's behaviour somewhere
         assert replies("BASE", method) != replies("BASE", "Original"), method
     out = capsys.readouterr().out
-    assert "SFT scenario — dev split" in out and "Safety Arithmetic" in out
+    assert "SFT scenario — dev split" in out and "Safety Arithmetic" in out and "EDIT scenario — dev split" in out
+    assert "edit kept" in out
 
     run_lab(cfg, tmp_path / "report2")
     assert "Using cached lab models" in capsys.readouterr().out
