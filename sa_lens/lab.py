@@ -115,7 +115,7 @@ class LabConfig:
     harmful_column: str | None = None
     harmful_limit: int = 100
     seed: int = 0
-    n_edits: int = 4
+    n_edits: int = 2
     edit_layer: int | None = None
     edit_steps: int = 60
     edit_max_loss: float = 1.5
