@@ -42,11 +42,11 @@ from sa_lens.edit_requests import EditRequest
 from sa_lens.edit_stats import key_second_moment
 from sa_lens.errors import ConvergenceError, InputError
 from sa_lens.eval_mode import eval_mode
-from sa_lens.mlp_projection import MlpOutput, capture_keys, mlp_output
+from sa_lens.mlp_projection import MlpOutput, capture_keys, decoder_layer, mlp_output
 from sa_lens.prompts import format_prompts, token_ids
 from sa_lens.validation import is_finite_real
 
-__all__ = ["CONTEXTS", "EditResult", "RomeOptions", "apply_edits", "default_edit_layer", "edit_scores", "knowledge_edit", "save_edited",
+__all__ = ["CONTEXTS", "METHODS", "EditResult", "RomeOptions", "apply_edits", "default_edit_layer", "edit_scores", "knowledge_edit", "save_edited",
            "summarise_scores"]
 
 CONTEXTS: tuple[str, ...] = (
@@ -58,6 +58,8 @@ CONTEXTS: tuple[str, ...] = (
     "This is worth remembering. ",
 )
 """Prefixes the key and value are averaged over (ROME's context templates; the first, empty, is the bare prompt)."""
+
+METHODS = ("rome", "memit")
 
 
 def default_edit_layer(n_layers: int) -> int:
@@ -84,6 +86,7 @@ class RomeOptions:
         contexts: prefixes (see :data:`CONTEXTS`); with ``chat`` they open the user's message.
         ridge: C + ridge·(tr C / d)·I before solving, so a corpus with fewer tokens than keys still inverts.
         stats_texts: the corpus for C; None = the bundled text (:func:`sa_lens.edit_stats.bundled_texts`).
+        mom2_update_weight: MEMIT only: λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (MEMIT's and EasyEdit's 15,000).
 
     Raises:
         ValueError: (on construction) a non-positive step count or learning rate, a negative or non-finite weight.
@@ -100,13 +103,15 @@ class RomeOptions:
     contexts: tuple[str, ...] = CONTEXTS
     ridge: float = 1e-4
     stats_texts: tuple[str, ...] | None = None
+    mom2_update_weight: float = 15000.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"steps must be an integer ≥ 1; got {self.steps!r}.")
         if not (is_finite_real(self.lr) and self.lr > 0):
             raise InputError(f"lr must be a positive number; got {self.lr!r}.")
-        for name in ("kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss", "max_loss", "ridge"):
+        for name in ("kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss", "max_loss", "ridge",
+                     "mom2_update_weight"):
             value = getattr(self, name)
             if not (is_finite_real(value) and value >= 0):
                 raise InputError(f"{name} must be a finite number ≥ 0; got {value!r}.")
@@ -234,32 +239,54 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _rome_update(
-    hf, tokenizer, site: MlpOutput, request: EditRequest, options: RomeOptions
-) -> tuple[Float[Tensor, "d_model d_mlp"], EditResult]:
-    """ΔW for one request on the model as it is now (nothing is written)."""
-    device = site.weight.device
-    b = _batch(tokenizer, request, options, device)
+@dataclass
+class _Value:
+    """δ optimised at one module's output (ROME: the MLP output; MEMIT: the residual stream after a layer)."""
+
+    delta: Tensor  # [d_model]
+    v: Tensor  # the module's output at the bare prompt's subject token before the edit, [d_model]
+    losses: list[float]
+    steps: int
+    keys: list[Tensor]  # what `capture` recorded on the first forward pass
+
+
+def optimise_value(
+    hf, module: torch.nn.Module, b: _Batch, options: RomeOptions, label: str, where: str,
+    capture: MlpOutput | None = None,
+) -> _Value:
+    """Optimise δ added to ``module``'s output at each row's subject token (Meng et al. 2022, §3.1 Eq. 4).
+
+    Loss: mean target NLL + ``kl_factor``·KL(now ‖ before) on ``"{subject} is a"`` + ``weight_decay``·‖δ‖/‖v‖²;
+    ‖δ‖ ≤ ``clamp_norm_factor``·‖v‖. ``module``'s output may be a tensor or a tuple whose first item is the hidden
+    state (a decoder layer). With ``capture``, that projection's keys at the subject tokens are read on the first pass.
+
+    Raises:
+        ConvergenceError: the target NLL reached is above ``options.max_loss`` (the message gives it).
+    """
+    device = b.ids.device
     rows = torch.arange(b.ids.shape[0], device=device)
     state: dict[str, Tensor] = {}
-    delta = torch.zeros(site.weight.shape[1 if site.transposed else 0], device=device, requires_grad=True)
+    delta: Tensor | None = None
 
-    def add_delta(_module, _args, out: Tensor) -> Tensor:
+    def add_delta(_module, _args, out):
+        nonlocal delta
+        h = out[0] if isinstance(out, tuple) else out
         if "v" not in state:
-            state["v"] = out[0, b.lookup[0]].detach().float()  # the bare prompt's value, W k₀ (+ bias)
-        out = out.clone()
-        out[rows, b.lookup] += delta.to(out.dtype)
-        return out
+            state["v"] = h[0, b.lookup[0]].detach().float()  # the bare prompt's value (W k₀ + b for ROME)
+            delta = torch.zeros_like(state["v"], requires_grad=True)
+        h = h.clone()
+        h[rows, b.lookup] += delta.to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
     keys: list[Tensor] = []
-    optimiser = torch.optim.Adam([delta], lr=options.lr)
     losses: list[float] = []
-    handle = site.module.register_forward_hook(add_delta)
+    handle = module.register_forward_hook(add_delta)
     try:
         with _frozen(hf), eval_mode(hf):
-            with capture_keys(site, b.lookup, keys), torch.no_grad():
+            with capture_keys(capture, b.lookup, keys) if capture else contextlib.nullcontext(), torch.no_grad():
                 logits = hf(input_ids=b.ids, attention_mask=b.mask).logits
             kl_init = logits[b.kl_rows, :, :][torch.arange(1), b.lookup[b.kl_rows]].float().log_softmax(-1)
+            optimiser = torch.optim.Adam([delta], lr=options.lr)
             steps = 0
             while True:
                 logits = hf(input_ids=b.ids, attention_mask=b.mask).logits
@@ -283,22 +310,37 @@ def _rome_update(
         handle.remove()
     if not losses[-1] <= options.max_loss:  # NaN fails too
         raise ConvergenceError(
-            f"edit {request.id!r} did not converge at layer {site.layer}: target NLL {losses[-1]:.3f} nats/token after "
-            f"{steps} steps (started at {losses[0]:.3f}; max_loss {options.max_loss}). Raise steps or lr, pick another "
-            "layer, or accept it with a larger max_loss. Nothing was applied."
+            f"edit {label} did not converge {where}: target NLL {losses[-1]:.3f} nats/token after {steps} steps (started at "
+            f"{losses[0]:.3f}; max_loss {options.max_loss}). Raise steps or lr, pick another layer, or accept it "
+            "with a larger max_loss. Nothing was applied."
         )
-    key_rows = keys[0][: b.n_rewrite]
+    return _Value(delta.detach(), state["v"], losses, steps, keys)
+
+
+def _rome_update(
+    hf, tokenizer, site: MlpOutput, request: EditRequest, options: RomeOptions
+) -> tuple[Float[Tensor, "d_model d_mlp"], EditResult]:
+    """ΔW for one request on the model as it is now (nothing is written)."""
+    b = _batch(tokenizer, request, options, site.weight.device)
+    value = optimise_value(hf, site.module, b, options, repr(request.id), f"at layer {site.layer}",
+                           capture=site)
+    key_rows = value.keys[0][: b.n_rewrite]
     k_star, k_0 = key_rows.mean(0).double(), key_rows[0].double()
-    mom2, _ = key_second_moment(hf, tokenizer, site, options.stats_texts, progress=False)
-    c = mom2.double().to(device)
-    c = c + options.ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=device)
+    c = _second_moment(hf, tokenizer, site, options)
     u = torch.linalg.solve(c, k_star)
     u = u / u.norm()
-    right = delta.detach().double() / (k_0 @ u)
+    right = value.delta.double() / (k_0 @ u)
     update = torch.outer(right, u).float()
-    result = EditResult(request.id, site.layer, losses[0], losses[-1], steps,
-                        (delta.norm() / state["v"].norm()).item(), update.norm().item())
+    result = EditResult(request.id, site.layer, value.losses[0], value.losses[-1], value.steps,
+                        (value.delta.norm() / value.v.norm()).item(), update.norm().item())
     return update, result
+
+
+def _second_moment(hf, tokenizer, site: MlpOutput, options: RomeOptions) -> Tensor:
+    """C (float64, on the weight's device) with the stated ridge: C + ridge·(tr C / d)·I."""
+    mom2, _ = key_second_moment(hf, tokenizer, site, options.stats_texts, progress=False)
+    c = mom2.double().to(site.weight.device)
+    return c + options.ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
 def _requests(edits: Sequence[EditRequest | Mapping]) -> list[EditRequest]:
@@ -310,42 +352,106 @@ def _requests(edits: Sequence[EditRequest | Mapping]) -> list[EditRequest]:
     return out
 
 
-def _apply(model, edits, layer: int, options: RomeOptions | None, tokenizer, progress: bool) -> list[EditResult]:
-    """Apply the edits in place, all or none: on any error the weight is written back before the error propagates."""
+def _layers(layer: int | Sequence[int], method: str) -> list[int]:
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}; got {method!r}.")
+    if isinstance(layer, Sequence) and not isinstance(layer, str):
+        layers = list(layer)
+        if method == "rome" and len(layers) != 1:
+            raise InputError(f"ROME edits one layer; got {layers}. Pass one layer, or method='memit' for several.")
+        if not layers or len(set(layers)) != len(layers):
+            raise InputError(f"layers must be distinct and at least one; got {layers}.")
+        return sorted(layers)
+    return [layer]
+
+
+def _memit(hf, tok, sites: list[MlpOutput], z_module, requests: list[EditRequest], options: RomeOptions,
+           progress: bool) -> list[EditResult]:
+    """MEMIT (Meng et al. 2023, Alg. 1): one batch of requests spread over ``sites``' layers, in place."""
+    device = sites[0].weight.device
+    batches = [_batch(tok, r, options, device) for r in requests]
+    last = sites[-1].layer
+    values = [optimise_value(hf, z_module, b, options, repr(r.id), f"at the residual stream after layer {last}")
+              for r, b in tqdm(list(zip(requests, batches)), desc=f"MEMIT z L{last}", disable=not progress)]
+    zs = torch.stack([v.v + v.delta for v in values]).double()  # target residual streams, [n, d_model]
+    norms = []
+    for i, site in enumerate(sites):
+        keys, current = [], []
+        with eval_mode(hf), torch.no_grad():
+            for b in batches:
+                k: list[Tensor] = []
+                z: list[Tensor] = []
+                with capture_keys(site, b.lookup, k), _capture_output(z_module, b.lookup, z):
+                    hf(input_ids=b.ids, attention_mask=b.mask)
+                keys.append(k[0][: b.n_rewrite].mean(0))
+                current.append(z[0][0])  # the bare prompt's residual stream now
+        k_mat = torch.stack(keys).double().T  # [d_mlp, n]
+        resid = (zs - torch.stack(current).double()).T / (len(sites) - i)  # what is left, shared by the layers left
+        c = _second_moment(hf, tok, site, options)
+        adj = torch.linalg.solve(options.mom2_update_weight * c + k_mat @ k_mat.T, k_mat)
+        update = (resid @ adj.T).float()  # [d_model, d_mlp]
+        with torch.no_grad():
+            site.weight.add_(site.update(update))
+        norms.append(update.norm().item() ** 2)
+    total = sum(norms) ** 0.5
+    return [EditResult(r.id, last, v.losses[0], v.losses[-1], v.steps, (v.delta.norm() / v.v.norm()).item(), total)
+            for r, v in zip(requests, values)]
+
+
+@contextlib.contextmanager
+def _capture_output(module: torch.nn.Module, positions: Tensor, out: list[Tensor]) -> Iterator[None]:
+    def hook(_module, _args, output) -> None:
+        h = output[0] if isinstance(output, tuple) else output
+        out.append(h[torch.arange(h.shape[0], device=h.device), positions.to(h.device)].detach().float())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _apply(model, edits, layer, options: RomeOptions | None, tokenizer, progress: bool, method: str) -> list[EditResult]:
+    """Apply the edits in place, all or none: on any error the weights are written back before the error propagates."""
     requests = _requests(edits)
     options = options or RomeOptions()
     hf, tok = _hf_and_tokenizer(model, tokenizer)
-    site = mlp_output(model, layer)
+    sites = [mlp_output(model, i) for i in _layers(layer, method)]
+    z_module = decoder_layer(model, sites[-1].layer) if method == "memit" else None
     if options.chat and not getattr(tok, "chat_template", None):
         raise InputError("chat=True needs a tokenizer with a chat template; pass RomeOptions(chat=False) for raw prompts.")
     for r in requests:  # every request's tokens, before any optimisation
-        _batch(tok, r, options, site.weight.device)
-    saved = site.weight.detach().clone()
-    results = []
+        _batch(tok, r, options, sites[0].weight.device)
+    saved = [site.weight.detach().clone() for site in sites]
     try:
-        for r in tqdm(requests, desc=f"ROME L{layer}", disable=not progress):
-            update, result = _rome_update(hf, tok, site, r, options)
+        if method == "memit":
+            return _memit(hf, tok, sites, z_module, requests, options, progress)
+        results = []
+        for r in tqdm(requests, desc=f"ROME L{sites[0].layer}", disable=not progress):
+            update, result = _rome_update(hf, tok, sites[0], r, options)
             with torch.no_grad():
-                site.weight.add_(site.update(update))
+                sites[0].weight.add_(sites[0].update(update))
             results.append(result)
+        return results
     except BaseException:
         with torch.no_grad():
-            site.weight.copy_(saved)
+            for site, weight in zip(sites, saved):
+                site.weight.copy_(weight)
         raise
-    return results
 
 
 @contextlib.contextmanager
 def knowledge_edit(
     model,
     edits: Sequence[EditRequest | Mapping],
-    layer: int,
+    layer: int | Sequence[int],
     options: RomeOptions | None = None,
     *,
+    method: str = "rome",
     tokenizer=None,
     progress: bool = False,
 ) -> Iterator[list[EditResult]]:
-    """ROME-edit ``model`` inside a ``with`` block; its weights are written back bit for bit on exit.
+    """Knowledge-edit ``model`` inside a ``with`` block; its weights are written back bit for bit on exit.
 
     Example::
 
@@ -355,8 +461,11 @@ def knowledge_edit(
     Args:
         model: a TransformerBridge or a Hugging Face causal LM (edited where its weights live).
         edits: requests (:class:`~sa_lens.edit_requests.EditRequest`) or rows of either documented form.
-        layer: the decoder layer whose MLP output projection is edited (Llama-2-7b: 5, as the paper's code implies).
-        options: :class:`RomeOptions`.
+        layer: ROME: the decoder layer whose MLP output projection is edited (Llama-2-7b: 5, as the paper's code
+            implies; :func:`default_edit_layer`). MEMIT: the layers the batch is spread over (e.g. ``(3, 4, 5)``).
+        options: :class:`RomeOptions` (MEMIT's value optimisation uses the same ones, at the residual stream).
+        method: ``"rome"`` (default; one request after the other, Meng et al. 2022) or ``"memit"`` (all requests
+            in one batch update over ``layer``'s layers, Meng et al. 2023).
         tokenizer: for a plain HF model (a bridge's own checkpoint tokenizer is used otherwise).
         progress: a tqdm bar over the edits.
 
@@ -364,32 +473,35 @@ def knowledge_edit(
         One :class:`EditResult` per request.
 
     Raises:
-        ValueError: a subject not in its prompt, ``layer`` out of range, an architecture without one locatable MLP
-            output projection, a plain HF model without tokenizer, ``chat`` without a chat template.
+        ValueError: a subject not in its prompt, a layer out of range, an architecture without one locatable MLP
+            output projection, several layers for ROME, an unknown method, a plain HF model without tokenizer,
+            ``chat`` without a chat template.
         ConvergenceError: an edit whose target NLL stayed above ``options.max_loss`` (the message gives the loss).
         In every error case nothing stays applied.
     """
-    site = mlp_output(model, layer)
-    saved = site.weight.detach().clone()
-    results = _apply(model, edits, layer, options, tokenizer, progress)
+    sites = [mlp_output(model, i) for i in _layers(layer, method)]
+    saved = [site.weight.detach().clone() for site in sites]
+    results = _apply(model, edits, layer, options, tokenizer, progress, method)
     try:
         yield results
     finally:
         with torch.no_grad():
-            site.weight.copy_(saved)
+            for site, weight in zip(sites, saved):
+                site.weight.copy_(weight)
 
 
 def apply_edits(
     model,
     edits: Sequence[EditRequest | Mapping],
-    layer: int,
+    layer: int | Sequence[int],
     options: RomeOptions | None = None,
     *,
+    method: str = "rome",
     tokenizer=None,
     progress: bool = False,
 ) -> list[EditResult]:
-    """Apply ROME edits permanently (all or none). Arguments, results and errors as :func:`knowledge_edit`."""
-    return _apply(model, edits, layer, options, tokenizer, progress)
+    """Apply knowledge edits permanently (all or none). Arguments, results and errors as :func:`knowledge_edit`."""
+    return _apply(model, edits, layer, options, tokenizer, progress, method)
 
 
 def save_edited(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:

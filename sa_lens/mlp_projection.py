@@ -25,7 +25,7 @@ from sa_lens.parameter_names import checkpoint_name, is_mlp_output_projection, l
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["MlpOutput", "capture_keys", "decoder_layer_count", "mlp_output"]
+__all__ = ["MlpOutput", "capture_keys", "decoder_layer", "decoder_layer_count", "mlp_output"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,17 @@ def mlp_output(model, layer: int) -> MlpOutput:
         raise InputError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear or Conv1D; ROME cannot "
                          "read its keys and values.")
     return MlpOutput(layer, name, module, weight, transposed)
+
+
+def decoder_layer(model, layer: int) -> nn.Module:
+    """The module of decoder layer ``layer`` (its output is the residual stream after the layer: MEMIT's z).
+
+    On a bridge, the wrapped Hugging Face layer inside the bridge's block. Errors as :func:`mlp_output`.
+    """
+    name = mlp_output(model, layer).name
+    prefix = name[: name.index(f".{layer}.")] + f".{layer}"  # model.layers.5.mlp.down_proj.weight → model.layers.5
+    found = [m for n, m in _hf(model).named_modules() if checkpoint_name(n) == prefix]
+    return found[-1]  # the innermost: a bridge lists its block first, then the HF layer it wraps
 
 
 @contextlib.contextmanager

@@ -461,3 +461,49 @@ def test_edit_area_vector_without_trim_is_the_task_vector_restricted_to_the_area
 def test_edit_area_vector_refuses_a_bad_variant_an_empty_area_and_an_area_without_parameters(kwargs, message):
     with pytest.raises(InputError, match=message):
         edit_area_vector(_harm_vector(), **kwargs)
+
+
+# ---- MEMIT: one batch over several layers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on", ["bridge", "hf"])
+def test_memit_spreads_a_batch_over_its_layers_and_each_target_wins(on, tiny_bridge, tiny_hf):
+    model, tok = (tiny_bridge, None) if on == "bridge" else tiny_hf
+    before = _snapshot(model)
+    assert [s["efficacy"] for s in edit_scores(model, [SEA, SKY], tokenizer=tok)] == [0.0, 0.0]
+    with knowledge_edit(model, [SEA, SKY], (0, 1), FAST, method="memit", tokenizer=tok) as results:
+        assert _changed(model, before) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+        scores = edit_scores(model, [SEA, SKY], tokenizer=tok)
+    assert [r.id for r in results] == ["sea", "sky"] and all(r.loss < r.loss_start for r in results)
+    assert [s["efficacy"] for s in scores] == [1.0, 1.0]
+    assert _changed(model, before) == []
+
+
+def test_memit_on_a_bridge_equals_memit_on_its_hf_model(tiny_bridge, tiny_hf):
+    hf, tok = tiny_hf
+    with knowledge_edit(tiny_bridge, [SEA, SKY], (0, 1), FAST, method="memit"):
+        on_bridge = [mlp_output(tiny_bridge, i).weight.detach().clone() for i in (0, 1)]
+    with knowledge_edit(hf, [SEA, SKY], (0, 1), FAST, method="memit", tokenizer=tok):
+        on_hf = [mlp_output(hf, i).weight.detach().clone() for i in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(on_bridge, on_hf))
+
+
+@pytest.mark.parametrize(("layer", "method", "message"), [
+    ((0, 1), "rome", "ROME edits one layer"),
+    ((0, 0), "memit", "distinct"),
+    ((), "memit", "at least one"),
+    (0, "mend", "method must be one of"),
+    ((0, 2), "memit", "layer must be a decoder layer index in 0..1"),
+])
+def test_bad_layers_or_method_are_refused_before_anything_changes(tiny_bridge, layer, method, message):
+    before = _snapshot(tiny_bridge)
+    with pytest.raises(InputError, match=message):
+        apply_edits(tiny_bridge, [SEA], layer, FAST, method=method)
+    assert _changed(tiny_bridge, before) == []
+
+
+def test_a_memit_batch_that_does_not_converge_applies_nothing(tiny_bridge):
+    before = _snapshot(tiny_bridge)
+    with pytest.raises(ConvergenceError, match=r"edit 'far' did not converge at the residual stream after layer 1"):
+        apply_edits(tiny_bridge, [SEA, FAR], (0, 1), FAST, method="memit")
+    assert _changed(tiny_bridge, before) == []
