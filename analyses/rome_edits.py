@@ -7,7 +7,10 @@ mean log-probability per token: efficacy (the new answer beats the true one on t
 (on two paraphrases), specificity (two neighbouring facts keep their true answer over the new target). After
 each block every parameter is compared bit for bit with a copy taken before.
 
-    python analyses/rome_edits.py [--layers 5] [--out analyses/results/rome_edits.json]
+With ``--memit 3-5`` it also applies all the edits as one MEMIT batch spread over those layers (Meng et al. 2023)
+and scores each the same way.
+
+    python analyses/rome_edits.py [--layers 5] [--memit 3-5] [--out analyses/results/rome_edits.json]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sa_lens.provenance import model_name
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="5", help="layers to edit, one run each (default: %(default)s)")
+    parser.add_argument("--memit", help="also one MEMIT batch of every edit over these layers, e.g. 3-5")
     parser.add_argument("--out", default="analyses/results/rome_edits.json")
     args = parser.parse_args()
     model = sal.load_model()
@@ -53,6 +57,17 @@ def main() -> None:
                      "all_restored_bit_exact": all(r["restored_bit_exact"] for r in rows), "edits": rows})
         print(f"layer {layer}: {runs[-1]['summary']}")
     results = {"model": model_name(model), "n_edits": len(requests), "unedited": unedited, "runs": runs}
+    if args.memit:
+        layers = parse_layers(args.memit)
+        t0 = time.perf_counter()
+        with knowledge_edit(model, requests, layers, method="memit") as batch:
+            scores = edit_scores(model, requests)
+        exact = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        rows = [r.to_dict() | s for r, s in zip(batch, scores)]
+        results["memit"] = {"layers": layers, "summary": summarise_scores(rows), "restored_bit_exact": exact,
+                            "seconds": round(time.perf_counter() - t0, 1), "edits": rows}
+        print(f"MEMIT layers {layers}, {len(requests)} edits in one batch: {results['memit']['summary']}; "
+              f"restored {exact}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
