@@ -9,14 +9,16 @@ from importlib.metadata import version
 
 from sa_lens import interventions
 from sa_lens.demonstrations import Demonstration, demonstration_pairs, load_demonstrations
-from sa_lens.edit_area import EditArea, detect_edit_area
-from sa_lens.errors import InputError, SaLensError
+from sa_lens.edit_area import EditArea, detect_edit_area, edit_area_vector
+from sa_lens.edit_requests import EditRequest, load_edits
+from sa_lens.editing import RomeOptions, apply_edits, edit_scores, knowledge_edit, save_edited
+from sa_lens.errors import ConvergenceError, InputError, SaLensError
 from sa_lens.evaluation.harness import evaluate
 from sa_lens.export import export_harm_removed
 from sa_lens.generation import enable_kv_cache, generate
 from sa_lens.harm_removal import apply_harm_removal, harm_removal
 from sa_lens.harm_vector import HarmVector, checkpoint_parameters
-from sa_lens.interventions import Compose, DirectionalAblation, HarmRemoval, HeadAblation, SafeAlign
+from sa_lens.interventions import Compose, DirectionalAblation, HarmRemoval, HeadAblation, KnowledgeEdit, SafeAlign
 from sa_lens.layer_spec import parse_layers
 from sa_lens.lens import SafetyLens
 from sa_lens.merging import dare, ties_merge
@@ -33,12 +35,16 @@ _LAZY_SUBMODULES = ("analysis",)
 
 __all__ = [
     "Compose",
+    "ConvergenceError",
     "Demonstration",
     "DirectionalAblation",
     "EditArea",
+    "EditRequest",
     "HarmRemoval",
     "HeadAblation",
     "InputError",
+    "KnowledgeEdit",
+    "RomeOptions",
     "SafeAlign",
     "SaLensError",
     "HarmVector",
@@ -46,12 +52,15 @@ __all__ = [
     "SafetyVector",
     "SparseDelta",
     "analysis",
+    "apply_edits",
     "apply_harm_removal",
     "checkpoint_parameters",
     "dare",
     "demonstration_pairs",
     "demonstration_text",
     "detect_edit_area",
+    "edit_area_vector",
+    "edit_scores",
     "enable_kv_cache",
     "evaluate",
     "export_harm_removed",
@@ -59,11 +68,14 @@ __all__ = [
     "generate",
     "harm_removal",
     "interventions",
+    "knowledge_edit",
+    "load_edits",
     "load_demonstrations",
     "load_hf_model",
     "load_model",
     "parse_layers",
     "safety_hooks",
+    "save_edited",
     "ties_merge",
 ]
 
