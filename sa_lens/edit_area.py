@@ -125,6 +125,9 @@ def edit_area_vector(
     """
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+    if variant == "official" and (hv.meta.get("layers") is not None or hv.meta.get("kinds") is not None):
+        raise InputError("variant='official' keeps τH outside the edit area, so it needs the whole τH; this one is "
+                         "already restricted (meta layers/kinds). Build it without layers=/kinds=.")
     layers = tuple(sorted(set(layers)))
     if not layers:
         raise InputError("The edit area is empty: the edited model does not differ from the base in any decoder "

@@ -25,21 +25,23 @@ from sa_lens.errors import InputError
 
 __all__ = ["EditRequest", "derive_subject", "load_edits"]
 
-# Leading words of a question that are not its topic: "What are", "How does", "Why do", "Can you explain".
+# Leading words of a question that are not its topic: "What are", "How does", "What's", "Can you explain".
 _QUESTION_WORDS = re.compile(
-    r"^(?:(?:what|which|who|whom|whose|why|how|when|where|is|are|was|were|do|does|did|can|could|should|would|will"
-    r"|has|have|had|explain|describe|tell|me|you|please|much|many|kind|kinds|of|the\s+role\s+of)\b[\s,]*)+",
+    r"^(?:(?:(?:what|who|how|where|when|why|that|it)'s|what|which|who|whom|whose|why|how|when|where|is|are|was|were"
+    r"|do|does|did|can|could|should|would|will|has|have|had|explain|describe|tell|me|you|please|much|many|kind|kinds"
+    r"|of|the\s+role\s+of)\b|[\s,:;'\"-]+)+",
     re.IGNORECASE,
 )
 
 
 def derive_subject(question: str) -> str:
-    """The subject of a NoIntentEdit-style question: the question without its leading question words and ``?``.
+    """The subject of a NoIntentEdit-style question: the question without its leading question words and without
+    its closing punctuation (``"What's the role of enzymes?"`` → ``"enzymes"``).
 
     Raises:
         ValueError: nothing is left (a question of question words only).
     """
-    text = question.strip().rstrip("?").strip()
+    text = question.strip().rstrip("?.!").strip()
     subject = _QUESTION_WORDS.sub("", text).strip()
     if not subject:
         raise InputError(f"Cannot derive a subject from {question!r}; give the row a 'subject' that occurs in it.")
@@ -118,6 +120,14 @@ class EditRequest:
         # Column names in any case: the paper's own file (Unintentional_Edit_Instance) has Question, Answer, Cluster.
         row = {**{str(k).lower(): v for k, v in row.items()}, **row}
         rid = str(row.get("id", row.get("case_id", index)))
+        if isinstance(row.get("requested_rewrite"), Mapping):  # CounterFact as published (Meng et al. 2022)
+            rewrite = row["requested_rewrite"]
+            true = rewrite.get("target_true")
+            # Its neighbourhood prompts are plain strings about other subjects whose answer is the true target.
+            neighbours = [n if isinstance(n, Mapping) or true is None else {"prompt": n, "target": true}
+                          for n in row.get("neighborhood_prompts", ())]
+            row = {**rewrite, "paraphrase_prompts": row.get("paraphrase_prompts", ()),
+                   "neighborhood_prompts": neighbours, "id": rid}
         if "question" in row and "answer" in row:
             question = str(row["question"])
             subject = str(row.get("subject") or derive_subject(question))
@@ -125,7 +135,7 @@ class EditRequest:
             return cls(question, subject, str(row["answer"]), paraphrases=(str(paraphrase),) if paraphrase else (),
                        id=rid)
         target = row.get("target_new", row.get("target"))
-        if isinstance(target, Mapping):  # CounterFact's own files: {"str": "Rome", "id": …}
+        if isinstance(target, Mapping):  # CounterFact's targets: {"str": "Rome", "id": …}
             target = " " + target["str"]
         true = row.get("target_true")
         if isinstance(true, Mapping):
@@ -137,6 +147,8 @@ class EditRequest:
             )
         neighbours = []
         for n in row.get("neighborhood_prompts", row.get("neighbours", ())):
+            if isinstance(n, Mapping) and isinstance(n.get("target"), Mapping):
+                n = {"prompt": n["prompt"], "target": " " + n["target"]["str"]}
             if not isinstance(n, Mapping) or "prompt" not in n or "target" not in n:
                 raise InputError(f"edit row {rid}: each neighbourhood prompt must be {{'prompt': …, 'target': …}}.")
             neighbours.append((n["prompt"], n["target"]))

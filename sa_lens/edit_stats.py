@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 
 import torch
@@ -96,9 +97,12 @@ def key_second_moment(
         return _MEMO[key]
     path = cache_dir() / "rome_stats" / f"{key}.safetensors"
     if path.exists():
-        stored = load_file(str(path))
-        _MEMO[key] = stored["mom2"], int(stored["count"].item())
-        return _MEMO[key]
+        try:
+            stored = load_file(str(path))
+            _MEMO[key] = stored["mom2"], int(stored["count"].item())
+            return _MEMO[key]
+        except Exception:  # a damaged cache file (safetensors or OS error) is recomputed and rewritten
+            path.unlink(missing_ok=True)
     total = torch.zeros(site.d_key, site.d_key, dtype=torch.float64)
     count = 0
 
@@ -125,7 +129,7 @@ def key_second_moment(
         handle.remove()
     mom2 = (total / count).float()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: concurrent runs never share a half file
     save_file({"mom2": mom2, "count": torch.tensor(count)}, str(tmp))
     tmp.rename(path)  # whole or absent: a run killed mid-write leaves no half file under the key
     _MEMO[key] = mom2, count

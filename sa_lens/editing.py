@@ -25,7 +25,6 @@ specificity as CounterFact does.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -110,11 +109,13 @@ class RomeOptions:
             raise InputError(f"steps must be an integer ≥ 1; got {self.steps!r}.")
         if not (is_finite_real(self.lr) and self.lr > 0):
             raise InputError(f"lr must be a positive number; got {self.lr!r}.")
+        object.__setattr__(self, "lr", float(self.lr))
         for name in ("kl_factor", "weight_decay", "clamp_norm_factor", "early_stop_loss", "max_loss", "ridge",
                      "mom2_update_weight"):
             value = getattr(self, name)
             if not (is_finite_real(value) and value >= 0):
                 raise InputError(f"{name} must be a finite number ≥ 0; got {value!r}.")
+            object.__setattr__(self, name, float(value))  # lr=1 and lr=1.0 are one config (one fingerprint)
         # One string is refused, not read as a sequence of one-character texts.
         contexts = () if isinstance(self.contexts, str) else tuple(self.contexts)
         if not contexts or any(not isinstance(c, str) for c in contexts):
@@ -175,9 +176,22 @@ def _hf_and_tokenizer(model, tokenizer):
 def _prompt_ids(tokenizer, request: EditRequest, prompt: str, prefix: str, chat: bool) -> tuple[list[int], int]:
     """Token ids of the (prefixed, possibly chat-formatted) prompt and the index of the subject's last token."""
     content = prefix + request.text(prompt)
-    start, end = request.subject_span(prompt)
-    text = format_prompts(tokenizer, [content])[0] if chat else content
-    at = text.rfind(content) + len(prefix) + end  # where the subject ends inside the formatted text
+    end = len(prefix) + request.subject_span(prompt)[1]  # where the subject ends inside the content
+    if chat:
+        # Some templates trim the user's text (Llama-3, Gemma-2), some do not: give them none to trim, so the
+        # content appears verbatim in the rendered prompt and the subject's offset inside it holds.
+        end -= len(content) - len(content.lstrip())
+        content = content.strip()
+        text = format_prompts(tokenizer, [content])[0]
+        where = text.rfind(content)
+        if where < 0:
+            raise InputError(
+                f"edit {request.id!r}: the chat template rewrote the user's message {content!r}, so the subject "
+                "cannot be located in the rendered prompt; edit with RomeOptions(chat=False) (raw text)."
+            )
+        at = where + end
+    else:
+        text, at = content, end
     ids = token_ids(tokenizer, [text])[0]
     last = len(token_ids(tokenizer, [text[:at]])[0]) - 1
     if not 0 <= last < len(ids):
@@ -374,8 +388,10 @@ def _memit(hf, tok, sites: list[MlpOutput], z_module, requests: list[EditRequest
     values = [optimise_value(hf, z_module, b, options, repr(r.id), f"at the residual stream after layer {last}")
               for r, b in tqdm(list(zip(requests, batches)), desc=f"MEMIT z L{last}", disable=not progress)]
     zs = torch.stack([v.v + v.delta for v in values]).double()  # target residual streams, [n, d_model]
+    # Every layer's C from the unedited model, as MEMIT's code (and so cached across batches).
+    covariances = [_second_moment(hf, tok, site, options) for site in sites]
     norms = []
-    for i, site in enumerate(sites):
+    for i, (site, c) in enumerate(zip(sites, covariances)):
         keys, current = [], []
         with eval_mode(hf), torch.no_grad():
             for b in batches:
@@ -387,7 +403,6 @@ def _memit(hf, tok, sites: list[MlpOutput], z_module, requests: list[EditRequest
                 current.append(z[0][0])  # the bare prompt's residual stream now
         k_mat = torch.stack(keys).double().T  # [d_mlp, n]
         resid = (zs - torch.stack(current).double()).T / (len(sites) - i)  # what is left, shared by the layers left
-        c = _second_moment(hf, tok, site, options)
         adj = torch.linalg.solve(options.mom2_update_weight * c + k_mat @ k_mat.T, k_mat)
         update = (resid @ adj.T).float()  # [d_model, d_mlp]
         with torch.no_grad():
@@ -588,10 +603,11 @@ def edit_scores(
     return scores
 
 
-def summarise_scores(scores: Sequence[Mapping]) -> dict[str, float]:
-    """Mean efficacy, generalisation and specificity over the requests that have each (NaN if none)."""
+def summarise_scores(scores: Sequence[Mapping]) -> dict[str, float | None]:
+    """Mean efficacy, generalisation and specificity over the requests that have each (None if none has it:
+    JSON-safe, where NaN is not)."""
     out = {}
     for key in ("efficacy", "generalisation", "specificity"):
         values = [s[key] for s in scores if s.get(key) is not None]
-        out[key] = sum(values) / len(values) if values else math.nan
+        out[key] = sum(values) / len(values) if values else None
     return out

@@ -171,3 +171,26 @@ def test_every_bundled_edit_row_is_a_valid_request(name):
         assert r.text()[start:end] == r.subject
     if name == "edits":  # CounterFact-style: every fact has the answer it replaces, paraphrases and neighbours
         assert all(r.target_true and r.paraphrases and r.neighbours for r in requests)
+
+
+@pytest.mark.parametrize(("question", "subject"), [
+    ("Explain the role of enzymes.", "enzymes"),
+    ("What's the capital of France?", "the capital of France"),
+    ("Tell me: what is love?", "love"),
+])
+def test_derived_subjects_carry_no_punctuation_or_contraction(question, subject):
+    assert derive_subject(question) == subject
+
+
+def test_counterfact_as_published_reads_with_its_nested_rewrite_and_string_neighbours():
+    row = {"case_id": 0,
+           "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                 "target_new": {"str": "English", "id": "Q1860"},
+                                 "target_true": {"str": "French", "id": "Q150"}},
+           "paraphrase_prompts": ["Shayna does this. Danielle Darrieux spoke the language"],
+           "neighborhood_prompts": ["The mother tongue of Léon Blum is"]}
+    r = EditRequest.from_row(row)
+    assert (r.prompt, r.subject, r.target, r.target_true, r.id) == (
+        "The mother tongue of {} is", "Danielle Darrieux", " English", " French", "0")
+    assert r.paraphrases == ("Shayna does this. Danielle Darrieux spoke the language",)
+    assert r.neighbours == (("The mother tongue of Léon Blum is", " French"),)

@@ -507,3 +507,45 @@ def test_a_memit_batch_that_does_not_converge_applies_nothing(tiny_bridge):
     with pytest.raises(ConvergenceError, match=r"edit 'far' did not converge at the residual stream after layer 1"):
         apply_edits(tiny_bridge, [SEA, FAR], (0, 1), FAST, method="memit")
     assert _changed(tiny_bridge, before) == []
+
+
+# ---- found by review: the subject's token under templates that trim, and the row forms ---------------------------
+
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen2", "mistral"])
+def test_the_key_sits_on_the_subject_when_the_template_trims_the_users_text(family_dir, name):
+    # Gemma-2's and Mistral's templates trim the user's message, Qwen2's does not: a question read from a CSV with a
+    # trailing space put the key in the template header before, without any error.
+    from sa_lens.editing import _batch
+
+    _, tok = sa_lens.load_hf_model(family_dir(name))
+    request = EditRequest.from_row({"question": "  What is bullying? ", "answer": "Repeated aggression.",
+                                    "subject": "bullying"})
+    b = _batch(tok, request, RomeOptions(chat=True), "cpu")
+    for row in range(b.n_rewrite):
+        upto = tok.decode(b.ids[row, : b.lookup[row] + 1])
+        assert upto.endswith("bullying"), (name, row, upto[-40:])
+
+
+def test_rome_options_read_integers_as_the_same_config_as_floats():
+    assert RomeOptions(lr=1, max_loss=2) == RomeOptions(lr=1.0, max_loss=2.0)
+    assert type(RomeOptions(lr=1).lr) is float
+
+
+def test_a_damaged_statistics_file_is_recomputed(tiny_hf, tmp_path):
+    hf, tok = tiny_hf
+    site = mlp_output(hf, 0)
+    first, n = edit_stats.key_second_moment(hf, tok, site, STATS, progress=False)
+    (path,) = (tmp_path / "cache" / "rome_stats").glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:100])  # a run killed mid-copy, a full disk
+    edit_stats._MEMO.clear()
+    again, n_again = edit_stats.key_second_moment(hf, tok, site, STATS, progress=False)
+    assert torch.equal(first, again) and n == n_again
+    assert edit_stats.load_file(str(path))["mom2"].shape == first.shape  # rewritten whole
+
+
+def test_the_official_variant_refuses_an_already_restricted_harm_vector():
+    hv = HarmVector({"model.layers.0.mlp.down_proj.weight": torch.ones(2, 2),
+                     "model.layers.3.mlp.down_proj.weight": torch.ones(2, 2)}).restrict(layers=[0])
+    with pytest.raises(InputError, match="needs the whole τH"):
+        edit_area_vector(hv, (0,), 0.5, variant="official")
