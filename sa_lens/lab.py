@@ -205,7 +205,7 @@ def _build_edited(cfg: LabConfig, aligned: Path, target: Path, log: Callable[[st
     tmp = target.with_name(target.name + ".tmp")
     save_edited(model, tmp, tokenizer)
     report = {"layer": layer, "edits": [asdict(r) for r in requests], "old_answers": olds,
-              "results": [r.to_dict() for r in results], "scores": scores, "summary": summarise_scores(scores)}
+              "results": [r.to_dict() for r in results], "scores": scores}
     (tmp / EDIT_REPORT).write_text(json.dumps(report, indent=1))
     tmp.rename(target)
 
@@ -464,7 +464,7 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
     area = detect_edit_area(cast.paths["aligned"], cast.paths["edited"], progress=False)
     edit = cast.edit_report()
     log(f"Edit area: layers {list(area.layers)} (ROME changed {list(area.tensors)}); "
-        f"{len(edit['results'])} edits, efficacy {edit['summary']['efficacy']:.0%} on the edited model.")
+        f"{len(edit['results'])} edits, efficacy {summarise_scores(edit['scores'])['efficacy']:.0%} on the edited model.")
     scenario_states = {"BASE": states, "SFT": states, "EDIT": edit_states(cfg, hv_tv, area.layers, pairs)}
     rows, generations = [], []
     for scenario, target in SCENARIOS.items():
@@ -490,7 +490,8 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
         "harm_vector": {"numel": hv_tv.numel, "nnz_trimmed": hv_ties.nnz},
         "icv_pairs": len(pairs),
         "edit": {"layer": edit["layer"], "area": list(area.layers), "changed": list(area.tensors),
-                 "results": edit["results"], "scores": edit["scores"], "summary": edit["summary"]},
+                 "results": edit["results"], "scores": edit["scores"],
+                 "summary": summarise_scores(edit["scores"])},
         "states": {scenario: {name: {"name": iv.name, "fingerprint": iv.fingerprint()} for name, iv in group.items()}
                    for scenario, group in (("BASE/SFT", states), ("EDIT", scenario_states["EDIT"]))},
         "rows": rows,
