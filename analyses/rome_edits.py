@@ -32,7 +32,7 @@ from sa_lens.provenance import model_name
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="5", help="layers to edit, one run each (default: %(default)s)")
+    parser.add_argument("--layers", default="5", help="layers to edit, one run each; '' for none (default: %(default)s)")
     parser.add_argument("--memit", help="also one MEMIT batch of every edit over these layers, e.g. 3-5")
     parser.add_argument("--out", default="analyses/results/rome_edits.json")
     args = parser.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     unedited = summarise_scores(edit_scores(model, requests))
     runs = []
-    for layer in parse_layers(args.layers):
+    for layer in parse_layers(args.layers) if args.layers else []:
         rows = []
         for r in requests:
             t0 = time.perf_counter()
