@@ -1,12 +1,15 @@
 """``sa-lens evaluate`` (one model, data sets, a judge → report folder) and ``sa-lens run`` (Safety Arithmetic
-on your own target/base/harmful models: Original vs HDR vs Safe-Align vs both, same report)."""
+on your own target/base/harmful models: Original vs HDR vs Safe-Align vs both, same report; ``--scenario edit``
+restricts both stages to the layers a knowledge edit changed, recorded under ``config.scenario`` in results.json)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM, DEFAULT_TOP_K
+from sa_lens.edit_area import VARIANTS
 from sa_lens.errors import InputError
 from sa_lens.evaluation.judge_registry import JUDGES
 
@@ -50,6 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ of HDR (default: %(default)s, the paper's)")
     p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="fraction of τH kept (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="Safe-Align α (default: %(default)s)")
+    p.add_argument("--scenario", choices=("base", "sft", "edit"), default="base",
+                   help="base / sft (run alike): θt is θb or a fine-tune of it, HDR and Safe-Align over the whole model; "
+                   "edit: θt is θb after a knowledge edit (`sa-lens edit`), both restricted to the edit area, the layers "
+                   "where --target differs from --base, ±1 (paper Eqs. 11–13) (default: %(default)s)")
+    p.add_argument("--edit-variant", choices=VARIANTS,
+                   help="edit: paper (default; τH zero outside the area, top-k within it) or official (the official "
+                   "code: the untrimmed τH kept outside the area)")
+    p.add_argument("--safe-align-layers", choices=("area", "all"),
+                   help="edit: extract and inject the ICV in the edit area's layers (default, as the official code) or "
+                   "in every layer")
     _common(p)
     p.set_defaults(run=_run_safety_arithmetic)
 
@@ -65,7 +78,7 @@ def _judge(args: argparse.Namespace):
     return get_judge(args.judge, **options)
 
 
-def _evaluate(model, args: argparse.Namespace, states=None) -> int:
+def _evaluate(model, args: argparse.Namespace, states=None, scenario: dict | None = None) -> int:
     from sa_lens.data.public import load_public
     from sa_lens.evaluation.decoding import preset
     from sa_lens.evaluation.harness import evaluate
@@ -81,6 +94,11 @@ def _evaluate(model, args: argparse.Namespace, states=None) -> int:
         out_dir=args.out, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
         mmlu_dev=mmlu_dev,
     )
+    if scenario is not None:  # beside the harness's own config in results.json, so the report says where HDR acted
+        report.config["scenario"] = scenario
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        saved["config"]["scenario"] = scenario
+        (Path(args.out) / "results.json").write_text(json.dumps(saved, indent=2, default=str))
     print(report.summary, "", report.comparison, "", f"Report in {Path(args.out).resolve()} ({report.seconds:.0f} s).", sep="\n")
     return 0
 
@@ -119,6 +137,10 @@ def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentPa
 
     if not 0.0 < args.top_k <= 1.0:
         parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
+    if args.scenario != "edit" and (args.edit_variant or args.safe_align_layers):
+        parser.error("--edit-variant and --safe-align-layers belong to --scenario edit.")
+    if args.scenario == "edit":
+        return _run_edit_scenario(args)
     base, _ = load_hf_model(args.base)
     harmful, _ = load_hf_model(args.harmful)
     hv = HarmVector.from_models(base, harmful).trim(args.top_k)
@@ -127,3 +149,75 @@ def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentPa
     # rerun into the same folder with another --alpha redoes the Safe-Align states and reuses Original and HDR.
     states = safety_arithmetic_states(hv, _pairs(args, args.harmful), args.lam, args.alpha)
     return _evaluate(load_model(args.target), args, states)
+
+
+def _edit_area(base: str, edited: str):
+    """The layers where ``edited`` differs from ``base``, ±1 (paper Eq. 11), streamed from two safetensors folders
+    or compared in memory otherwise; refused when empty."""
+    from sa_lens.commands.vectors import _local_or_hub, _streamable
+    from sa_lens.edit_area import detect_edit_area
+    from sa_lens.models import load_hf_model
+
+    for path in (base, edited):
+        _local_or_hub(path)
+    if _streamable(base) and _streamable(edited):
+        area = detect_edit_area(base, edited)
+    else:
+        area = detect_edit_area(load_hf_model(base)[0], load_hf_model(edited)[0])
+    if not area.layers:
+        raise InputError(f"--target {edited} does not differ from --base {base} in any decoder layer, so there is no "
+                         "edit area; --scenario edit needs --target = the edited model (`sa-lens edit`), --base = the "
+                         "model it was edited from.")
+    return area
+
+
+def _layer_summary(hv) -> dict:
+    """Where τH′ is non-zero: its decoder layers, and its tensors outside every layer (embeddings, final norm)."""
+    from sa_lens.parameter_names import layer_index
+    from sa_lens.sparse_delta import SparseDelta
+
+    nonzero = [n for n, t in hv.deltas.items() if bool((t.values if isinstance(t, SparseDelta) else t).any())]
+    return {"nnz": hv.nnz, "numel": hv.numel,
+            "layers": sorted({i for i in map(layer_index, nonzero) if i is not None}),
+            "outside_layers": sorted(n for n in nonzero if layer_index(n) is None)}
+
+
+def _run_edit_scenario(args: argparse.Namespace) -> int:
+    """EDIT (paper §4, paper-notes.md §2.4, §7 items 6–7): θb → θedit = --target; θH fine-tuned from θb."""
+    import dataclasses
+
+    from sa_lens.commands.vectors import _local_or_hub, _streamable
+    from sa_lens.edit_area import edit_area_vector
+    from sa_lens.evaluation.states import safety_arithmetic_states
+    from sa_lens.harm_vector import HarmVector
+    from sa_lens.interventions import Compose
+    from sa_lens.models import load_hf_model, load_model
+    from sa_lens.provenance import portable_name
+
+    variant, where = args.edit_variant or "paper", args.safe_align_layers or "area"
+    area = _edit_area(args.base, args.target)
+    shown = ", ".join(area.tensors[:4]) + (f" and {len(area.tensors) - 4} more" if len(area.tensors) > 4 else "")
+    print(f"Edit area: layers {list(area.layers)} (changed: layers {list(area.changed_layers)}; "
+          f"{len(area.tensors)} tensor(s): {shown}).")
+    _local_or_hub(args.harmful)
+    if _streamable(args.base) and _streamable(args.harmful):
+        # The paper variant needs τH in the area only: stream those layers (a 7B model's τH is 27 GB in full).
+        tau = HarmVector.from_checkpoints(args.base, args.harmful, layers=area.layers if variant == "paper" else None)
+    else:
+        tau = HarmVector.from_models(load_hf_model(args.base)[0], load_hf_model(args.harmful)[0])
+    hv = edit_area_vector(tau, area.layers, args.top_k, variant=variant)
+    del tau
+    states = safety_arithmetic_states(hv, _pairs(args, args.harmful), args.lam, args.alpha)
+    if where == "area":  # the official code's EDIT setting: ICV read and injected in the area's layers only
+        safe_align = dataclasses.replace(states["Safe-Align"], layers=area.layers, icv_layers=area.layers)
+        states |= {"Safe-Align": safe_align, "Safety Arithmetic": Compose((states["HDR"], safe_align))}
+    scenario = {
+        "scenario": "edit",
+        "base": portable_name(args.base),
+        "edit_area": {"tensors": list(area.tensors), "changed_layers": list(area.changed_layers),
+                      "layers": list(area.layers)},
+        "edit_variant": variant,
+        "safe_align_layers": list(area.layers) if where == "area" else "all",
+        "harm_vector": _layer_summary(hv),
+    }
+    return _evaluate(load_model(args.target), args, states, scenario)
