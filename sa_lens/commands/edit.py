@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from sa_lens.editing import RomeOptions
+from sa_lens.editing import RomeOptions, default_edit_layer
 from sa_lens.errors import InputError
 
 REPORT_FILE = "edit_report.json"
 OLD_ANSWER_TOKENS = 64
 """Generation budget of the unedited model's reply that stands for a request's old answer (``--chat``)."""
 BUNDLED_EDITS = ("edits", "noint_edits")
-
-
-def default_layer(n_layers: int) -> int:
-    """The layer edited when ``--layer`` is not given: ``round(0.15 × n_layers)``, halves to even (Python's round).
-
-    Llama-2-7b's 32 layers → 5, the layer the paper's code implies (its edit area is 4–6, paper-notes.md §1);
-    SmolLM2-135M's 30 → 4; a 2-layer test model → 0.
-    """
-    return round(15 * n_layers / 100)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or NoIntentEdit-style (question, answer, optional subject, paraphrase); or a bundled set: "
                    f"{', '.join(BUNDLED_EDITS)}")
     p.add_argument("--layer", type=int, help="decoder layer whose MLP output projection is edited, counted from 0 "
-                   "(default: round(0.15 × n_layers), halves to even: Llama-2-7b's 32 → 5, the layer the paper's code "
-                   "implies; SmolLM2-135M's 30 → 4)")
+                   "(default: round(5 × n_layers / 32): Llama-2-7b's layer 5, the one the paper's code implies, scaled "
+                   "to the depth; SmolLM2-135M's 30 → 5, the lab's)")
     p.add_argument("--chat", action="store_true", help="prompt as a user turn of the chat template, target as the "
                    "assistant's reply (chat models, question/answer rows); rows without target_true then get the "
                    f"unedited model's greedy reply ({OLD_ANSWER_TOKENS} tokens) as old answer, for efficacy")
@@ -98,10 +88,6 @@ def _old_answers(model, tokenizer, requests, chat: bool) -> list[str | None]:
     return olds
 
 
-def _json_number(x):
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
 def _write(model, tokenizer, out: Path, report: dict) -> None:
     """Save into a sibling temporary folder, then move it into place: a failure leaves ``out`` as it was."""
     from sa_lens.editing import save_edited
@@ -134,19 +120,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options = RomeOptions(steps=args.steps, lr=args.lr, max_loss=args.max_loss, chat=args.chat)
     model, tokenizer = load_hf_model(args.model)
     n_layers = decoder_layer_count(model)
-    layer = default_layer(n_layers) if args.layer is None else args.layer
+    layer = default_edit_layer(n_layers) if args.layer is None else args.layer
     if not 0 <= layer < n_layers:
         raise InputError(f"--layer {layer} is out of range: the model has {n_layers} decoder layers (0-{n_layers - 1}).")
     site = mlp_output(model, layer)  # refuses an architecture without one MLP output projection, before generating
     olds = _old_answers(model, tokenizer, requests, args.chat)
     results = apply_edits(model, requests, layer, options, tokenizer=tokenizer, progress=True)
     scores = edit_scores(model, requests, old_answers=olds, chat=args.chat, tokenizer=tokenizer)
-    summary = {k: _json_number(v) for k, v in summarise_scores(scores).items()}
+    summary = summarise_scores(scores)
     report = {
         "model": model_name(model),
         "edits_source": portable_name(args.edits),
         "layer": layer,
-        "layer_rule": "given (--layer)" if args.layer is not None else "round(0.15 × n_layers), halves to even",
+        "layer_rule": "given (--layer)" if args.layer is not None else "round(5 × n_layers / 32) (default_edit_layer)",
         "n_layers": n_layers,
         "options": asdict(options),
         "changed_tensors": [site.name],

@@ -15,12 +15,12 @@ import sa_lens
 from sa_lens import HarmVector, cli
 from sa_lens.commands import edit as edit_cmd
 from sa_lens.commands import evaluate as evaluate_cmd
-from sa_lens.editing import RomeOptions, apply_edits, save_edited
+from sa_lens.editing import RomeOptions, apply_edits, default_edit_layer, save_edited
 from sa_lens.generation import generate
 from sa_lens.parameter_names import layer_index
 from sa_lens.sparse_delta import SparseDelta
 
-N_LAYERS = 4  # default layer round(0.15 × 4) = 1, a layer with later layers to carry the edit
+N_LAYERS = 4  # default layer round(5 × 4 / 32) = 1, a layer with later layers to carry the edit
 FACT = {"id": "sky", "prompt": "{} is located in the city of", "subject": "The sky", "target_new": " Paris",
         "target_true": " blue", "paraphrase_prompts": ["{} stands in"],
         "neighborhood_prompts": [{"prompt": "Two plus two is", "target": " four"}]}
@@ -66,8 +66,8 @@ def cli_edited(models, tmp_path_factory) -> Path:
 # ---- sa-lens edit ------------------------------------------------------------------------------------------
 
 
-def test_default_layer_is_fifteen_percent_of_the_depth_halves_to_even():
-    assert [edit_cmd.default_layer(n) for n in (2, 4, 30, 32)] == [0, 1, 4, 5]
+def test_default_layer_is_llama2s_layer_5_scaled_the_same_as_the_labs():
+    assert [default_edit_layer(n) for n in (2, 4, 30, 32)] == [0, 1, 5, 5]
 
 
 def test_edit_writes_a_model_that_differs_only_in_the_layers_mlp_output_projection(models, cli_edited):
