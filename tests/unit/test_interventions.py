@@ -429,6 +429,7 @@ _EDIT_CHANGES = {
 _OPTION_CHANGES = {
     "steps": 41, "lr": 0.25, "kl_factor": 0.5, "weight_decay": 0.0, "clamp_norm_factor": 2.0, "early_stop_loss": 0.1,
     "max_loss": 2.0, "chat": True, "contexts": ("",), "ridge": 1e-3, "stats_texts": ("One text.",),
+    "mom2_update_weight": 1500.0,
 }
 
 
