@@ -22,7 +22,7 @@ from sa_lens.checkpoints import (
 )
 from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
-from sa_lens.parameter_names import layer_index, select_names
+from sa_lens.parameter_names import layer_count, layer_index, select_names
 from sa_lens.topk import Count
 
 __all__ = ["VARIANTS", "EditArea", "detect_edit_area", "edit_area_vector"]
@@ -97,7 +97,7 @@ def detect_edit_area(
         if not torch.equal(b.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8))
     )
     changed_layers = sorted({i for i in map(layer_index, changed) if i is not None})
-    n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
+    n_layers = layer_count(names)
     area = sorted({j for i in changed_layers for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < n_layers})
     return EditArea(changed, tuple(changed_layers), tuple(area))
 

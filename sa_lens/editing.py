@@ -426,18 +426,29 @@ def _capture_output(module: torch.nn.Module, positions: Tensor, out: list[Tensor
         handle.remove()
 
 
-def _apply(model, edits, layer, options: RomeOptions | None, tokenizer, progress: bool, method: str) -> list[EditResult]:
+def _snapshot(model, layer, method: str) -> tuple[list[MlpOutput], list[Tensor]]:
+    """The projections an edit will write, and a copy of each weight to restore (the only copies taken)."""
+    sites = [mlp_output(model, i) for i in _layers(layer, method)]
+    return sites, [site.weight.detach().clone() for site in sites]
+
+
+def _restore(sites: list[MlpOutput], saved: list[Tensor]) -> None:
+    with torch.no_grad():
+        for site, weight in zip(sites, saved):
+            site.weight.copy_(weight)
+
+
+def _apply(model, sites: list[MlpOutput], saved: list[Tensor], edits, options: RomeOptions | None, tokenizer,
+           progress: bool, method: str) -> list[EditResult]:
     """Apply the edits in place, all or none: on any error the weights are written back before the error propagates."""
     requests = _requests(edits)
     options = options or RomeOptions()
     hf, tok = _hf_and_tokenizer(model, tokenizer)
-    sites = [mlp_output(model, i) for i in _layers(layer, method)]
     z_module = decoder_layer(model, sites[-1].layer) if method == "memit" else None
     if options.chat and not getattr(tok, "chat_template", None):
         raise InputError("chat=True needs a tokenizer with a chat template; pass RomeOptions(chat=False) for raw prompts.")
     for r in requests:  # every request's tokens, before any optimisation
         _batch(tok, r, options, sites[0].weight.device)
-    saved = [site.weight.detach().clone() for site in sites]
     try:
         if method == "memit":
             return _memit(hf, tok, sites, z_module, requests, options, progress)
@@ -449,9 +460,7 @@ def _apply(model, edits, layer, options: RomeOptions | None, tokenizer, progress
             results.append(result)
         return results
     except BaseException:
-        with torch.no_grad():
-            for site, weight in zip(sites, saved):
-                site.weight.copy_(weight)
+        _restore(sites, saved)
         raise
 
 
@@ -494,15 +503,12 @@ def knowledge_edit(
         ConvergenceError: an edit whose target NLL stayed above ``options.max_loss`` (the message gives the loss).
         In every error case nothing stays applied.
     """
-    sites = [mlp_output(model, i) for i in _layers(layer, method)]
-    saved = [site.weight.detach().clone() for site in sites]
-    results = _apply(model, edits, layer, options, tokenizer, progress, method)
+    sites, saved = _snapshot(model, layer, method)
+    results = _apply(model, sites, saved, edits, options, tokenizer, progress, method)
     try:
         yield results
     finally:
-        with torch.no_grad():
-            for site, weight in zip(sites, saved):
-                site.weight.copy_(weight)
+        _restore(sites, saved)
 
 
 def apply_edits(
@@ -516,7 +522,8 @@ def apply_edits(
     progress: bool = False,
 ) -> list[EditResult]:
     """Apply knowledge edits permanently (all or none). Arguments, results and errors as :func:`knowledge_edit`."""
-    return _apply(model, edits, layer, options, tokenizer, progress, method)
+    sites, saved = _snapshot(model, layer, method)
+    return _apply(model, sites, saved, edits, options, tokenizer, progress, method)
 
 
 def save_edited(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from sa_lens.bridge import is_bridge
 from sa_lens.errors import InputError
-from sa_lens.parameter_names import checkpoint_name, is_mlp_output_projection, layer_index
+from sa_lens.parameter_names import checkpoint_name, is_mlp_output_projection, layer_count, layer_index
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,8 +62,7 @@ def _hf(model) -> PreTrainedModel:
 
 def decoder_layer_count(model) -> int:
     """The number of decoder layers of a bridge or HF model, from its parameter names."""
-    indices = [layer_index(n) for n, _ in _hf(model).named_parameters()]
-    return max((i for i in indices if i is not None), default=-1) + 1
+    return layer_count(n for n, _ in _hf(model).named_parameters())
 
 
 def mlp_output(model, layer: int) -> MlpOutput:

@@ -19,7 +19,7 @@ from typing import Literal
 from sa_lens.errors import InputError
 
 __all__ = ["KINDS", "Kind", "Projection", "attention_projection", "checkpoint_name", "is_mlp_output_projection",
-           "layer_index", "parameter_kind", "select_names"]
+           "layer_count", "layer_index", "parameter_kind", "select_names"]
 
 Kind = Literal["attention", "mlp", "embeddings", "norms", "tower", "other"]
 KINDS: tuple[Kind, ...] = ("attention", "mlp", "embeddings", "norms", "tower", "other")
@@ -65,6 +65,11 @@ def layer_index(name: str) -> int | None:
         return None
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+def layer_count(names: Iterable[str]) -> int:
+    """The number of decoder layers the parameter names span (highest layer index + 1; 0 without layers)."""
+    return max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
 
 
 def parameter_kind(name: str) -> Kind:

@@ -151,26 +151,6 @@ def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentPa
     return _evaluate(load_model(args.target), args, states)
 
 
-def _edit_area(base: str, edited: str):
-    """The layers where ``edited`` differs from ``base``, ±1 (paper Eq. 11), streamed from two safetensors folders
-    or compared in memory otherwise; refused when empty."""
-    from sa_lens.commands.vectors import _local_or_hub, _streamable
-    from sa_lens.edit_area import detect_edit_area
-    from sa_lens.models import load_hf_model
-
-    for path in (base, edited):
-        _local_or_hub(path)
-    if _streamable(base) and _streamable(edited):
-        area = detect_edit_area(base, edited)
-    else:
-        area = detect_edit_area(load_hf_model(base)[0], load_hf_model(edited)[0])
-    if not area.layers:
-        raise InputError(f"--target {edited} does not differ from --base {base} in any decoder layer, so there is no "
-                         "edit area; --scenario edit needs --target = the edited model (`sa-lens edit`), --base = the "
-                         "model it was edited from.")
-    return area
-
-
 def _layer_summary(hv) -> dict:
     """Where τH′ is non-zero: its decoder layers, and its tensors outside every layer (embeddings, final norm)."""
     from sa_lens.parameter_names import layer_index
@@ -186,7 +166,7 @@ def _run_edit_scenario(args: argparse.Namespace) -> int:
     """EDIT (paper §4, paper-notes.md §2.4, §7 items 6–7): θb → θedit = --target; θH fine-tuned from θb."""
     import dataclasses
 
-    from sa_lens.commands.vectors import _local_or_hub, _streamable
+    from sa_lens.commands.model_args import edit_area_between, local_or_hub, streamable
     from sa_lens.edit_area import edit_area_vector
     from sa_lens.evaluation.states import safety_arithmetic_states
     from sa_lens.harm_vector import HarmVector
@@ -195,12 +175,12 @@ def _run_edit_scenario(args: argparse.Namespace) -> int:
     from sa_lens.provenance import portable_name
 
     variant, where = args.edit_variant or "paper", args.safe_align_layers or "area"
-    area = _edit_area(args.base, args.target)
+    area = edit_area_between(args.base, args.target)
     shown = ", ".join(area.tensors[:4]) + (f" and {len(area.tensors) - 4} more" if len(area.tensors) > 4 else "")
     print(f"Edit area: layers {list(area.layers)} (changed: layers {list(area.changed_layers)}; "
           f"{len(area.tensors)} tensor(s): {shown}).")
-    _local_or_hub(args.harmful)
-    if _streamable(args.base) and _streamable(args.harmful):
+    local_or_hub(args.harmful)
+    if streamable(args.base) and streamable(args.harmful):
         # The paper variant needs τH in the area only: stream those layers (a 7B model's τH is 27 GB in full).
         tau = HarmVector.from_checkpoints(args.base, args.harmful, layers=area.layers if variant == "paper" else None)
     else:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sa_lens.checkpoints import INDEX_FILE, SINGLE_FILE
+from sa_lens.commands.model_args import edit_area_between, local_or_hub, streamable
 from sa_lens.defaults import DEFAULT_LAM, DEFAULT_TOP_K
 from sa_lens.errors import InputError
 from sa_lens.layer_spec import check_layers, layers_argument
-from sa_lens.parameter_names import KINDS, layer_index
+from sa_lens.parameter_names import KINDS, layer_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,15 +47,7 @@ def _check_layers(layers: list[int] | None, names) -> None:
     layers are counted from its parameter names."""
     if layers is None:
         return
-    n_layers = max((i for i in map(layer_index, names) if i is not None), default=-1) + 1
-    check_layers(layers, n_layers)
-
-
-def _local_or_hub(name_or_path: str) -> str:
-    """Refuse a path that does not exist rather than send it to the hub as a model id."""
-    if not Path(name_or_path).exists() and (Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))):
-        raise FileNotFoundError(f"{name_or_path}: no such checkpoint folder.")
-    return name_or_path
+    check_layers(layers, layer_count(names))
 
 
 def _kinds(text: str) -> list[str]:
@@ -66,14 +58,8 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
-def _streamable(name_or_path: str) -> bool:
-    path = Path(name_or_path)
-    return (path / SINGLE_FILE).exists() or (path / INDEX_FILE).exists()
-
-
 def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sa_lens.checkpoints import Checkpoint
-    from sa_lens.edit_area import detect_edit_area
     from sa_lens.harm_vector import HarmVector, checkpoint_parameters
     from sa_lens.models import load_hf_model
 
@@ -81,19 +67,14 @@ def _run_harm_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         raise InputError(f"{args.out}: vector files end in .safetensors (the sidecar goes beside it as .json).")
     for path in (args.base, args.harmful, args.edit_area):
         if path is not None:
-            _local_or_hub(path)
+            local_or_hub(path)
     layers = args.layers
     if args.edit_area:
-        if _streamable(args.base) and _streamable(args.edit_area):
-            area = detect_edit_area(args.base, args.edit_area)
-        else:
-            area = detect_edit_area(load_hf_model(args.base)[0], load_hf_model(args.edit_area)[0])
-        if not area.layers:
-            raise InputError(f"{args.edit_area} does not differ from {args.base} in any decoder layer; no edit area.")
+        area = edit_area_between(args.base, args.edit_area, ("--base", "--edit-area"))
         print(f"Edit area: layers {list(area.layers)} (changed: {list(area.changed_layers)}).")
         layers = sorted(set(area.layers) & set(layers)) if layers is not None else list(area.layers)
     top_k = None if args.no_trim else args.top_k
-    if _streamable(args.base) and _streamable(args.harmful):
+    if streamable(args.base) and streamable(args.harmful):
         _check_layers(args.layers, Checkpoint(args.base).specs)
         hv = HarmVector.from_checkpoints(args.base, args.harmful, top_k=top_k, scope=args.scope, layers=layers, kinds=args.kinds)
     else:
@@ -113,8 +94,8 @@ def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from sa_lens.harm_vector import HarmVector
     from sa_lens.models import load_hf_model
 
-    _local_or_hub(args.target)
-    if _streamable(args.target):
+    local_or_hub(args.target)
+    if streamable(args.target):
         hv = HarmVector.load(args.harm_vector, target=args.target, restrict=args.restrict, sparse=True)
         export_harm_removed(args.target, hv, args.out, args.lam)
     else:
