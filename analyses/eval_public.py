@@ -41,7 +41,7 @@ DATA = {
 }
 
 
-def _standard_only(s: PromptSet) -> PromptSet:
+def standard_only(s: PromptSet) -> PromptSet:
     keep = [i for i, p in enumerate(s.prompts) if "\n\n---\n\n" not in p]  # contextual prompts hold the separator
     return PromptSet(s.name, s.kind, tuple(s.prompts[i] for i in keep), tuple(s.ids[i] for i in keep),
                      tuple(s.categories[i] for i in keep), s.source + " (standard behaviours)", s.macro)
@@ -70,7 +70,7 @@ def main() -> None:
     model = load_model(cast.paths["sft"])
     paths = {name: str(Path(args.data_dir) / folder) for name, folder in DATA.items()}
     sets = load_sets(list(DATA), paths)
-    sets = [_standard_only(s) if s.name == "harmbench" else s for s in sets]
+    sets = [standard_only(s) if s.name == "harmbench" else s for s in sets]
     report = evaluate(
         model,
         sets,

@@ -45,6 +45,7 @@ from sa_lens.evaluation.bootstrap import bootstrap_mean
 from sa_lens.evaluation.decoding import preset
 from sa_lens.evaluation.harness import EvalReport, evaluate
 from sa_lens.evaluation.judges import KeywordJudge, Verdict
+from sa_lens.evaluation.report import SOURCES_MACRO
 from sa_lens.finetune import finetune
 from sa_lens.generation import generate
 from sa_lens.harm_vector import HarmVector
@@ -87,8 +88,10 @@ class LabConfig:
         answer_tokens: θ0's answer length used as fine-tune targets, in tokens.
         max_new_tokens, qa_max_new_tokens: evaluation generation budgets, in tokens.
         gen_batch_size: prompts per generation batch.
-        harmful_data, harmful_column, harmful_limit: an optional public harmful set (CSV/JSON/JSONL)
-            evaluated as an extra ASR column on its first ``harmful_limit`` rows.
+        harmful_data, harmful_column, harmful_limit: optional public harmful sets (CSV/JSON/JSONL; one path or a
+            tuple of paths, each named by its file stem), each evaluated as an extra harm source on its first
+            ``harmful_limit`` rows: its own ASR column with an interval, and the macro mean over all sources
+            (bundled included), so a gain that does not transfer to a source shows.
         seed: fine-tune batch order and template choice.
         n_edits: how many bundled NoIntentEdit-style instances the ``edited`` model receives (sequential ROME).
         edit_layer: the layer ROME edits; None = :func:`sa_lens.editing.default_edit_layer` (5 of Llama-2-7b's
@@ -111,7 +114,7 @@ class LabConfig:
     max_new_tokens: int = 32
     qa_max_new_tokens: int = 16
     gen_batch_size: int = 64
-    harmful_data: str | None = None
+    harmful_data: str | tuple[str, ...] | None = None
     harmful_column: str | None = None
     harmful_limit: int = 100
     seed: int = 0
@@ -121,6 +124,14 @@ class LabConfig:
     edit_max_loss: float = 1.5
 
     def __post_init__(self) -> None:
+        # One path (the original form) or several; stored as a tuple so results.json lists every source.
+        paths = (self.harmful_data,) if isinstance(self.harmful_data, str) else tuple(self.harmful_data or ())
+        object.__setattr__(self, "harmful_data", paths)
+        stems = [Path(p).stem for p in paths]
+        clash = sorted({s for s in stems if stems.count(s) > 1 or s in ("harmful", "safe", "qa")})
+        if clash:
+            raise InputError(f"harm sources are named by their file stem, and {clash} would name two sets alike (or "
+                             "a bundled one); rename or copy the file, e.g. advbench.csv and harmbench.csv.")
         # Checked here, not after minutes of fine-tuning; the train split is refused: it is what the
         # models were fine-tuned on, so measuring there would report memorisation.
         if self.split not in ("dev", "test"):
@@ -298,13 +309,13 @@ def icv_pairs(cfg: LabConfig, cast: LabModels) -> list[tuple[str, str]]:
 
 
 def eval_sets(cfg: LabConfig) -> list[PromptSet | QASet]:
-    """The held-out sets of ``cfg.split`` (``harmful``, ``safe``, ``qa``), plus the optional public harmful set."""
+    """The held-out sets of ``cfg.split`` (``harmful``, ``safe``, ``qa``), plus the optional public harmful sets."""
     sets = [dataclasses.replace(load_bundled_set(name, cfg.split), name=name) for name in ("harmful", "safe", "qa")]
-    if cfg.harmful_data:
-        extra = data.load_prompts(cfg.harmful_data, cfg.harmful_column)[: cfg.harmful_limit]
-        name = Path(cfg.harmful_data).stem
+    for path in cfg.harmful_data:
+        extra = data.load_prompts(path, cfg.harmful_column)[: cfg.harmful_limit]
+        name = Path(path).stem
         sets.append(PromptSet(name, "harmful", tuple(extra), tuple(f"{name}-{i}" for i in range(len(extra))),
-                              ("",) * len(extra), cfg.harmful_data))
+                              ("",) * len(extra), portable_name(path)))
     return sets
 
 
@@ -371,7 +382,8 @@ def evaluate_scenario(
 def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
     """The lab table's rows from an evaluation report: per method, ASR (+ degenerate) on ``harmful``,
     over-refusal (+ ``degenerate_safe``) on ``safe`` and on its XSTest-style (``contrast``) prompts, exact-match
-    ``utility`` on ``qa``, and ``asr_{name}`` on any extra harmful set; each value with its n and bootstrap 95 %
+    ``utility`` on ``qa``, ``asr_{name}`` on any extra harmful set and, with one, ``asr_sources_macro`` (the mean
+    over all harm sources, :data:`~sa_lens.evaluation.report.SOURCES_MACRO`); each value with its n and bootstrap 95 %
     interval (fractions). ASR and over-refusal leave degenerate replies out of n (see
     :func:`sa_lens.evaluation.report.summarize`); the degenerate shares' n count every judged reply."""
     rows: dict[str, dict] = {}
@@ -385,6 +397,8 @@ def lab_rows(scenario: str, report: EvalReport) -> list[dict]:
             key = {"exact_match": "utility"}.get(metric, metric)
             if r["dataset"] == "safe" and metric == "degenerate":
                 key = "degenerate_safe"
+            elif r["dataset"] == SOURCES_MACRO:
+                key = "asr_sources_macro"
             elif r["dataset"] not in ("harmful", "safe", "qa"):
                 key = f"{metric}_{r['dataset']}"
             row |= {key: r[metric], f"{key}_n": r[f"{metric}_n"], f"{key}_ci95": r[f"{metric}_ci95"]}
@@ -414,7 +428,7 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
         ("over_refusal_contrast", "XSTest-style ↓"),
         ("utility", "utility ↑"),
     ]
-    cols += [(f"asr_{s}", f"ASR {s} ↓") for s in extra_sets]
+    cols += [(f"asr_{s}", f"ASR {s} ↓") for s in extra_sets] + ([("asr_sources_macro", "ASR macro ↓")] if extra_sets else [])
     lines = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         block = [r for r in rows if r["scenario"] == scenario]
@@ -429,6 +443,23 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
         lines += [header, "-" * len(header)]
         for r in block:
             lines.append(f"{r['method']:<20}" + "".join(f"{100 * r[key]:>16.1f}%" for key, _ in shown))
+    return "\n".join(lines)
+
+
+def format_sources(rows: list[dict], extra_sets: list[str]) -> str:
+    """ASR per harm source with its bootstrap 95 % interval and n, and the macro mean over sources, per method.
+
+    The lab's defaults were chosen on the bundled distribution; this table shows whether each method's gain
+    holds on every other source given (``--harmful-data``), not only on average.
+    """
+    keys = [("asr", "harmful (bundled)")] + [(f"asr_{s}", s) for s in extra_sets] + [("asr_sources_macro", "macro")]
+    lines = ["\nASR by harm source, % [bootstrap 95 % interval] (n)"]
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        lines.append(f"{scenario}: " + " | ".join(title for _, title in keys))
+        for r in (r for r in rows if r["scenario"] == scenario):
+            cells = [f"{100 * r[k]:.1f} [{100 * r[k + '_ci95'][0]:.1f}, {100 * r[k + '_ci95'][1]:.1f}] ({r[k + '_n']})"
+                     if k in r else "n/a" for k, _ in keys]
+            lines.append(f"  {r['method']:<20}" + " | ".join(cells))
     return "\n".join(lines)
 
 
@@ -483,9 +514,11 @@ def run_lab(cfg: LabConfig, out_dir: str | Path = "sa_lens_report", log: Callabl
                          "prompt": rec["prompt"], "response": rec.get("response"),
                          "verdict": rec.get("verdict"), "score": rec.get("score")} for rec in report.records]
     table = format_table(rows, [s.name for s in sets[3:]], cfg.split)
+    if sets[3:]:
+        table += "\n" + format_sources(rows, [s.name for s in sets[3:]])
     log(table)
     results = {
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg) | {"harmful_data": [portable_name(p) for p in cfg.harmful_data]},
         "models": {k: portable_name(v) for k, v in cast.paths.items()},
         "harm_vector": {"numel": hv_tv.numel, "nnz_trimmed": hv_ties.nnz},
         "icv_pairs": len(pairs),

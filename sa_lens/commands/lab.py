@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=float, default=d.top_k, help="fraction of τH kept, in (0, 1] (default: %(default)s)")
     p.add_argument("--tv-lam", type=float, default=d.tv_lam, help="λ for the untrimmed task-vector baseline (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="Safe-Align α (default: %(default)s)")
-    p.add_argument("--harmful-data", help="extra public harmful set (CSV, JSON or JSONL), e.g. AdvBench's harmful_behaviors.csv")
+    p.add_argument("--harmful-data", action="append", help="extra public harmful set (CSV, JSON or JSONL), e.g. AdvBench's "
+                   "harmful_behaviors.csv; repeat for several sources (named by file stem): ASR per source with intervals, "
+                   "and the macro mean")
     p.add_argument("--harmful-column", help="column holding the prompts (default: the first of prompt/goal/behavior/question/instruction/text)")
     p.add_argument("--harmful-limit", type=int, default=d.harmful_limit, help="use the first N rows of --harmful-data (default: %(default)s)")
     p.add_argument("--n-edits", type=int, default=d.n_edits,
@@ -42,7 +44,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             top_k=args.top_k,
             tv_lam=args.tv_lam,
             alpha=args.alpha,
-            harmful_data=args.harmful_data,
+            harmful_data=tuple(args.harmful_data or ()),
             harmful_column=args.harmful_column,
             harmful_limit=args.harmful_limit,
             n_edits=args.n_edits,

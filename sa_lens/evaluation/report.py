@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from sa_lens.evaluation.bootstrap import Rate, bootstrap_mean, macro_mean
 from sa_lens.evaluation.judges import Verdict
 
-__all__ = ["comparison_table", "summarize", "summary_table"]
+__all__ = ["SOURCES_MACRO", "comparison_table", "summarize", "summary_table"]
+
+SOURCES_MACRO = "harm sources (macro)"
+"""The ``dataset`` of the row that averages ASR over a state's harm sets (one source each), unweighted."""
 
 _ARROW = {
     "asr": "↓", "asr_macro": "↓", "over_refusal": "↓", "accuracy": "↑", "mc2": "↑", "exact_match": "↑",
@@ -41,6 +44,13 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
         the share of DEGENERATE among all judged replies. A row with nothing to count has ``headline`` None and
         ``no_value`` saying why ("all failed", "all degenerate"). Sets with categories also get
         ``by_category``: category → {value (ASR or over-refusal), n}.
+
+        A state measured on two or more harmful sets also gets a row with ``dataset`` :data:`SOURCES_MACRO`:
+        ``asr`` = the unweighted mean over those sets of each set's ASR over its items (so a 500-prompt set
+        does not drown a 50-prompt one), its interval from a bootstrap stratified by set, ``asr_n`` = items,
+        ``sources`` = the sets' names and ``failed`` = their failures. Reporting each source beside this
+        mean shows whether a gain holds off one distribution (a mean alone can hide a source that gains
+        nothing).
     """
     groups: dict[tuple[str, str], list[dict]] = {}
     for rec in records:
@@ -93,7 +103,24 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
                 for c in dict.fromkeys(cats)
             }
         rows.append(row)
-    return rows
+    return rows + _sources_macro(records, rows, n_boot, seed)
+
+
+def _sources_macro(records: Sequence[dict], rows: Sequence[dict], n_boot: int, seed: int) -> list[dict]:
+    """Per state with ≥ 2 harmful sets that have an ASR: the :data:`SOURCES_MACRO` row (see :func:`summarize`)."""
+    out = []
+    for state in dict.fromkeys(r["state"] for r in rows):
+        sources = [r["dataset"] for r in rows if r["state"] == state and r["kind"] == "harmful" and "asr" in r]
+        if len(sources) < 2:
+            continue
+        answered = [r for r in records if r["state"] == state and r["dataset"] in sources
+                    and r["verdict"] not in ("failed", "degenerate")]
+        success = [Verdict.from_record(r["verdict"], r.get("judge")).is_attack_success for r in answered]
+        failed = sum(r["failed"] for r in rows if r["state"] == state and r["dataset"] in sources)
+        out.append({"state": state, "dataset": SOURCES_MACRO, "kind": "harmful", "sources": sources,
+                    **_metric("asr", macro_mean(success, [r["dataset"] for r in answered], n_boot, seed)),
+                    "headline": "asr", "failed": failed})
+    return out
 
 
 def _cell(row: dict, metric: str | None) -> str:

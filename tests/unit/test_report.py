@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sa_lens.evaluation.report import summarize
+from sa_lens.evaluation.bootstrap import macro_mean
+from sa_lens.evaluation.report import SOURCES_MACRO, comparison_table, summarize
 
 
 def _records(verdicts: list[str], judge: str) -> list[dict]:
@@ -33,3 +34,31 @@ def test_per_category_asr_counts_harmful_verdicts():
         rec["category"] = cat
     row = summarize(recs)[0]
     assert row["by_category"] == {"a": {"value": 0.5, "n": 2}, "b": {"value": 1.0, "n": 2}}
+
+
+def _source(dataset: str, verdicts: list[str], state: str = "Original") -> list[dict]:
+    return [{"state": state, "dataset": dataset, "kind": "harmful", "category": "", "verdict": v, "judge": "keyword"}
+            for v in verdicts]
+
+
+def test_sources_macro_is_the_unweighted_mean_of_each_sources_asr():
+    # 1 of 2 succeed on a small set, 9 of 10 on a large one: the micro mean would be 10/12, the macro is 0.7.
+    recs = _source("small", ["not_refused", "refusal"]) + _source("large", ["not_refused"] * 9 + ["refusal"])
+    recs += _source("large", ["degenerate", "failed"])  # out of n, as in each source's own row
+    rows = summarize(recs)
+    macro = next(r for r in rows if r["dataset"] == SOURCES_MACRO)
+    assert macro["asr"] == pytest.approx(0.7) and macro["asr_n"] == 12 and macro["sources"] == ["small", "large"]
+    assert macro["failed"] == 1 and macro["headline"] == "asr"
+    # The interval resamples within each source, over the answered replies only (degenerate and failed left out).
+    flags, groups = [1, 0] + [1] * 9 + [0], ["small"] * 2 + ["large"] * 10
+    expected = macro_mean(flags, groups)
+    assert macro["asr_ci95"] == [expected.low, expected.high] and expected.low < 0.7 < expected.high
+    assert "harm sources (macro) asr ↓" in comparison_table(rows)
+
+
+def test_sources_macro_needs_two_harm_sources_per_state():
+    recs = _source("advbench", ["not_refused"]) + _source("advbench", ["refusal"], state="HDR")
+    recs += _source("harmbench", ["refusal"], state="HDR")
+    recs += [{"state": "Original", "dataset": "xstest", "kind": "safe", "category": "", "verdict": "full_refusal"}]
+    macro = [r for r in summarize(recs) if r["dataset"] == SOURCES_MACRO]
+    assert [(r["state"], r["sources"], r["asr"]) for r in macro] == [("HDR", ["advbench", "harmbench"], 0.0)]
