@@ -7,7 +7,10 @@ Reads what exists under ``results`` (default ``analyses/results``) and writes PN
 - ``sweep_SFT``, ``sweep_BASE``: λ × top-k, task-vector λ and α sweeps with the Pareto view, from ``sweep_dev.json``;
 - ``heads_activation``, ``heads_weights``: layer × head heatmaps, from ``heads/`` (``analyses/trace_lab.py``);
 - ``head_ablation``: logit difference and ASR with the top heads ablated, from ``heads/ablation.csv``;
-- ``layerwise``: per-layer curves, from ``layerwise/layerwise.csv`` (``analyses/layerwise.py``).
+- ``layerwise``: per-layer curves, from ``layerwise/layerwise.csv`` (``analyses/layerwise.py``);
+- ``transfer``: ASR per harm source vs over-refusal, one point per setting, the chosen one marked (dev sources),
+  and the four reported states with intervals (held-out sources), from ``transfer/transfer.json``
+  (``analyses/transfer.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sa_lens.analysis.figures import (
+    pareto_front,
     plot_head_heatmaps,
     plot_layer_curves,
     plot_method_comparison,
@@ -58,6 +62,51 @@ def _ablation_figure(df: pd.DataFrame) -> Figure:
         ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right", fontsize=8)
         ax.spines[["top", "right"]].set_visible(False)
     figure.suptitle("Zero-ablating 10 heads of θb: top heads by each measure vs 10 random heads", fontsize=12)
+    return figure
+
+
+def _transfer_figure(res: dict) -> Figure:
+    """Top: each dev source's ASR vs dev over-refusal for every setting tried (Pareto front on macro ASR joined,
+    chosen starred); bottom: each held-out source, Original / chosen / paper / lab defaults with 95 % intervals."""
+    dev = {k: v for k, v in res["dev_hdr"].items()} | {k: v for k, v in res["dev_sa"].items() if k != "Original"}
+    dev_sources = [s for s, m in res["sources"].items() if m["role"] == "dev" and f"asr_{s}" in dev["Original"]]
+    held_sources = [s for s in res["sources"] if f"asr_{s}" in res["held_out"]["Original"]]
+    figure = Figure(figsize=(4.2 * max(len(dev_sources), len(held_sources)), 8), layout="constrained")
+    axes = figure.subplots(2, max(len(dev_sources), len(held_sources)), squeeze=False)
+    names = list(dev)
+    front = set(pareto_front([{"asr": dev[n]["asr_macro"], "over_refusal": dev[n]["over_refusal"],
+                               "utility": dev[n]["utility"]} for n in names]))
+    chosen = res["sa_choice"] or res["hdr_choice"]
+    for ax, source in zip(axes[0], dev_sources):
+        for i, name in enumerate(names):
+            r = dev[name]
+            style = ({"marker": "X", "color": "black", "s": 70} if name == "Original"
+                     else {"marker": "*", "color": "tab:red", "s": 180} if name == chosen
+                     else {"marker": "o", "color": "tab:blue" if name.startswith("HDR") else "tab:green",
+                           "s": 30 if i in front else 14, "alpha": 1.0 if i in front else 0.5})
+            ax.scatter(100 * r["over_refusal"], 100 * r[f"asr_{source}"], zorder=3, **style)
+        ax.set_title(f"dev: {source} (n = {dev['Original'][f'asr_{source}_n']})", fontsize=10)
+        ax.set_xlabel("over-refusal, XSTest dev (%) ↓")
+        ax.set_ylabel("ASR (%) ↓")
+    for ax, source in zip(axes[1], held_sources):
+        for i, (name, r) in enumerate(res["held_out"].items()):
+            low, high = r[f"asr_{source}_ci95"]
+            ax.errorbar(100 * r["over_refusal"], 100 * r[f"asr_{source}"], fmt="o", capsize=3,
+                        yerr=[[100 * (r[f"asr_{source}"] - low)], [100 * (high - r[f"asr_{source}"])]],
+                        color=("black", "tab:red", "tab:purple", "tab:orange")[i % 4], label=name)
+        same = res["sources"][source].get("same_source_as")
+        ax.set_title(f"held out: {source} (n = {res['held_out']['Original'][f'asr_{source}_n']})"
+                     + (f", same source as {same}" if same else ""), fontsize=10)
+        ax.set_xlabel("over-refusal, XSTest held out (%) ↓")
+        ax.set_ylabel("ASR (%) ↓")
+    axes[1][0].legend(fontsize=8)
+    for ax in axes.flat:
+        ax.spines[["top", "right"]].set_visible(False)
+        if not ax.has_data():
+            ax.set_visible(False)
+    figure.suptitle("Does the gain transfer? Top: every setting tried on the dev sources (★ chosen, ✕ Original, "
+                    "large dots: Pareto front on macro ASR, over-refusal, utility; blue HDR alone, green Safety "
+                    "Arithmetic). Bottom: sources not used to choose.", fontsize=10)
     return figure
 
 
@@ -102,6 +151,9 @@ def main() -> None:
         n = ", ".join(f"{k} n={v}" for k, v in run["n"].items())
         written += save_figure(plot_layer_curves(df, f"One layer at a time (dev subsample: {n}; keyword judge)", labels),
                                out / "layerwise")
+    if (root / "transfer" / "transfer.json").exists():
+        written += save_figure(_transfer_figure(json.loads((root / "transfer" / "transfer.json").read_text())),
+                               out / "transfer")
     for path in written:
         print(path)
 

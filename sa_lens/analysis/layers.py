@@ -103,7 +103,8 @@ def layer_sweep(
     Args:
         model: the bridge.
         sets: data sets as :func:`sa_lens.evaluate` takes them (``harmful`` → ``asr`` and ``degenerate``,
-            ``safe`` → ``over_refusal``, QA → ``utility`` (exact match), multiple choice → ``accuracy``).
+            ``safe`` → ``over_refusal``, QA → ``utility`` (exact match), multiple choice → ``accuracy``); with two
+            or more harmful sets, also ``asr`` of :data:`~sa_lens.evaluation.report.SOURCES_MACRO` (their mean).
         method: ``directional_ablation``, ``safe_align`` or ``harm_removal``.
         layers: layers to try (all by default).
         baseline: also measure the model without intervention (rows with ``layer`` NA).
@@ -131,7 +132,8 @@ def layer_sweep(
     rows = []
     for r in report.rows:
         layer = pd.NA if r["state"] == "baseline" else int(r["state"][1:])
-        for metric in _METRICS.get(r["kind"], (r["headline"],)):
+        # A row may lack a metric: the macro over harm sources has no degenerate share, an all-degenerate set no ASR.
+        for metric in (m for m in _METRICS.get(r["kind"], (r["headline"],)) if m is not None and m in r):
             low, high = r[f"{metric}_ci95"]
             rows.append({"method": method, "layer": layer, "set": r["dataset"],
                          "metric": "utility" if metric == "exact_match" else metric,
