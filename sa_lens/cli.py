@@ -6,13 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sa_lens.commands import edit, evaluate, lab, safety_vector, trace, vectors
+from sa_lens.commands import edit, evaluate, export_vector, lab, safety_vector, trace, vectors
 from sa_lens.errors import SaLensError
 
 __all__ = ["main"]
 
 # Order is the order of `sa-lens --help`: the main job first, then the stages alone.
-_COMMANDS = (lab, evaluate, vectors, safety_vector, edit, trace)
+_COMMANDS = (lab, evaluate, vectors, safety_vector, export_vector, edit, trace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

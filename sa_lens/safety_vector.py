@@ -235,6 +235,17 @@ class SafetyVector:
             )
         return sv
 
+    def to_gguf(self, path: str | os.PathLike, alpha: float, *, site: str, formula: str, **options) -> Path:
+        """Write this vector as a llama.cpp control vector (``--control-vector``): one fixed
+        ``direction.N = −α·v[l]`` per block, the vectors ``SafeAlign(formula="add", site=site)`` adds.
+
+        Arguments, refusals (``official``, ``ablate``, ``attn_out``, non-``all`` positions, rows llama.cpp has
+        no slot for) and errors: :func:`sa_lens.control_vector.to_gguf`.
+        """
+        from sa_lens.control_vector import to_gguf  # it builds on sa_lens.steering, which imports this module
+
+        return to_gguf(self, path, alpha, site=site, formula=formula, **options)
+
 
 def _positions_window(positions: str) -> int | None:
     windows = {"last4_mean": LAST_N_POSITIONS, "last": 1, "span": None}
