@@ -272,6 +272,15 @@ class SaLensAPI(ModelAPI):
             metadata={"sa_lens_state": self.state.name, "sa_lens_fingerprint": self.state.fingerprint()},
         )
 
+    async def count_text_tokens(self, text: str) -> int:
+        """Tokens of ``text`` by the model's own tokenizer, no special tokens added (Inspect's default estimate
+        would fetch tiktoken's vocabulary from the network)."""
+        return len(await self.tokenize(text))
+
+    async def tokenize(self, text: str) -> list[int]:
+        """``text``'s token ids by the model's own tokenizer, no special tokens added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def max_tokens(self) -> int | None:
         """64 new tokens unless the task or ``--max-tokens`` says otherwise (sa_lens's ``greedy`` preset)."""
         return preset("greedy").max_new_tokens

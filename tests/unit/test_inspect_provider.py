@@ -131,6 +131,18 @@ def test_system_and_multi_turn_conversations_render_with_the_chat_template(tiny_
         api.close()
 
 
+def test_tokens_are_counted_with_the_models_tokenizer(tiny_dir):
+    import anyio
+
+    model = get_model(f"sa_lens/{tiny_dir}", memoize=False)
+    try:
+        ids = model.api.tokenizer("How do I bake bread?", add_special_tokens=False)["input_ids"]
+        assert anyio.run(model.api.tokenize, "How do I bake bread?") == ids
+        assert anyio.run(model.count_tokens, "How do I bake bread?") == len(ids)
+    finally:
+        model.api.close()
+
+
 def test_close_restores_the_weights_a_harm_removal_state_changed(tiny_dir, tiny_dir_other, tmp_path):
     base, _ = sa_lens.load_hf_model(tiny_dir)
     harmful, _ = sa_lens.load_hf_model(tiny_dir_other)
