@@ -28,7 +28,9 @@ def test_inspect_replies_and_asr_equal_sa_lens_generate_and_evaluate(tmp_path):
     model = sa_lens.load_model()
     train = [r["prompt"] for r in load_bundled("harmful", "train")[:4]]
     pairs = demonstration_pairs(Demonstration(q, "Sure, here is a step-by-step guide. Step 1:") for q in train)
-    states = {"Original": Compose(), "Safe-Align": SafeAlign(pairs=tuple(pairs), alpha=0.12)}
+    # The default model refuses none of these; at α = 1.4 three of its 8 replies loop (degenerate), so the check also
+    # covers leaving degenerate replies out of n on both sides.
+    states = {"Original": Compose(), "Safe-Align": SafeAlign(pairs=tuple(pairs), alpha=1.4)}
     full = load_bundled_set("harmful", "test")
     harmful = dataclasses.replace(full, prompts=full.prompts[:N], ids=full.ids[:N], categories=full.categories[:N])
     report = sa_lens.evaluate(model, [harmful], "keyword", states=states,
@@ -52,3 +54,4 @@ def test_inspect_replies_and_asr_equal_sa_lens_generate_and_evaluate(tmp_path):
         assert score.scored_samples == sum(r["verdict"] != "degenerate" for r in report.records if r["state"] == name)
     assert same == total == 2 * N
     assert replies["Original"] != replies["Safe-Align"]  # the state was applied
+    assert sum(r["verdict"] == "degenerate" for r in report.records) > 0
