@@ -82,9 +82,12 @@ def _transfer_figure(res: dict) -> Figure:
             r = dev[name]
             style = ({"marker": "X", "color": "black", "s": 70} if name == "Original"
                      else {"marker": "*", "color": "tab:red", "s": 180} if name == chosen
+                     else {"marker": "D", "color": "tab:purple", "s": 40} if name == "Paper defaults"
                      else {"marker": "o", "color": "tab:blue" if name.startswith("HDR") else "tab:green",
                            "s": 30 if i in front else 14, "alpha": 1.0 if i in front else 0.5})
             ax.scatter(100 * r["over_refusal"], 100 * r[f"asr_{source}"], zorder=3, **style)
+        limit = 100 * (dev["Original"]["over_refusal"] + res["rule"]["max_over_refusal_rise"])
+        ax.axvline(limit, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"dev: {source} (n = {dev['Original'][f'asr_{source}_n']})", fontsize=10)
         ax.set_xlabel("over-refusal, XSTest dev (%) ↓")
         ax.set_ylabel("ASR (%) ↓")
@@ -96,7 +99,7 @@ def _transfer_figure(res: dict) -> Figure:
                         color=("black", "tab:red", "tab:purple", "tab:orange")[i % 4], label=name)
         same = res["sources"][source].get("same_source_as")
         ax.set_title(f"held out: {source} (n = {res['held_out']['Original'][f'asr_{source}_n']})"
-                     + (f", same source as {same}" if same else ""), fontsize=10)
+                     + (f"\nsame source as {same}" if same else ""), fontsize=10)
         ax.set_xlabel("over-refusal, XSTest held out (%) ↓")
         ax.set_ylabel("ASR (%) ↓")
     axes[1][0].legend(fontsize=8)
@@ -104,9 +107,10 @@ def _transfer_figure(res: dict) -> Figure:
         ax.spines[["top", "right"]].set_visible(False)
         if not ax.has_data():
             ax.set_visible(False)
-    figure.suptitle("Does the gain transfer? Top: every setting tried on the dev sources (★ chosen, ✕ Original, "
-                    "large dots: Pareto front on macro ASR, over-refusal, utility; blue HDR alone, green Safety "
-                    "Arithmetic). Bottom: sources not used to choose.", fontsize=10)
+    figure.suptitle("Does the gain transfer? Top: every setting tried on the dev sources (★ chosen, ✕ Original, ◆ paper "
+                    "defaults; blue HDR alone, green Safety Arithmetic;\nlarge dots: Pareto front on macro ASR, "
+                    "over-refusal and utility; dashed: the rule's over-refusal limit). Bottom: sources not used to "
+                    "choose, 95 % intervals.", fontsize=10)
     return figure
 
 
