@@ -128,7 +128,8 @@ class LabConfig:
         paths = (self.harmful_data,) if isinstance(self.harmful_data, str) else tuple(self.harmful_data or ())
         object.__setattr__(self, "harmful_data", paths)
         stems = [Path(p).stem for p in paths]
-        clash = sorted({s for s in stems if stems.count(s) > 1 or s in ("harmful", "safe", "qa")})
+        # "sources_macro" would give the key of the macro column (asr_sources_macro).
+        clash = sorted({s for s in stems if stems.count(s) > 1 or s in ("harmful", "safe", "qa", "sources_macro")})
         if clash:
             raise InputError(f"harm sources are named by their file stem, and {clash} would name two sets alike (or "
                              "a bundled one); rename or copy the file, e.g. advbench.csv and harmbench.csv.")
@@ -442,7 +443,9 @@ def format_table(rows: list[dict], extra_sets: list[str], split: str) -> str:
         header = f"{'Method':<20}" + "".join(f"{title:>17}" for _, title in shown)
         lines += [header, "-" * len(header)]
         for r in block:
-            lines.append(f"{r['method']:<20}" + "".join(f"{100 * r[key]:>16.1f}%" for key, _ in shown))
+            # A set whose every reply was degenerate (or every judgement failed) has no rate: n/a, not a crash.
+            lines.append(f"{r['method']:<20}" + "".join(f"{100 * r[key]:>16.1f}%" if key in r else f"{'n/a':>17}"
+                                                        for key, _ in shown))
     return "\n".join(lines)
 
 

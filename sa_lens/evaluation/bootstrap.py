@@ -13,14 +13,14 @@ n beside such a value: 0 of 20 is compatible with a true rate up to about 16 %.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sa_lens.errors import InputError
 
-__all__ = ["Rate", "bootstrap_mean", "macro_mean"]
+__all__ = ["Rate", "bootstrap_mean", "macro_mean", "weighted_group_mean"]
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,47 @@ def macro_mean(values: Sequence[float], groups: Sequence[str], n_boot: int = 200
     Raises:
         ValueError: as :func:`bootstrap_mean`, or ``groups`` not aligned with ``values``.
     """
+    return weighted_group_mean(values, groups, {g: 1.0 for g in groups}, n_boot, seed)
+
+
+def weighted_group_mean(values: Sequence[float], groups: Sequence[str], weights: Mapping[str, float],
+                        n_boot: int = 2000, seed: int = 0) -> Rate:
+    """Σ_g w_g · (mean score of group g) / Σ_g w_g, with a bootstrap that resamples items within each group.
+
+    :func:`macro_mean` is the equal-weight case. Unequal weights express a mean of means of means: the mean over
+    harm sources of each source's headline, where one source is itself a macro over its categories (weight
+    1 / (sources × that source's categories) per category).
+
+    Args:
+        values: one score per item in [0, 1].
+        groups: the group of each item.
+        weights: group → weight > 0, for every group present.
+        n_boot: bootstrap resamples (≥ 100).
+        seed: seed of the resampling.
+
+    Returns:
+        A :class:`Rate` whose n is the number of items.
+
+    Raises:
+        ValueError: as :func:`bootstrap_mean`, ``groups`` not aligned with ``values``, or a group without a
+            positive weight.
+    """
     x = _check(values, n_boot)
     if len(groups) != x.size:
         raise InputError(f"{len(groups)} groups for {x.size} values; give one category per item.")
+    order = list(dict.fromkeys(groups))
+    if any(not weights.get(g, 0) > 0 for g in order):
+        raise InputError("every group needs a positive weight; got " + str({g: weights.get(g) for g in order}) + ".")
+    w = np.asarray([weights[g] for g in order], dtype=np.float64)
+    w /= w.sum()
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups, dtype=object)
     per_group, boot = [], []
-    for g in dict.fromkeys(groups):
+    for g in order:
         xg = x[labels == g]
         per_group.append(xg.mean())
         boot.append(xg[rng.integers(0, xg.size, size=(n_boot, xg.size))].mean(axis=1))
-    return _rate(float(np.mean(per_group)), np.mean(boot, axis=0), x.size)
+    return _rate(float(np.dot(w, per_group)), np.tensordot(w, np.asarray(boot), axes=1), x.size)
 
 
 def _rate(value: float, resampled: np.ndarray, n: int) -> Rate:

@@ -51,7 +51,7 @@ from sa_lens.evaluation.judges import Verdict, judge_nonblank
 from sa_lens.evaluation.metrics import exact_match
 from sa_lens.evaluation.multiple_choice import MMLU_SHOTS, mmlu_shots, score_items
 from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
-from sa_lens.evaluation.report import comparison_table, summarize, summary_table
+from sa_lens.evaluation.report import SOURCES_MACRO, comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.generation import generate
 from sa_lens.interventions import Compose, Intervention
@@ -112,7 +112,8 @@ def load_sets(
             names that have no path of their own; None reads those from the hub.
 
     Raises:
-        DataError: see :func:`sa_lens.data.public.load_public`; also two sets of one name, or item ids that
+        DataError: see :func:`sa_lens.data.public.load_public`; also two sets of one name, a set named
+            :data:`~sa_lens.evaluation.report.SOURCES_MACRO`, or item ids that
             repeat within a set (results are keyed by id).
     """
     out: list[EvalSet] = []
@@ -139,6 +140,9 @@ def load_sets(
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise DataError(f"data set names repeat ({', '.join(names)}); each set needs its own name in the report.")
+    if SOURCES_MACRO in names:  # the report's row averaging harm sources has that name; a set would hide behind it
+        raise DataError(f"a data set is named {SOURCES_MACRO!r}, the name of the report's mean over harm sources; "
+                        "rename the set (PromptSet(name=...) or name=PATH).")
     for s in out:
         seen: set[str] = set()
         twice = [i for i in s.ids if i in seen or seen.add(i)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sa_lens.evaluation.bootstrap import Rate, bootstrap_mean, macro_mean
+from sa_lens.evaluation.bootstrap import Rate, bootstrap_mean, macro_mean, weighted_group_mean
 from sa_lens.evaluation.judges import Verdict
 
 __all__ = ["SOURCES_MACRO", "comparison_table", "summarize", "summary_table"]
@@ -46,8 +46,9 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
         ``by_category``: category → {value (ASR or over-refusal), n}.
 
         A state measured on two or more harmful sets also gets a row with ``dataset`` :data:`SOURCES_MACRO`:
-        ``asr`` = the unweighted mean over those sets of each set's ASR over its items (so a 500-prompt set
-        does not drown a 50-prompt one), its interval from a bootstrap stratified by set, ``asr_n`` = items,
+        ``asr`` = the unweighted mean over those sets of each set's headline (its ASR, or its macro over
+        categories where the set is reported so), so a 500-prompt set does not drown a 50-prompt one and the
+        row is the mean of the cells beside it; its interval from a bootstrap stratified by set (and category), ``asr_n`` = items,
         ``sources`` = the sets' names and ``failed`` = their failures. Reporting each source beside this
         mean shows whether a gain holds off one distribution (a mean alone can hide a source that gains
         nothing).
@@ -107,19 +108,31 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> lis
 
 
 def _sources_macro(records: Sequence[dict], rows: Sequence[dict], n_boot: int, seed: int) -> list[dict]:
-    """Per state with ≥ 2 harmful sets that have an ASR: the :data:`SOURCES_MACRO` row (see :func:`summarize`)."""
+    """Per state with ≥ 2 harmful sets that have an ASR: the :data:`SOURCES_MACRO` row (see :func:`summarize`).
+
+    The mean is over each set's *headline*, the number its own cell shows: ASR over items, or the macro over
+    categories for a set reported that way (HarmfulQA), so the row is the mean of the cells beside it. The
+    bootstrap resamples items within each set (within each category of a macro set), with the weights that mean
+    implies.
+    """
     out = []
     for state in dict.fromkeys(r["state"] for r in rows):
-        sources = [r["dataset"] for r in rows if r["state"] == state and r["kind"] == "harmful" and "asr" in r]
-        if len(sources) < 2:
+        harm = [r for r in rows if r["state"] == state and r["kind"] == "harmful" and r.get("headline") in ("asr", "asr_macro")]
+        if len(harm) < 2:
             continue
-        answered = [r for r in records if r["state"] == state and r["dataset"] in sources
-                    and r["verdict"] not in ("failed", "degenerate")]
-        success = [Verdict.from_record(r["verdict"], r.get("judge")).is_attack_success for r in answered]
-        failed = sum(r["failed"] for r in rows if r["state"] == state and r["dataset"] in sources)
-        out.append({"state": state, "dataset": SOURCES_MACRO, "kind": "harmful", "sources": sources,
-                    **_metric("asr", macro_mean(success, [r["dataset"] for r in answered], n_boot, seed)),
-                    "headline": "asr", "failed": failed})
+        success, groups, weights = [], [], {}
+        for row in harm:
+            answered = [r for r in records if r["state"] == state and r["dataset"] == row["dataset"]
+                        and r["verdict"] not in ("failed", "degenerate")]
+            cats = [r.get("category", "") if row["headline"] == "asr_macro" else "" for r in answered]
+            success += [Verdict.from_record(r["verdict"], r.get("judge")).is_attack_success for r in answered]
+            # One group per (set, category); the set's weight 1/len(harm) is shared among its categories.
+            groups += [f"{row['dataset']}\x1f{c}" for c in cats]
+            for c in set(cats):
+                weights[f"{row['dataset']}\x1f{c}"] = 1.0 / (len(harm) * len(set(cats)))
+        out.append({"state": state, "dataset": SOURCES_MACRO, "kind": "harmful", "sources": [r["dataset"] for r in harm],
+                    **_metric("asr", weighted_group_mean(success, groups, weights, n_boot, seed)),
+                    "headline": "asr", "failed": sum(r["failed"] for r in harm)})
     return out
 
 
