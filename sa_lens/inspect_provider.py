@@ -22,10 +22,25 @@ decoding settings, sorts each group by length as :func:`sa_lens.generate` does, 
 left-padded batch. Greedy replies equal :func:`sa_lens.generate`'s on the same prompts
 (``tests/unit/test_inspect_provider.py``).
 
+Randomness. Rows of a batch share one RNG stream, so a sample depends on its batch-mates, and batches form by
+timing. A seeded sampling request is therefore generated alone, in a batch of one seeded with its ``seed``: its
+reply is :func:`sa_lens.generate`'s for that one prompt and seed (``sa_lens.generate([prompt], seed=seed)``),
+whatever else is in flight, at the cost of batching (seeded sampling is rare). Unseeded sampling batches draw a
+fresh seed each from a provider-owned source (the OS's randomness), so replies differ between calls and epochs.
+Either way the caller's global torch RNG state is left as it was.
+
+Closing. Inspect calls :meth:`SaLensAPI.close` (which leaves the state) only when the ``Model`` is used as a
+context manager (``with get_model("sa_lens/...") as model: eval(task, model=model)``). ``inspect eval`` on the
+command line ends with its process, but in a script ``inspect_ai.eval(task, model="sa_lens/...")`` and a bare
+``get_model("sa_lens/...")`` keep a memoized model in its state (weights edited, hooks on) after they return
+(checked with inspect-ai 0.3.285: no close call). Use the ``with`` form, or call ``model.api.close()``, before
+using the same bridge for anything else.
+
 Inspect's ``GenerateConfig``: ``max_tokens`` (default 64, the ``greedy`` preset's budget), ``temperature``
-(None or 0: greedy; > 0: sampling), ``top_k`` (sampling), ``seed`` (seeds each batch, as ``sa_lens.generate``'s
-``seed``; None: unseeded), ``stop_seqs`` (the reply is cut before the first stop string: the same text as
-stopping there, since later tokens do not change earlier ones; the token budget is still spent). Refused with
+(None or 0: greedy; > 0: sampling), ``top_k`` (sampling), ``seed`` (a seeded sampling request is generated alone with
+that seed, see Randomness; None: unseeded), ``stop_seqs`` (the decoded reply is cut before the first occurrence
+of any stop string, then stripped as :func:`sa_lens.generate` strips: the same text as stopping there, since
+later tokens do not change earlier ones; the token budget is still spent). Refused with
 the reason, never ignored: tools (sa_lens models have no tool calling), ``top_p`` < 1 when sampling,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``num_choices`` or ``best_of`` > 1, ``logprobs``,
 ``top_logprobs``, ``prompt_logprobs`` and ``response_schema`` (``sa_lens.generate`` has none of them), images,
@@ -39,6 +54,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import queue
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -97,7 +113,8 @@ class Decoding:
         do_sample: sample (True) or greedy (False).
         temperature: sampling temperature (1.0 when greedy, unused).
         top_k: top-k cut-off when sampling, else None.
-        seed: seeds the batch's sampling (None: unseeded); greedy replies do not depend on it.
+        seed: seeds sampling; a seeded sampling request is generated alone (None: unseeded); greedy
+            replies do not depend on it.
         stop_seqs: strings the reply is cut before.
     """
 
@@ -236,6 +253,9 @@ class SaLensAPI(ModelAPI):
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closed = False
+        # Seeds for unseeded batches: fresh per batch (random.Random() seeds itself from the OS), so sampling is not
+        # the same draw every call, while the caller's global torch RNG is left alone.
+        self._fresh_seeds = random.Random()
 
     # ---- Inspect's interface ---------------------------------------------------------------------------------
 
@@ -293,14 +313,21 @@ class SaLensAPI(ModelAPI):
         return True
 
     def close(self) -> None:
-        """Stop the worker and take the model out of its state (weights restored, hooks removed). Idempotent."""
+        """Stop the worker and take the model out of its state (weights restored, hooks removed). Idempotent.
+
+        Requests accepted before the call are answered first; later ones are refused (InputError). Inspect calls
+        this only at the end of a ``with get_model(...)`` block; otherwise call it yourself (module docstring).
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             worker = self._worker
+            if worker is not None:
+                # Under the lock: _submit enqueues under it too, so every accepted request precedes the stop
+                # signal and is answered before the worker ends.
+                self._queue.put(None)
         if worker is not None:
-            self._queue.put(None)
             worker.join()
         self._exit.close()
 
@@ -344,7 +371,8 @@ class SaLensAPI(ModelAPI):
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="sa_lens-inspect-batches", daemon=True)
                 self._worker.start()
-        self._queue.put(request)
+            # Enqueued under the lock: a request put after close() sent the stop signal would never be answered.
+            self._queue.put(request)
 
     def _serve(self) -> None:
         """Worker loop: take what has arrived (up to ``batch_size``), generate it grouped by decoding."""
@@ -366,22 +394,27 @@ class SaLensAPI(ModelAPI):
             for r in batch:
                 groups.setdefault(r.decoding, []).append(r)
             for decoding, group in groups.items():
-                try:
-                    replies = self._generate(decoding, [r.text for r in group])
-                except Exception as e:  # handed to the awaiting samples; the worker keeps serving
-                    for r in group:
-                        r.future.set_exception(e)
-                    continue
-                for r, reply in zip(group, replies):
-                    r.future.set_result(reply)
+                # A seeded sample alone: rows share one RNG stream, so in a batch its reply would depend on which
+                # requests happened to arrive with it.
+                chunks = [[r] for r in group] if decoding.do_sample and decoding.seed is not None else [group]
+                for chunk in chunks:
+                    try:
+                        replies = self._generate(decoding, [r.text for r in chunk])
+                    except Exception as e:  # handed to the awaiting samples; the worker keeps serving
+                        for r in chunk:
+                            r.future.set_exception(e)
+                        continue
+                    for r, reply in zip(chunk, replies):
+                        r.future.set_result(reply)
 
     def _generate(self, decoding: Decoding, texts: list[str]) -> list[_Reply]:
-        """Replies to formatted ``texts`` as :func:`sa_lens.generate` makes them: sorted by length, one batch."""
+        """Replies to formatted ``texts`` as :func:`sa_lens.generate` makes them: sorted by length, one batch,
+        seeded with ``decoding.seed`` or, unseeded, with a fresh seed (the global RNG state is restored after)."""
         t0 = time.perf_counter()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        seed = decoding.seed if decoding.seed is not None else self._fresh_seeds.getrandbits(63)
         with torch.random.fork_rng():
-            if decoding.seed is not None:
-                torch.manual_seed(decoding.seed)
+            torch.manual_seed(seed)
             rows = generate_tokens(self.model, [texts[i] for i in order], decoding.max_new_tokens,
                                    do_sample=decoding.do_sample, temperature=decoding.temperature,
                                    top_k=decoding.top_k)
@@ -389,12 +422,13 @@ class SaLensAPI(ModelAPI):
         lengths = [len(ids) for ids in token_ids(self.tokenizer, [texts[i] for i in order])]
         replies: list[_Reply | None] = [None] * len(texts)
         for i, row, n_in in zip(order, rows, lengths):
-            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
             stopped = bool(row) and row[-1] in self._stops
+            # Cut on the decoded text before stripping, so a stop string at the very start ("\n") cuts there.
             cut = min((text.find(s) for s in decoding.stop_seqs if s in text), default=-1)
             if cut >= 0:
-                text, stopped = text[:cut].rstrip(), True
-            replies[i] = _Reply(text, n_in, len(row), "stop" if stopped else "max_tokens", seconds)
+                text, stopped = text[:cut], True
+            replies[i] = _Reply(text.strip(), n_in, len(row), "stop" if stopped else "max_tokens", seconds)
         return replies  # type: ignore[return-value]
 
 

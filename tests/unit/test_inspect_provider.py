@@ -4,6 +4,7 @@ cannot honour are refused by name, the bundled tasks score as sa_lens does, and 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import subprocess
@@ -96,11 +97,108 @@ def test_safe_align_state_saved_to_json_gives_the_replies_of_apply(tiny_dir, tin
     assert _replies(tiny_dir, tmp_path / "logs", {"interventions": str(path)}) == ref
 
 
-def test_seeded_sampling_equals_sa_lens_generate_with_that_seed(tiny_dir, tiny_bridge, tmp_path):
-    ref = sa_lens.generate(tiny_bridge, PROMPTS, TOKENS, do_sample=True, temperature=0.8, top_k=20, seed=3)
+def test_seeded_sampling_equals_sa_lens_generate_of_each_prompt_alone_with_that_seed(tiny_dir, tiny_bridge, tmp_path):
+    ref = [sa_lens.generate(tiny_bridge, [p], TOKENS, do_sample=True, temperature=0.8, top_k=20, seed=3)[0]
+           for p in PROMPTS]
     got = _replies(tiny_dir, tmp_path, {"batch_wait": 2.0}, temperature=0.8, top_k=20, seed=3)
     assert got == ref
     assert ref != sa_lens.generate(tiny_bridge, PROMPTS, TOKENS)  # sampling, not greedy
+
+
+async def _generate_together(api: SaLensAPI, prompts: list[str], config: GenerateConfig) -> list[str]:
+    """Completions of ``prompts`` sent concurrently (so they arrive within one batch_wait), in order."""
+    import anyio
+
+    out: list[str] = [""] * len(prompts)
+
+    async def one(i: int) -> None:
+        out[i] = (await api.generate([ChatMessageUser(content=prompts[i])], [], "none", config)).completion
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(prompts)):
+            tg.start_soon(one, i)
+    return out
+
+
+def test_unseeded_sampling_differs_between_calls_and_seeded_sampling_repeats(tiny_dir):
+    import anyio
+
+    api = SaLensAPI(str(tiny_dir), batch_wait=0.0)
+    try:
+        unseeded = GenerateConfig(max_tokens=24, temperature=3.0)
+        # 3 draws of 24 tokens at temperature 3 over a 400-token vocabulary: all equal by chance is negligible.
+        draws = [anyio.run(_generate_together, api, PROMPTS[:1], unseeded)[0] for _ in range(3)]
+        assert len(set(draws)) > 1, draws
+        seeded = GenerateConfig(max_tokens=24, temperature=3.0, seed=11)
+        assert len({anyio.run(_generate_together, api, PROMPTS[:1], seeded)[0] for _ in range(2)}) == 1
+    finally:
+        api.close()
+
+
+def test_a_seeded_reply_does_not_depend_on_its_batch_mates(tiny_dir, tiny_bridge):
+    import anyio
+
+    config = GenerateConfig(max_tokens=TOKENS, temperature=1.0, seed=3)
+    api = SaLensAPI(str(tiny_dir), batch_wait=1.0)
+    try:
+        alone = anyio.run(_generate_together, api, PROMPTS[:1], config)[0]
+        together = anyio.run(_generate_together, api, PROMPTS[:3], config)
+    finally:
+        api.close()
+    assert together[0] == alone
+    ref = [sa_lens.generate(tiny_bridge, [p], TOKENS, do_sample=True, temperature=1.0, seed=3)[0] for p in PROMPTS[:3]]
+    assert together == ref
+
+
+def test_a_request_racing_close_is_answered(tiny_dir):
+    """A request past the closed check when close() starts must still be answered (or refused), never left
+    waiting: the enqueue is held back until close() has begun, which exposed the old order."""
+    import queue as queue_module
+    import threading
+
+    from sa_lens.inspect_provider import _Request
+
+    api = SaLensAPI(str(tiny_dir), batch_wait=0.0)
+    closing = threading.Event()
+
+    class LateQueue(queue_module.Queue):
+        def put(self, item, *args, **kwargs):
+            if isinstance(item, _Request):
+                closing.wait(5)
+                time.sleep(0.3)  # room for close() to send the stop signal first, if nothing prevents it
+            super().put(item, *args, **kwargs)
+
+    api._queue = LateQueue()
+    request = _Request(api.render([ChatMessageUser(content=PROMPTS[0])]), Decoding(4),
+                       concurrent.futures.Future())
+    submitter = threading.Thread(target=api._submit, args=(request,))
+    submitter.start()
+    while api._worker is None:
+        time.sleep(0.01)
+    closer = threading.Thread(target=lambda: (closing.set(), api.close()))
+    closer.start()
+    submitter.join(30)
+    closer.join(60)
+    assert not closer.is_alive()
+    assert request.future.done() and request.future.result().output_tokens > 0
+
+
+def test_a_stop_string_at_the_start_of_the_reply_cuts_there(tiny_dir, monkeypatch):
+    import anyio
+
+    import sa_lens.inspect_provider as provider
+
+    api = SaLensAPI(str(tiny_dir))
+    try:
+        ids = api.tokenizer("\nHello\nworld", add_special_tokens=False)["input_ids"]
+        assert api.tokenizer.decode(ids) == "\nHello\nworld"
+        monkeypatch.setattr(provider, "generate_tokens", lambda model, texts, *a, **k: [list(ids) for _ in texts])
+        out = anyio.run(_generate_together, api, PROMPTS[:1], GenerateConfig(max_tokens=TOKENS, stop_seqs=["\n"]))
+        assert out == [""]
+        out = anyio.run(_generate_together, api, PROMPTS[:1], GenerateConfig(max_tokens=TOKENS, stop_seqs=["wor"]))
+        assert out == ["Hello"]
+    finally:
+        api.close()
 
 
 def test_stop_seqs_cut_the_reply_before_the_stop_string(tiny_dir, tiny_bridge, tmp_path):
