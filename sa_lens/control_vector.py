@@ -21,10 +21,12 @@ vector points from safe toward unsafe and ``add`` subtracts it, so ``direction.N
 
 from __future__ import annotations
 
+import contextlib
 import json
+import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -77,7 +79,7 @@ def control_vectors(
         formula: ``add`` only; ``official`` and ``ablate`` depend on the activation and are refused.
         positions: ``all`` only (llama.cpp steers prompt and generated tokens alike).
         layers: sa_lens layers to export (as :func:`sa_lens.safety_hooks`); all by default.
-        per_layer_alpha: ``{layer: α}`` overriding ``alpha`` for some layers.
+        per_layer_alpha: ``{layer: α}`` overriding ``alpha`` for some of the exported layers (int keys).
         model_type: the model's Hugging Face ``config.model_type`` (``llama``, ``qwen2``…); needed for
             ``mlp_out``, which is additive only where the block adds the MLP output unchanged.
         assume_additive_mlp: export ``mlp_out`` for a model type not in :data:`ADDITIVE_MLP_OUT`, on the
@@ -91,8 +93,9 @@ def control_vectors(
     Raises:
         InputError: a formula, site or position policy llama.cpp cannot reproduce (the message says why and
             what to use), a vector read from folded / centred weights, an unknown or post-norm architecture
-            for ``mlp_out``, a layer outside the vector, a non-zero row that would land on block 0 or the
-            embeddings, or nothing left to export.
+            for ``mlp_out``, a layer outside the vector or not an integer, a ``per_layer_alpha`` key for a layer
+            not exported, a non-zero row that would land on block 0 or the embeddings, an α·v that overflows
+            float32, or nothing left to export.
     """
     per_layer_alpha = dict(per_layer_alpha or {})
     check_steering_options(alpha, site, formula, positions, per_layer_alpha)
@@ -103,15 +106,32 @@ def control_vectors(
             "llama.cpp runs the checkpoint's own weights, whose residual stream is in other coordinates. "
             "Extract the vector from the model as loaded (sa_lens.load_model without compatibility mode)."
         )
-    chosen = list(range(sv.n_layers)) if layers is None else sorted(set(layers))
+    for what, indices in (("layers", [] if layers is None else list(layers)), ("per_layer_alpha keys", per_layer_alpha)):
+        not_int = [i for i in indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if not_int:
+            raise InputError(f"{what} must be integer layer indices (0..{sv.n_layers - 1}); got {not_int!r}.")
+    chosen = list(range(sv.n_layers)) if layers is None else sorted({int(i) for i in layers})
     bad = [layer for layer in [*chosen, *per_layer_alpha] if not 0 <= layer < sv.n_layers]
     if bad:
         raise InputError(f"Layer indices {bad} are outside the safety vector's {sv.n_layers} layers.")
+    unused = sorted(int(k) for k in per_layer_alpha if int(k) not in chosen)
+    if unused:
+        # A silently ignored α would export a configuration other than the one the caller evaluated.
+        raise InputError(f"per_layer_alpha names layers {unused} that are not exported (layers {chosen}); add them "
+                         "to layers or drop them from per_layer_alpha.")
+    per_layer_alpha = {int(k): v for k, v in per_layer_alpha.items()}
     vectors: dict[int, Tensor] = {}
     for layer in chosen:
-        w = -float(per_layer_alpha.get(layer, alpha)) * sv.directions[layer].float()
+        a = float(per_layer_alpha.get(layer, alpha))
+        w = -a * sv.directions[layer].float()
         if not w.any():
             continue
+        if not torch.isfinite(w).all():
+            raise InputError(
+                f"Layer {layer}: α·v = {a:g}·v overflows float32 (max |v| = {float(sv.directions[layer].abs().max()):g}), "
+                "so the file would hold ±inf. Choose a smaller α for it (α·max|v| below ~3.4e38; useful α are "
+                "far smaller, of the order of the activations' norm)."
+            )
         block = layer + _BLOCK_OFFSET[site]
         if block < 1:
             first = 1 - _BLOCK_OFFSET[site]
@@ -128,7 +148,10 @@ def control_vectors(
     return vectors
 
 
-def to_gguf(sv: SafetyVector, path: str | os.PathLike, alpha: float, *, site: str, formula: str, **options) -> Path:
+def to_gguf(
+    sv: SafetyVector, path: str | os.PathLike, alpha: float, *, site: str, formula: str, overwrite: bool = False,
+    **options,
+) -> Path:
     """Write ``sv`` as a llama.cpp control vector: ``llama-cli -m model.gguf --control-vector <path>``.
 
     Each ``direction.N`` is :func:`control_vectors`'s ``w`` (α and sign applied, fp32), so strength 1
@@ -138,14 +161,24 @@ def to_gguf(sv: SafetyVector, path: str | os.PathLike, alpha: float, *, site: st
     block → layer map, the sign, and the vector's own metadata as JSON.
 
     Arguments (``options``: positions, layers, per_layer_alpha, model_type, assume_additive_mlp) and errors are
-    :func:`control_vectors`'s. Everything is checked before the file is written, and it is written to a
-    temporary file first, so a refusal or a failed write leaves no partial ``path``.
+    :func:`control_vectors`'s; ``overwrite=True`` replaces an existing file at ``path``. Everything is checked
+    before the file is written, and it is written to a temporary file first, so a refusal or a failed write
+    leaves no partial ``path``.
 
     Returns:
         ``path`` as a Path.
+
+    Raises:
+        InputError: :func:`control_vectors`'s refusals; ``path`` is a folder, or an existing file and
+            ``overwrite`` is False.
     """
     from sa_lens import __version__
 
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give the control vector a file path such as {path / 'sv.gguf'}.")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it, or choose another path.")
     vectors = control_vectors(sv, alpha, site=site, formula=formula, **options)
     per_layer_alpha = options.get("per_layer_alpha") or {}
     provenance = {
@@ -160,7 +193,6 @@ def to_gguf(sv: SafetyVector, path: str | os.PathLike, alpha: float, *, site: st
         "sign": "direction.N = -alpha_l * v[l], v pointing from safe toward unsafe (SafeAlign formula 'add')",
         "vector_meta": json.dumps(sv.meta, default=str, sort_keys=True),
     }
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
@@ -175,36 +207,60 @@ def from_gguf(path: str | os.PathLike) -> dict[int, Float[Tensor, " n_embd"]]:
     """Read a control vector file: ``{N: vector}``, the vector llama.cpp adds to the output of block N.
 
     Checks what ``common_control_vector_load_one`` checks (llama.cpp ``common/common.cpp``): architecture
-    ``controlvector``, only ``direction.N`` tensors with N ≥ 1, each float32, 1-D, of one width.
+    ``controlvector``, only ``direction.N`` tensors with N ≥ 1, each float32, 1-D, of one width; and at least one
+    of them, each block once (llama.cpp reads ``direction.01`` and ``direction.1`` both as block 1 and adds
+    them, which no writer means).
 
     Raises:
         FileNotFoundError: no such file.
-        InputError: not a GGUF file, another architecture, or a tensor llama.cpp would reject (named).
+        InputError: not a readable GGUF file (truncated, or another format), another architecture, no
+            direction tensors, two tensors for one block, or a tensor llama.cpp would reject (named).
     """
     import gguf
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such control vector file.")
-    try:
+    with _unreadable_as_input_error(path):
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable GGUF file ({exc}).") from exc
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else None
+        field = reader.fields.get("general.architecture")
+        arch = field.contents() if field is not None else None
     if arch != ARCHITECTURE:
         raise InputError(f"{path}: GGUF architecture is {arch!r}, not {ARCHITECTURE!r}; it is not a control vector.")
     vectors: dict[int, Tensor] = {}
+    names: dict[int, str] = {}
     for t in reader.tensors:
-        match = _DIRECTION.fullmatch(t.name)
+        name, tensor_type, shape = t.name, t.tensor_type, t.shape
+        match = _DIRECTION.fullmatch(name)
         if match is None or int(match.group(1)) == 0:
-            raise InputError(f"{path}: tensor {t.name!r} is not direction.N with N ≥ 1; llama.cpp rejects the file.")
-        if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
-            raise InputError(f"{path}: {t.name} must be a 1-D float32 tensor; llama.cpp rejects the file.")
-        vectors[int(match.group(1))] = torch.from_numpy(t.data.copy())
+            raise InputError(f"{path}: tensor {name!r} is not direction.N with N ≥ 1; llama.cpp rejects the file.")
+        if tensor_type != gguf.GGMLQuantizationType.F32 or len(shape) != 1:
+            raise InputError(f"{path}: {name} must be a 1-D float32 tensor; llama.cpp rejects the file.")
+        block = int(match.group(1))
+        if block in names:
+            raise InputError(f"{path}: tensors {names[block]!r} and {name!r} both name block {block}; llama.cpp would "
+                             "add both there. Keep one tensor per block.")
+        names[block] = name
+        with _unreadable_as_input_error(path):  # data is read here, lazily: only a control vector's is copied
+            vectors[block] = torch.from_numpy(t.data.copy())
+    if not vectors:
+        raise InputError(f"{path}: no direction.N tensors; llama.cpp fails to load a control vector without any. "
+                         "Export at least one non-zero layer.")
     if len({v.shape[0] for v in vectors.values()}) > 1:
         raise InputError(f"{path}: direction tensors of different widths; llama.cpp rejects the file.")
     return dict(sorted(vectors.items()))
+
+
+@contextlib.contextmanager
+def _unreadable_as_input_error(path: Path) -> Iterator[None]:
+    """Turn the gguf reader's failures on a damaged file (IndexError, ValueError, struct errors…) into InputError."""
+    try:
+        yield
+    except (InputError, OSError):  # an OSError (permissions, a folder) names the file and says what is wrong
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); it is truncated or not "
+                         "GGUF. Export it again (sa-lens export-vector).") from exc
 
 
 def _write(path: Path, vectors: Mapping[int, Tensor], model_hint: str, provenance: Mapping[str, str]) -> None:

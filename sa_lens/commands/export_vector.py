@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--assume-additive-mlp", action="store_true",
                    help="with --site mlp_out: trust that this model type adds its MLP output to the residual "
                         "stream unchanged (for types sa_lens does not list)")
-    p.add_argument("-o", "--out", required=True, help="output .gguf path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("-o", "--out", required=True, help="output .gguf path (refused if it exists, unless --overwrite)")
     p.set_defaults(run=_run)
 
 
@@ -44,7 +45,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     sv = SafetyVector.load(args.vector)
     path = sv.to_gguf(args.out, args.alpha, site=args.site, formula=args.formula, positions=args.positions,
-                      layers=args.layers, model_type=args.model_type, assume_additive_mlp=args.assume_additive_mlp)
+                      layers=args.layers, model_type=args.model_type, assume_additive_mlp=args.assume_additive_mlp,
+                      overwrite=args.overwrite)
     vectors = from_gguf(path)  # read back: what llama.cpp will load
     blocks = sorted(vectors)
     peak = max(blocks, key=lambda n: float(vectors[n].norm()))

@@ -140,6 +140,11 @@ def test_file_added_at_block_outputs_gives_safe_align_add_logits(tiny3, tmp_path
         (dict(layers=(3,)), "outside the safety vector"),
         (dict(per_layer_alpha={1: 0.0, 2: 0.0}, layers=(1, 2)), "Nothing to export"),
         (dict(alpha=float("nan")), "finite"),
+        (dict(alpha=1e39), "Layer 1: α·v = 1e\\+39·v overflows float32"),
+        (dict(per_layer_alpha={2: 1e39}), "Layer 2: .* overflows float32"),
+        (dict(per_layer_alpha={"1": 2.0}), "per_layer_alpha keys must be integer layer indices"),
+        (dict(layers=(1.0, 2)), "layers must be integer layer indices"),
+        (dict(per_layer_alpha={0: 2.0}), "per_layer_alpha names layers \\[0\\] that are not exported"),
     ],
 )
 def test_what_llama_cpp_cannot_reproduce_is_refused_and_nothing_written(tmp_path, options, match):
@@ -181,11 +186,48 @@ def _write_raw(path: Path, arch: str, tensors: dict[str, torch.Tensor]) -> Path:
         ("controlvector", {"direction.0": torch.ones(4)}, "N ≥ 1"),
         ("controlvector", {"direction.1": torch.ones(4, dtype=torch.float16)}, "float32"),
         ("controlvector", {"direction.1": torch.ones(4), "direction.2": torch.ones(5)}, "different widths"),
+        ("controlvector", {"direction.01": torch.ones(4), "direction.1": torch.ones(4)},
+         "'direction.01' and 'direction.1' both name block 1"),
+        ("controlvector", {}, "no direction.N tensors"),
     ],
 )
 def test_reader_refuses_what_llama_cpp_rejects(tmp_path, arch, tensors, match):
     with pytest.raises(InputError, match=match):
         from_gguf(_write_raw(tmp_path / "x.gguf", arch, tensors))
+
+
+@pytest.mark.parametrize("damage", ["half", "header", "garbage"])
+def test_reader_refuses_a_truncated_or_non_gguf_file_by_name(tmp_path, damage):
+    good = to_gguf(_vector(), tmp_path / "good.gguf", 1.0, site="resid_post", formula="add", layers=(1, 2))
+    data = good.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes({"half": data[: len(data) // 2], "header": data[:20], "garbage": b"hello world" * 3}[damage])
+    with pytest.raises(InputError, match="bad.gguf: not a readable GGUF file"):
+        from_gguf(bad)
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
+    path = tmp_path / "sv.gguf"
+    path.write_text("precious")
+    with pytest.raises(InputError, match="sv.gguf exists; pass overwrite=True"):
+        to_gguf(_vector(), path, 1.0, site="resid_post", formula="add", layers=(1, 2))
+    assert path.read_text() == "precious"
+    to_gguf(_vector(), path, 1.0, site="resid_post", formula="add", layers=(1, 2), overwrite=True)
+    assert list(from_gguf(path)) == [1, 2]
+    with pytest.raises(InputError, match="is a folder"):
+        to_gguf(_vector(), tmp_path, 1.0, site="resid_post", formula="add", layers=(1, 2), overwrite=True)
+
+
+def test_cli_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    _vector().save(tmp_path / "sv.safetensors")
+    out = tmp_path / "sv.gguf"
+    out.write_text("precious")
+    argv = ["export-vector", "--vector", str(tmp_path / "sv.safetensors"), "--alpha", "1", "--layers", "1-2",
+            "-o", str(out)]
+    assert cli.main(argv) == 2
+    assert "pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err and out.read_text() == "precious"
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert list(from_gguf(out)) == [1, 2]
 
 
 def test_reader_names_a_missing_file(tmp_path):
