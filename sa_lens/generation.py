@@ -25,6 +25,7 @@ format (:func:`sa_lens.prompts.tokenize_left_padded`). docs/model_families.md li
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +204,8 @@ def generate(
         temperature, top_k: sampling parameters.
         seed: seeds sampling: the same prompts, batch_size and seed give the same samples (a prompt's
             sample depends on its batch, since rows share one RNG stream). The caller's global RNG
-            state, CPU and CUDA, is left as it was.
+            state, CPU and CUDA, is left as it was. None: unseeded, drawn from (and advancing) the caller's
+            global RNG, so repeated calls give fresh samples.
         use_cache: KV cache on (default); off recomputes the whole prefix each step.
         tokenizer: only for plain HF models.
         progress: show a tqdm bar; a string is used as its label.
@@ -222,7 +224,9 @@ def generate(
     replies: list[str] = [""] * len(texts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     bar = tqdm(batches, desc=progress if isinstance(progress, str) else "generate", disable=not progress, leave=False)
-    with torch.random.fork_rng():
+    # Seeded: a forked RNG, so the caller's stream is untouched. Unseeded: the caller's own stream, which advances,
+    # so two calls draw different samples (a fork without a seed would replay the same draw on every call).
+    with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
         for idx in bar:

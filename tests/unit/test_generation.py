@@ -58,6 +58,13 @@ def test_active_hooks_fire_on_every_step_and_change_the_output(tiny_bridge):
     assert sa_lens.generate(tiny_bridge, PROMPTS, 8) == plain  # hook gone after the block
 
 
+def test_unseeded_sampling_draws_fresh_samples_on_every_call(tiny_bridge):
+    torch.manual_seed(0)
+    draws = {tuple(sa_lens.generate(tiny_bridge, PROMPTS, 12, do_sample=True, temperature=5.0, seed=None))
+             for _ in range(3)}
+    assert len(draws) == 3  # a forked, unseeded RNG would replay one draw
+
+
 def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny_bridge):
     torch.manual_seed(123)
     state = torch.get_rng_state()
