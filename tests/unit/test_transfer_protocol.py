@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest  # noqa: E402
 
 ANALYSES = Path(__file__).parents[2] / "analyses"
 RESULT = ANALYSES / "results" / "transfer" / "transfer.json"
+# A checkout beside ../shared/data finds the public copies; elsewhere point $SA_LENS_SHARED_DATA at them.
+SHARED = Path(os.environ.get("SA_LENS_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 sys.path.insert(0, str(ANALYSES))  # the analyses are scripts that import their siblings
 
 import transfer  # noqa: E402
@@ -72,3 +76,22 @@ def test_transfer_figure_draws_from_the_committed_result(result, tmp_path):
     paths = save_figure(figure, tmp_path / "transfer")
     assert all(p.stat().st_size > 10_000 for p in paths)
     assert sum(ax.get_visible() for ax in figure.axes) == len(transfer.DEV_HARM) + len(transfer.HELD_OUT_HARM)
+
+
+@pytest.mark.skipif(not (SHARED / "jbb-artifacts").is_dir(), reason=f"no public data copies at {SHARED}")
+def test_no_held_out_behaviour_repeats_one_used_to_choose(result):
+    # By text, not by set name: JBB's behaviours partly come from AdvBench and HarmBench, and PAIR rewrites them.
+    sets, pool, dropped = transfer.load_sources(SHARED)
+    advbench = transfer.load_public("advbench", SHARED / "advbench")
+    used = [p.lower() for name in transfer.DEV_HARM for p in sets[name].prompts]
+    used += [advbench.prompts[i].lower() for i in pool[: transfer.N_ICV_POOL]]
+    pair = json.loads((SHARED / "jbb-artifacts/PAIR/black_box/vicuna-13b-v1.5.json").read_text())
+    goal = {f"pair-{j['index']}": j["goal"] for j in pair["jailbreaks"]}
+    for name in transfer.HELD_OUT_HARM:
+        behaviours = [goal[i] for i in sets[name].ids] if name == "pair-vicuna" else list(sets[name].prompts)
+        for b in behaviours:
+            best = max(difflib.SequenceMatcher(None, b.lower(), u).ratio() for u in used)
+            assert best < transfer.NEAR_DUPLICATE, (name, b)
+        assert result["sources"][name]["n"] == len(sets[name]) >= 50
+        assert result["sources"][name]["near_duplicates_dropped"] == dropped[name]
+    assert dropped["pair-vicuna"] > 0  # the filter has work to do: PAIR rewrites AdvBench behaviours
