@@ -96,9 +96,14 @@ def _split(n: int, sizes: tuple[int, int]) -> tuple[list[int], list[int]]:
 
 
 def _near(text: str, used: list[str]) -> bool:
-    a = text.lower().strip()
-    return any(difflib.SequenceMatcher(None, a, b).ratio() >= NEAR_DUPLICATE for b in used
-               if difflib.SequenceMatcher(None, a, b).real_quick_ratio() >= NEAR_DUPLICATE)
+    # One matcher per text (difflib caches its second sequence); the cheap upper bounds skip most full ratios.
+    matcher = difflib.SequenceMatcher(None, b=text.lower().strip())
+    for u in used:
+        matcher.set_seq1(u)
+        if matcher.real_quick_ratio() >= NEAR_DUPLICATE and matcher.quick_ratio() >= NEAR_DUPLICATE \
+                and matcher.ratio() >= NEAR_DUPLICATE:
+            return True
+    return False
 
 
 def _held_out(s: PromptSet, behaviours: list[str], used: list[str]) -> tuple[PromptSet, int]:
