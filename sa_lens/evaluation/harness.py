@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,6 +52,7 @@ from sa_lens.evaluation.multiple_choice import MMLU_SHOTS, mmlu_shots, score_ite
 from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
 from sa_lens.evaluation.report import SOURCES_MACRO, comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
+from sa_lens.fingerprint import state_fingerprint
 from sa_lens.generation import generate
 from sa_lens.interventions import Compose, Intervention
 from sa_lens.lens import SafetyLens
@@ -195,31 +195,6 @@ def _reusable(store: ResultStore, key: str, s: EvalSet, i: int, batch: str, retr
 def _batch_digest(s: EvalSet, idx: list[int], b: int) -> str:
     """Which items a batch holds, and its position (which sets its sampling seed)."""
     return hashlib.sha256(json.dumps([b, [s.ids[i] for i in idx]], ensure_ascii=True).encode()).hexdigest()[:12]
-
-
-def state_fingerprint(model: Any) -> str:
-    """A short hash of the model's weights and hooked points as they are now (inside a state's block).
-
-    It catches what an intervention's own fingerprint cannot: a model edited by hand before the call, or
-    hooks a caller added around it. Per parameter, the float64 sum and sum of squares, and the names of the
-    hook points that carry hooks. Sums are deterministic on one machine and device; a resume elsewhere may
-    redo items rather than reuse them. Plain PyTorch hooks registered on the modules themselves
-    (``register_forward_hook``) are not seen: put such a change in a state of its own name or folder.
-
-    Args:
-        model: a bridge or a plain HF model, in the state to fingerprint (call it inside the state's block).
-
-    Returns:
-        12 hex characters.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = p.detach().double()
-            h.update(f"{name}:{x.sum().item():.17g}:{(x * x).sum().item():.17g};".encode())
-    hooked = sorted(n for n, hp in getattr(model, "hook_dict", {}).items() if getattr(hp, "fwd_hooks", None))
-    h.update(",".join(hooked).encode())
-    return h.hexdigest()[:12]
 
 
 def evaluate(
