@@ -32,6 +32,11 @@ The official threshold t is found in **one pass** over the tensors, holding only
 Every entry in the threshold's bin that could be kept is still held, and the low-bit histogram is read from
 the top, so t equals ``kthvalue``'s, ties and all (tests: hypothesis against ``kthvalue`` with many ties).
 
+A caller that can read τ again needs no held entries at all (:mod:`sa_lens.streamed_export`): one sweep adds
+every piece to its group's :func:`abs_bit_histogram`, :func:`threshold_bin` names the threshold's bin, a second
+sweep counts that bin's low 16 bits (:func:`in_bin_histogram`) and :func:`low_bits_at_rank` gives t — the same
+two digits, over every entry rather than the held ones.
+
 Tensors arrive as *pieces* (a flat fp32 slice and its offset), so a caller reading checkpoints can hold a
 few million entries of a tensor pair at a time rather than the whole pair: the running floor works per piece
 as it does per tensor, and the pieces of a tensor are joined only at the end.
@@ -53,7 +58,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int64
+from jaxtyping import Float, Int32, Int64
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -61,7 +66,22 @@ from sa_lens.errors import InputError
 from sa_lens.memory import release_freed_memory
 from sa_lens.validation import is_finite_real
 
-__all__ = ["COUNTS", "Count", "TrimmedEntry", "check_count", "check_top_k", "kept_rank", "trim_stream", "whole_tensors"]
+__all__ = [
+    "COUNTS",
+    "Count",
+    "TrimmedEntry",
+    "abs_bit_histogram",
+    "abs_bits",
+    "check_count",
+    "check_top_k",
+    "flat_where",
+    "in_bin_histogram",
+    "kept_rank",
+    "low_bits_at_rank",
+    "threshold_bin",
+    "trim_stream",
+    "whole_tensors",
+]
 
 Count = Literal["official", "exact"]
 COUNTS: tuple[str, ...] = get_args(Count)
@@ -138,8 +158,10 @@ def kept_rank(top_k: float, size: int, count: Count = "official") -> int:
     return int(top_k * size) + 1 if count == "official" else math.floor(top_k * size + 0.5)
 
 
-def _abs_bits(t: Tensor) -> Tensor:
-    """Bit patterns of |t|: the float32 bits with the sign bit cleared (5× faster than ``t.abs()`` on CPU)."""
+def abs_bits(t: Float[Tensor, "..."]) -> Int32[Tensor, "..."]:
+    """Bit patterns of |t|: the float32 bits with the sign bit cleared (5× faster than ``t.abs()`` on CPU).
+
+    Non-negative float32 values sort like these int32 patterns, so the radix select below works on them."""
     return torch.bitwise_and(t.view(torch.int32), 0x7FFFFFFF)
 
 
@@ -148,16 +170,53 @@ def _chunks(flat: Tensor) -> Iterator[Tensor]:
         yield flat[start : start + _CHUNK]
 
 
-def _where(mask: Tensor) -> Int64[Tensor, " n"]:
+def flat_where(mask: Tensor) -> Int64[Tensor, " n"]:
     """Flat int64 positions of the True entries: numpy's flatnonzero, ~3× faster than torch.nonzero on CPU."""
     return torch.from_numpy(np.flatnonzero(mask.numpy())).to(torch.int64)
 
 
-def _top_bin(hist: Tensor, rank: int) -> tuple[int, int]:
+def abs_bit_histogram(flat: Float[Tensor, " n"], name: str) -> Int64[Tensor, " 32768"]:
+    """The radix select's first digit: counts of the high 15 bits of |τ|'s float32 bit patterns (bin b holds
+    the entries with :func:`abs_bits` in [b·2**16, (b+1)·2**16)), chunked so temporaries stay near 64 MB.
+
+    Raises:
+        ValueError: an entry is NaN or inf (the message names ``name``, the tensor it came from).
+    """
+    hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    for chunk in _chunks(flat):  # |τ| bits per chunk, twice, rather than 4 bytes per entry of the piece
+        hist += torch.bincount(abs_bits(chunk) >> 16, minlength=_HIGH_BINS)
+    if hist[_NON_FINITE_BIN:].any():
+        raise InputError(
+            f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
+            "(e.g. a diverged fine-tune) before building τH."
+        )
+    return hist
+
+
+def threshold_bin(hist: Int64[Tensor, " 32768"], rank: int) -> tuple[int, int]:
     """The bin holding the rank-th largest entry, and that entry's rank from the top inside the bin."""
     from_top = hist.flip(0).cumsum(0)  # from_top[j] = entries in bins ≥ 2**15 − 1 − j
     j = int(torch.searchsorted(from_top, rank))
     return _HIGH_BINS - 1 - j, rank - (int(from_top[j - 1]) if j else 0)
+
+
+def in_bin_histogram(values: Float[Tensor, " n"], top: int) -> Int64[Tensor, " 65536"]:
+    """The radix select's second digit: counts of the low 16 bits of the |values| in bin ``top`` (the others
+    left out), chunked."""
+    low = torch.zeros(_LOW_BINS, dtype=torch.int64)
+    for chunk in _chunks(values):
+        # Low 16 bits of in-bin entries as 1..2**16; entries below the bin land in 0, above in 2**16 + 1
+        # (cheaper than a boolean selection, which costs a nonzero pass and a copy on CPU).
+        x = (abs_bits(chunk) - (top << 16)).clamp_(-1, _LOW_BINS).add_(1)
+        low += torch.bincount(x, minlength=_LOW_BINS + 2)[1:-1]
+    return low
+
+
+def low_bits_at_rank(low: Int64[Tensor, " 65536"], rank_in_bin: int) -> int | None:
+    """The low 16 bits of the rank_in_bin-th largest entry counted in ``low`` (read from the top), or None when
+    ``low`` counts fewer entries than that."""
+    j = int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
+    return _LOW_BINS - 1 - j if j < _LOW_BINS else None
 
 
 def trim_stream(
@@ -210,21 +269,14 @@ def trim_stream(
             # member under one key would end _prune's cut-order walk before the pieces cut after it.
             continue
         g = groups[group_of(name)]
-        hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-        for chunk in _chunks(flat):  # |τ| bits per chunk, twice, rather than 4 bytes per entry of the piece
-            hist += torch.bincount(_abs_bits(chunk) >> 16, minlength=_HIGH_BINS)
-        if hist[_NON_FINITE_BIN:].any():
-            raise InputError(
-                f"Harm vector entry '{name}' holds NaN or inf. Check both checkpoints for non-finite weights "
-                "(e.g. a diverged fine-tune) before building τH."
-            )
+        hist = abs_bit_histogram(flat, name)
         bar.update(flat.numel())
         if g.rank == 0:  # the exact count keeps nothing of this group
             continue
         g.hist += hist
         g.seen += flat.numel()
         if not g.keep_all and g.seen >= g.rank:
-            g.floor = max(g.floor, _top_bin(g.hist, g.rank)[0] << 16)
+            g.floor = max(g.floor, threshold_bin(g.hist, g.rank)[0] << 16)
         floor_before = g.floor  # every entry inserted below is at or above it
         key = (name, start)
         held[key] = _insert(g, held, _Piece(name, start, *_empty()), flat, hist, slack)
@@ -246,10 +298,10 @@ def _break_ties(g: _Group, held: dict[tuple[str, int], _Piece]) -> None:
     """Exact count: of the held entries tied at the threshold (``g.floor``, exact after the last prune), keep
     only as many as the rank leaves room for, first by name, then by flat index (module docstring)."""
     keys = sorted(k for k in dict.fromkeys(g.members) if k in held)  # (name, start): name, then offset order
-    room = g.rank - sum(int((_abs_bits(held[k].values) > g.floor).sum()) for k in keys)
+    room = g.rank - sum(int((abs_bits(held[k].values) > g.floor).sum()) for k in keys)
     for k in keys:
         e = held[k]
-        tied = _where(_abs_bits(e.values) == g.floor)
+        tied = flat_where(abs_bits(e.values) == g.floor)
         if tied.numel() > room:
             keep = torch.ones(e.values.numel(), dtype=torch.bool)
             keep[tied[room:]] = False
@@ -300,7 +352,7 @@ def _insert(
         # max(floor, 1): a zero entry is never held, even when the threshold is 0 (more than K entries of τ
         # are exactly 0, as after a fine-tune that left some tensors untouched, or when re-trimming a
         # sparse vector). Keeping it would change nothing but hold — and, via compact(), densify — them all.
-        idx = _where(_abs_bits(flat[start : start + _INSERT_CHUNK]) >= max(g.floor, 1)).add_(start)
+        idx = flat_where(abs_bits(flat[start : start + _INSERT_CHUNK]) >= max(g.floor, 1)).add_(start)
         torch.index_select(flat, 0, idx, out=values[filled : filled + idx.numel()])
         indices[filled : filled + idx.numel()] = idx.add_(piece.start)
         filled += idx.numel()
@@ -322,21 +374,16 @@ def _insert(
 def _prune(g: _Group, held: dict[tuple[str, int], _Piece], exact: bool, slack: int = 0) -> None:
     """Drop held entries under the K-th largest seen so far: its bin (stopping once K + slack/2 are held),
     or (exact) its value, in every piece."""
-    top, rank_in_bin = _top_bin(g.hist, g.rank)
+    top, rank_in_bin = threshold_bin(g.hist, g.rank)
     floor = top << 16
     keys = [k for k in g.members if k in held]
     if exact:
-        low = torch.zeros(_LOW_BINS, dtype=torch.int64)
-        for k in keys:
-            # Low 16 bits of in-bin entries as 1..2**16; entries below the bin land in 0, above in 2**16 + 1
-            # (cheaper than a boolean selection, which costs a nonzero pass and a copy on CPU).
-            x = (_abs_bits(held[k].values) - (top << 16)).clamp_(-1, _LOW_BINS).add_(1)
-            low += torch.bincount(x, minlength=_LOW_BINS + 2)[1:-1]
+        low = sum((in_bin_histogram(held[k].values, top) for k in keys), torch.zeros(_LOW_BINS, dtype=torch.int64))
         # Read from the top: in-bin entries under an earlier exact floor were dropped, but they lie below
         # the threshold, so the rank_in_bin-th largest of those still held is the true one.
-        j = int(torch.searchsorted(low.flip(0).cumsum(0), rank_in_bin))
-        if j < _LOW_BINS:  # else fewer held in the bin than its rank (the piece being inserted holds them)
-            floor |= _LOW_BINS - 1 - j
+        bits = low_bits_at_rank(low, rank_in_bin)
+        if bits is not None:  # else fewer held in the bin than its rank (the piece being inserted holds them)
+            floor |= bits
     g.floor = max(g.floor, floor)
     # Pieces cut longest ago (lowest floor) first: they hold the most that the new floor drops. A partial
     # prune stops once half the slack is free, so the next one is slack/2 insertions away (amortised cost).
@@ -347,7 +394,7 @@ def _prune(g: _Group, held: dict[tuple[str, int], _Piece], exact: bool, slack: i
             break
         # Bit patterns are recomputed per piece rather than kept from above: 4 bytes per held entry.
         e = held[k]
-        keep = _where(_abs_bits(e.values) >= g.floor)
+        keep = flat_where(abs_bits(e.values) >= g.floor)
         g.held -= e.indices.numel() - keep.numel()
         e.indices, e.values = e.indices.index_select(0, keep), e.values.index_select(0, keep)
         g.cut[k] = g.floor
