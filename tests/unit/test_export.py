@@ -37,14 +37,85 @@ def test_folder_export_streams_shards_and_loads_with_from_pretrained(tiny_dir, h
     _assert_holds(out, _expected(base, hv, 3.0))
 
 
-def test_sharded_folder_export_keeps_the_index(tiny_dir, hv, tmp_path):
+def test_sharded_folder_export_writes_mergekit_shard_names_and_an_index_with_total_size(tiny_dir, hv, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
     model, tokenizer = sa_lens.load_hf_model(tiny_dir)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     tokenizer.save_pretrained(tmp_path / "sharded")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    out = export_harm_removed(tmp_path / "sharded", hv, tmp_path / "safe", lam=2.0, progress=False)
-    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("*.safetensors"))) > 1
+    out = export_harm_removed(tmp_path / "sharded", hv, tmp_path / "safe", lam=2.0, progress=False, max_shard_size="50KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert set(index["weight_map"].values()) == set(shards)
+    total = 0
+    for shard in shards:
+        with safe_open(str(out / shard), "pt") as f:
+            assert all(index["weight_map"][k] == shard for k in f.keys())
+            sizes = [f.get_tensor(k).nbytes for k in f.keys()]
+            total += sum(sizes)
+            assert sum(sizes) <= 50_000 or len(sizes) == 1  # a shard past the limit holds one tensor alone
+    assert index["metadata"]["total_size"] == total
     _assert_holds(out, _expected(model, hv, 2.0))
+
+
+def test_folder_export_records_the_dtype_and_a_portable_provenance_card(tiny_dir, hv, tmp_path):
+    import json
+
+    import yaml
+
+    from sa_lens.export import harm_vector_digest
+
+    model, tokenizer = sa_lens.load_hf_model(tiny_dir, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    out = export_harm_removed(tmp_path / "bf16", hv, tmp_path / "safe", lam=2.0, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and str(tiny_dir) not in card  # portable names only
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == f"{tmp_path.name}/bf16"
+    meta = front["sa_lens"]
+    assert meta["lam"] == 2.0 and meta["top_k"] == 0.1 and meta["scope"] == "global" and meta["count"] == "official"
+    assert meta["harm_vector_sha256"] == harm_vector_digest(hv) and meta["version"] == sa_lens.__version__
+    assert meta["base"].endswith("/model") and not meta["base"].startswith("/")
+    _assert_holds(out, _expected(model, hv, 2.0), torch.bfloat16)
+
+
+def test_a_stored_tied_lm_head_is_written_once_as_the_edited_embedding(tiny_dir, hv, tmp_path):
+    # Older exports of tied models still store lm_head.weight; writing it would leave an unedited second copy.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "stored_head"
+    src.mkdir()
+    for f in tiny_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    state = load_file(tiny_dir / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = export_harm_removed(src, hv, tmp_path / "safe", lam=3.0, progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    base, _ = sa_lens.load_hf_model(tiny_dir)
+    _assert_holds(out, _expected(base, hv, 3.0))
+
+
+def test_harm_vector_digest_does_not_depend_on_the_form_it_is_held_in(hv):
+    from sa_lens.export import harm_vector_digest
+
+    dense = HarmVector({n: hv.dense(n) for n in hv}, hv.meta)
+    assert harm_vector_digest(dense) == harm_vector_digest(hv)
+    name = next(n for n in hv if hv.sparse(n).nnz)
+    changed = dict(dense.deltas)
+    changed[name] = changed[name].clone()
+    changed[name].view(-1)[hv.sparse(name).indices[0]] *= 2
+    assert harm_vector_digest(HarmVector(changed)) != harm_vector_digest(hv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,6 +138,11 @@ def test_export_refuses_a_foreign_vector_a_state_dict_and_the_target_folder(tiny
         export_harm_removed(tiny_dir, hv, tiny_dir, progress=False)
     with pytest.raises(ValueError, match="finite"):
         export_harm_removed(tiny_dir, hv, tmp_path / "o", lam=float("nan"), progress=False)
+    export_harm_removed(tiny_dir, hv, tmp_path / "done", progress=False)
+    with pytest.raises(ValueError, match="already holds weights"):  # a second export would mix its shards in
+        export_harm_removed(tiny_dir, hv, tmp_path / "done", progress=False)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        export_harm_removed(tiny_dir, hv, tmp_path / "o2", progress=False, max_shard_size="five gigs")
 
 
 def test_folder_export_writes_every_shard_and_no_stale_pickle_weights(tiny_dir, hv, tmp_path):
@@ -87,9 +163,12 @@ def test_folder_export_writes_every_shard_and_no_stale_pickle_weights(tiny_dir, 
     torch.save({}, src / "pytorch_model.bin")
     shutil.copy(src / "model.safetensors.index.json", src / "pytorch_model.bin.index.json")
 
-    out = export_harm_removed(src, hv, tmp_path / "safe", lam=3.0, progress=False)
-    shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
-    assert all((out / s).exists() for s in shards)
+    out = export_harm_removed(src, hv, tmp_path / "safe", lam=3.0, progress=False, max_shard_size="40KB")
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all((out / s).exists() for s in set(weight_map.values()))
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(out / weight_map["model.step"])["model.step"], torch.zeros(1, dtype=torch.int64))
     assert not (out / "pytorch_model.bin").exists() and not (out / "pytorch_model.bin.index.json").exists()
 
 
