@@ -27,6 +27,7 @@ from sa_lens.precision import float32_matmul_precision
 from sa_lens.safety_vector import SafetyVector, demonstration_text
 from sa_lens.sparse_delta import SparseDelta
 from sa_lens.steering import safety_hooks
+from sa_lens.streamed_export import export_harm_removed_streamed
 
 __version__ = version("sa_lens")
 
@@ -64,6 +65,7 @@ __all__ = [
     "enable_kv_cache",
     "evaluate",
     "export_harm_removed",
+    "export_harm_removed_streamed",
     "float32_matmul_precision",
     "generate",
     "harm_removal",

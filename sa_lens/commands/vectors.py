@@ -1,7 +1,8 @@
 """``sa-lens harm-vector`` and ``sa-lens apply``: build τH from two checkpoints; subtract λ·τH′ from a target.
 
-Local folders with safetensors weights are streamed (one tensor pair, or one shard, in memory); hub ids and
-pickle-only folders are loaded as models.
+Local folders with safetensors weights are streamed (one tensor pair, or one tensor, in memory); hub ids and
+pickle-only folders are loaded as models. ``apply --base B --harmful H --target T`` streams from the three folders
+without holding τH′ (:mod:`sa_lens.streamed_export`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 from sa_lens.commands.model_args import edit_area_between, local_or_hub, streamable
 from sa_lens.defaults import DEFAULT_LAM, DEFAULT_TOP_K
 from sa_lens.errors import InputError
+from sa_lens.export import DEFAULT_MAX_SHARD_SIZE
 from sa_lens.layer_spec import check_layers, layers_argument
 from sa_lens.parameter_names import KINDS, layer_count
+from sa_lens.topk import COUNTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,11 +36,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, help="output .safetensors path")
     p.set_defaults(run=_run_harm_vector)
 
-    p = sub.add_parser("apply", help="Subtract λ·τH′ from a target checkpoint and save the edited model.")
+    p = sub.add_parser(
+        "apply",
+        help="Subtract λ·τH′ from a target checkpoint and save the edited model: from a saved harm vector, or "
+        "streamed from the --base and --harmful folders without holding τH′ (70B-scale).",
+    )
     p.add_argument("--target", required=True, help="θt: hub id or local HF folder")
-    p.add_argument("--harm-vector", required=True, help="a .safetensors file written by `sa-lens harm-vector`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--harm-vector", help="a .safetensors file written by `sa-lens harm-vector`")
+    source.add_argument("--base", help="θb's safetensors folder: stream τH = θH − θb (with --harmful) instead of a saved vector")
+    p.add_argument("--harmful", help="θH's safetensors folder (with --base)")
+    p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="with --base: fraction kept, in (0, 1] (default: %(default)s)")
+    p.add_argument("--scope", choices=("global", "per_layer", "per_tensor"), default="global", help="with --base")
+    p.add_argument("--count", choices=COUNTS, default="official", help="with --base: which entries top-k keeps (sa_lens.topk)")
+    p.add_argument("--no-trim", action="store_true", help="with --base: subtract the full task vector (HDR‡)")
     p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ (default: %(default)s)")
     p.add_argument("--restrict", action="store_true", help="apply only the parameters the target shares with the vector")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="output shard size for a folder target, e.g. 5GB or 2GiB (default: %(default)s)")
     p.add_argument("-o", "--out", required=True, help="output folder (save_pretrained layout)")
     p.set_defaults(run=_run_apply)
 
@@ -94,13 +110,39 @@ def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from sa_lens.harm_vector import HarmVector
     from sa_lens.models import load_hf_model
 
+    if args.base is not None:
+        return _run_apply_streamed(args)
     local_or_hub(args.target)
     if streamable(args.target):
         hv = HarmVector.load(args.harm_vector, target=args.target, restrict=args.restrict, sparse=True)
-        export_harm_removed(args.target, hv, args.out, args.lam)
+        export_harm_removed(args.target, hv, args.out, args.lam, max_shard_size=args.max_shard_size)
     else:
         model, tokenizer = load_hf_model(args.target)
         hv = HarmVector.load(args.harm_vector, target=model, restrict=args.restrict, sparse=True)
         export_harm_removed(model, hv, args.out, args.lam, tokenizer=tokenizer)
     print(f"Saved θt − {args.lam}·τH′ to {args.out} ({hv.nnz:,} weights changed).")
+    return 0
+
+
+def _run_apply_streamed(args: argparse.Namespace) -> int:
+    """``apply --base B --harmful H --target T``: :func:`sa_lens.streamed_export.export_harm_removed_streamed`."""
+    from sa_lens.streamed_export import export_harm_removed_streamed
+
+    if args.harmful is None:
+        raise InputError("--base needs --harmful: τH = θH − θb is streamed from the two folders.")
+    if args.restrict:
+        raise InputError("--restrict applies to a saved --harm-vector; with --base, θb, θH and θt must share every parameter.")
+    for label, path in (("--base", args.base), ("--harmful", args.harmful), ("--target", args.target)):
+        local_or_hub(path)
+        if not streamable(path):
+            raise InputError(
+                f"{label} {path}: the streamed apply reads local safetensors folders only (model.safetensors or its "
+                "index). For a hub id or pickle weights, build the vector with `sa-lens harm-vector` and pass "
+                "--harm-vector."
+            )
+    out = export_harm_removed_streamed(
+        args.base, args.harmful, args.target, args.out, args.lam, top_k=None if args.no_trim else args.top_k,
+        scope=args.scope, count=args.count, max_shard_size=args.max_shard_size,
+    )
+    print(f"Saved θt − {args.lam}·τH′ to {out} (thresholds and the harm vector's digest in {out}/README.md).")
     return 0
