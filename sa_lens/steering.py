@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sa_lens.defaults import DEFAULT_ALPHA
 from sa_lens.errors import InputError
+from sa_lens.models import DeviceCopies, hook_point_device
 from sa_lens.positions import generated_mask
 from sa_lens.safety_vector import SafetyVector, processing_mode
 from sa_lens.validation import is_finite_real
@@ -143,7 +144,10 @@ def safety_hooks(
             the KV cache during :func:`sa_lens.generate`; outside it every position counts as prompt.
         per_layer_alpha: ``{layer: α}`` overriding ``alpha`` for some layers.
         model: the bridge the hooks are for; when given, the vector's shape and the processing mode it was
-            read under (raw weights, or folded / centred by ``enable_compatibility_mode()``) must match it.
+            read under (raw weights, or folded / centred by ``enable_compatibility_mode()``) must match it, and
+            each layer's vector is placed once, in fp32, on the device of its hook point (that layer's GPU when
+            the model spans several: :func:`sa_lens.models.hook_point_device`). Without it, the first call places
+            it on the activations' device. Either way later calls copy nothing.
 
     Returns:
         ``[(hook_name, fn), ...]`` with names like ``blocks.{l}.hook_mlp_out``; each ``fn.__name__`` is
@@ -164,9 +168,14 @@ def safety_hooks(
     step = FORMULAS[formula]
     hooks = []
     for layer in layers:
+        hook_name = SITES[site].format(layer=layer)
+        # The formulas compute in fp32: the vector is kept in fp32 on its layer's device, placed here once
+        # (on that layer's GPU under n_devices / a device map), so a call copies nothing.
+        where = None if model is None else hook_point_device(model, hook_name)
+        placed = DeviceCopies(sv.directions[layer], torch.float32, where)
 
-        def fn(x: Tensor, hook: HookPoint, v: Tensor = sv.directions[layer], a: float = per_layer_alpha.get(layer, alpha)) -> Tensor:
-            steered = step(x, v, a)
+        def fn(x: Tensor, hook: HookPoint, v: DeviceCopies = placed, a: float = per_layer_alpha.get(layer, alpha)) -> Tensor:
+            steered = step(x, v.on(x.device), a)
             if positions == "all":
                 return steered
             keep = generated_mask(x.shape[1], x.device)
@@ -174,5 +183,5 @@ def safety_hooks(
             return torch.where(keep[None, :, None], steered, x)
 
         fn.__name__ = fn.__qualname__ = f"sa_lens.safe_align.{site}.L{layer}"
-        hooks.append((SITES[site].format(layer=layer), fn))
+        hooks.append((hook_name, fn))
     return hooks
