@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sa_lens.bridge import is_bridge
 from sa_lens.defaults import DEFAULT_LAM
 from sa_lens.errors import InputError
 from sa_lens.harm_vector import HarmVector, ModelLike, checkpoint_parameters
 from sa_lens.memory import release_freed_memory
+from sa_lens.models import offloaded_weights
 from sa_lens.sparse_delta import DENSE_ABOVE
 from sa_lens.validation import is_finite_real
 
@@ -44,7 +46,30 @@ def _resolve_targets(model: ModelLike, hv: HarmVector) -> dict[str, Tensor]:
             )
         if not params[name].is_contiguous():
             raise InputError(f"Target parameter '{name}' is not contiguous; call .contiguous() on the model first.")
-    return {name: params[name] for name in hv.deltas}
+    targets = {name: params[name] for name in hv.deltas}
+    _refuse_placeholders(model, targets)
+    return targets
+
+
+def _refuse_placeholders(model: ModelLike, targets: dict[str, Tensor]) -> None:
+    """Raise InputError when an edited parameter holds no weights: on the meta device, or offloaded by accelerate.
+
+    An offloaded parameter (a device map with ``"cpu"`` / ``"disk"`` next to GPUs, ``cpu_offload``,
+    ``disk_offload``) is a meta placeholder whose values accelerate copies in from its offload store for each
+    forward pass and drops after: an edit would change the placeholder (or a copy that is thrown away), never
+    the weights the model runs with.
+    """
+    root = model.original_model if is_bridge(model) else model
+    offloaded = offloaded_weights(root) if isinstance(root, torch.nn.Module) else {}
+    bad = [name for name, t in targets.items() if t.device.type == "meta" or id(t) in offloaded]
+    if bad:
+        where = "offloaded by accelerate to CPU or disk" if id(targets[bad[0]]) in offloaded else "on the meta device"
+        raise InputError(
+            f"{len(bad)} parameter(s) the harm vector edits hold no weights in this model (e.g. '{bad[0]}' is "
+            f"{where}), so harm_removal would edit placeholders. Load the model without CPU/disk offload (a "
+            "device map over GPUs only, n_devices=, or one device), or write the edited model from the checkpoint "
+            "folder with sa_lens.export_harm_removed(folder, hv, out_dir, lam), which streams one shard at a time."
+        )
 
 
 @dataclass
@@ -290,8 +315,10 @@ def harm_removal(model: ModelLike, hv: HarmVector, lam: float = DEFAULT_LAM) -> 
         what the restore holds.
 
     Raises:
-        ValueError: λ not finite, names/shapes that do not match the target, or a bridge whose weights
-            were processed by ``enable_compatibility_mode()`` — raised by this call, before any edit;
+        ValueError: λ not finite, names/shapes that do not match the target, a bridge whose weights
+            were processed by ``enable_compatibility_mode()``, or an edited parameter that holds no weights
+            (on the meta device, or offloaded to CPU/disk by accelerate: load without offload, or export with
+            :func:`sa_lens.export_harm_removed` from the checkpoint folder) — raised by this call, before any edit;
             on entry, an edit that overflows the weight dtype (e.g. a huge λ in fp16), after restoring
             what was already edited.
         RuntimeError: on exit, when the block replaced the model's parameter tensors (e.g. ``.to()``),
