@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sa_lens.errors import InputError
+from sa_lens.models import offloaded_weights
+
 __all__ = ["CHUNK_ELEMENTS", "parameter_digest", "state_fingerprint"]
 
 CHUNK_ELEMENTS = 2**22
@@ -79,15 +82,26 @@ def state_fingerprint(model: Any) -> str:
     on the modules themselves (``register_forward_hook``) are not seen: put such a change in a state of its own
     name or folder.
 
+    Weights accelerate offloaded to CPU or disk are read from their offload store, one tensor at a time, so an
+    offloaded model hashes as the same model loaded whole.
+
     Args:
         model: a bridge or a plain HF model, in the state to fingerprint (call it inside the state's block).
 
     Returns:
         12 hex characters.
+
+    Raises:
+        InputError: a parameter on the meta device that no offload hook holds (an empty model).
     """
     h = hashlib.sha256()
+    offloaded = offloaded_weights(model) if isinstance(model, torch.nn.Module) else {}
     for name, p in model.named_parameters():
-        total, squares = parameter_digest(p)
+        read = offloaded.get(id(p))
+        if read is None and p.device.type == "meta":
+            raise InputError(f"Parameter '{name}' is on the meta device with no weights behind it (an empty model, "
+                             "e.g. from init_empty_weights); load the weights before fingerprinting or evaluating.")
+        total, squares = parameter_digest(p if read is None else read())
         h.update(f"{name}:{total:.17g}:{squares:.17g};".encode())
     hooked = sorted(n for n, hp in getattr(model, "hook_dict", {}).items() if getattr(hp, "fwd_hooks", None))
     h.update(",".join(hooked).encode())
