@@ -67,8 +67,9 @@ def _refuse_placeholders(model: ModelLike, targets: dict[str, Tensor]) -> None:
         raise InputError(
             f"{len(bad)} parameter(s) the harm vector edits hold no weights in this model (e.g. '{bad[0]}' is "
             f"{where}), so harm_removal would edit placeholders. Load the model without CPU/disk offload (a "
-            "device map over GPUs only, n_devices=, or one device), or write the edited model from the checkpoint "
-            "folder with sa_lens.export_harm_removed(folder, hv, out_dir, lam), which streams one shard at a time."
+            "device map over GPUs only, n_devices=, or one device), or write the edited model from checkpoint "
+            "folders, one shard at a time: sa_lens.export_harm_removed(target_folder, hv, out_dir, lam), or "
+            "sa_lens.export_harm_removed_streamed(base, harmful, target, out_dir, lam) without holding τH′."
         )
 
 
