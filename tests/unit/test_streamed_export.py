@@ -193,3 +193,27 @@ def test_sa_lens_apply_streams_from_three_folders(tmp_path, capsys):
     assert "--base needs --harmful" in capsys.readouterr().err
     assert main(["apply", "--target", "org/model", "--base", str(b), "--harmful", str(h), "-o", str(tmp_path / "x")]) == 2
     assert "local safetensors folders only" in capsys.readouterr().err
+
+
+def test_untrimmed_streamed_export_equals_mergekit_task_arithmetic_bit_for_bit(tiny_dir, tiny_dir_other, tmp_path):
+    # mergekit's task_arithmetic with base θb and model θH at weight −λ is θb − λ·(θH − θb): our export with no
+    # trim and target = base. Both in fp32, so equal to the bit (mergekit adds base + (−λ·τ); we −(λ·τ) + θb).
+    pytest.importorskip("mergekit", reason="mergekit is an optional cross-check (the test extra's mergekit pin)")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    lam = 3.0
+    config = MergeConfiguration.model_validate({
+        "merge_method": "task_arithmetic",
+        "base_model": str(tiny_dir),
+        "models": [{"model": str(tiny_dir_other), "parameters": {"weight": -lam}}],
+        "dtype": "float32",
+        "out_dtype": "float32",
+    })
+    run_merge(config, out_path=str(tmp_path / "mergekit"), options=MergeOptions(copy_tokenizer=False))
+    ours = export_harm_removed_streamed(tiny_dir, tiny_dir_other, tiny_dir, tmp_path / "ours", lam, top_k=None,
+                                        progress=False)
+    theirs = _tensors(tmp_path / "mergekit")
+    assert all(t.dtype == torch.float32 for t in theirs.values())
+    _assert_same_bytes(_tensors(ours), theirs)
+    assert any(not torch.equal(theirs[n], t) for n, t in _tensors(tiny_dir).items())  # the merge changed weights
