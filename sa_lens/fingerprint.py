@@ -82,8 +82,9 @@ def state_fingerprint(model: Any) -> str:
     on the modules themselves (``register_forward_hook``) are not seen: put such a change in a state of its own
     name or folder.
 
-    Weights accelerate offloaded to CPU or disk are read from their offload store, one tensor at a time, so an
-    offloaded model hashes as the same model loaded whole.
+    Weights accelerate offloaded to CPU or disk are read from their offload store, one tensor at a time, so a
+    model loaded with an offloading device map hashes as the same model loaded whole (``cpu_offload`` by hand
+    unties tied weights into two parameters, so such a model hashes differently).
 
     Args:
         model: a bridge or a plain HF model, in the state to fingerprint (call it inside the state's block).
