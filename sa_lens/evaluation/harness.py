@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,9 @@ from sa_lens.data.public import (
     resolve_names,
 )
 from sa_lens.errors import InputError
+from sa_lens.evaluation.backends import Backend, get_backend
 from sa_lens.evaluation.decoding import GenerationSettings, preset
+from sa_lens.evaluation.distributed import Shard, merge, open_store
 from sa_lens.evaluation.judge_registry import Judge, get_judge
 from sa_lens.evaluation.judges import Verdict, judge_nonblank
 from sa_lens.evaluation.metrics import exact_match
@@ -53,7 +55,6 @@ from sa_lens.evaluation.over_refusal import OverRefusalJudge, RefusalClass
 from sa_lens.evaluation.report import SOURCES_MACRO, comparison_table, summarize, summary_table
 from sa_lens.evaluation.store import ResultStore, record_key
 from sa_lens.fingerprint import state_fingerprint
-from sa_lens.generation import generate
 from sa_lens.interventions import Compose, Intervention
 from sa_lens.lens import SafetyLens
 from sa_lens.provenance import model_name, portable_name
@@ -217,6 +218,7 @@ def evaluate(
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
+    backend: str | Backend = "hf",
 ) -> EvalReport:
     """Measure ASR, over-refusal and utility of one or more model states on public or own data sets.
 
@@ -250,14 +252,23 @@ def evaluate(
         n_boot: bootstrap resamples for the 95 % intervals.
         seed: subset and bootstrap seed (sampling seeds come from ``settings.seed``).
         progress: show a progress bar with ETA.
+        backend: what generates the replies: ``"hf"`` (sa_lens's own loop on the bridge, default), ``"vllm"``, or
+            a built backend such as ``sa_lens.vllm_backend.VLLMBackend(tensor_parallel_size=2)`` (engines are then
+            the caller's to close). Multiple-choice sets are scored on the bridge in every case. Records of one
+            backend are never reused by another (the key names vLLM's version, dtype and parallel sizes), and
+            ``results.json`` says which backend served each state.
+
+    Data parallel: run the same call under ``torchrun --nproc_per_node N`` (or ``accelerate launch``); each
+    process does every N-th batch, rank 0 merges the records into ``out_dir`` (required) and writes the report,
+    and every rank returns it (:mod:`sa_lens.evaluation.distributed`). The records equal one process's.
 
     Returns:
         An :class:`EvalReport`.
 
     Raises:
         DataError: a data set cannot be loaded (unknown name, unreachable hub, malformed file …).
-        ValueError: an unknown judge or preset, batch_size < 1, no data sets, a state that is not an
-            intervention, an ``out_dir`` that is a file, or a ``results.jsonl`` there that holds a line that is
+        ValueError: an unknown judge, preset or backend, a state the backend cannot serve, a data-parallel run
+            without ``out_dir``, batch_size < 1, no data sets, a state that is not an intervention, an ``out_dir`` that is a file, or a ``results.jsonl`` there that holds a line that is
             not an evaluation record.
     """
     t0 = time.perf_counter()
@@ -295,48 +306,66 @@ def evaluate(
     for iv in states.values():  # every state must fit the model before minutes of generation for the others
         iv.check(model)
     out = Path(out_dir) if out_dir is not None else None
-    store = ResultStore(out / "results.jsonl" if out else None)
+    shard = Shard.from_env()
+    store = open_store(out, shard)
+    backend_owned = isinstance(backend, str)  # a backend object stays the caller's, engine and all
+    gen_backend = get_backend(backend)
+    gen_backend.check(states)
     model_id = model_name(model)
 
     shots = mmlu_shots(mmlu_dev) if mmlu_dev is not None else None
     # lm-eval's prompt and tokenisation (since issue 13): records scored the older way are not reused.
     mc_config = f"lmeval-{MMLU_SHOTS}shot" if shots is not None else "lmeval-0shot"
 
-    def config_of(s: EvalSet, fingerprint: str) -> str:
-        if s.kind == "mc":
+    def config_of(s: EvalSet, fingerprint: str, backend_key: str) -> str:
+        if s.kind == "mc":  # scored on the model itself, whatever generates
             return f"{model_id}|{fingerprint}|mc-{s.scoring}|{mc_config if s.scoring == 'letter' else 'lmeval'}"
-        digest = settings_of[s.name].digest()
+        # The HF path adds nothing, so records written before backends existed are still reused.
+        digest = settings_of[s.name].digest() + (f"|{backend_key}" if backend_key else "")
         if s.kind == "qa":
             return f"{model_id}|{fingerprint}|{digest}|{BATCHING}|exact-match"
         judge_name = harm_judge.name if s.kind == "harmful" else refusal_judge.name
         return f"{model_id}|{fingerprint}|{digest}|{BATCHING}|{judge_name}"
 
-    bar = tqdm(total=len(states) * sum(len(s) for s in sets), desc="evaluate", unit="item", disable=not progress)
-    wanted, items_run, fingerprints = [], 0, {}
-    for state, intervention in states.items():
-        with intervention.apply(model):
-            # Keys carry every parameter of the intervention and a hash of the weights in this state, so records
-            # of another configuration — also under the same state name — are never reused.
-            fingerprints[state] = fp = f"{intervention.fingerprint()}:{state_fingerprint(model)}"
-            for s in sets:
-                cfg = config_of(s, fp)
-                bar.set_postfix_str(f"{state} · {s.name}")
-                for b, idx in enumerate(_batches(s, batch_size)):
-                    keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
-                    batch = _batch_digest(s, idx, b)
-                    todo = [not _reusable(store, k, s, i, batch, retry_failed) for k, i in zip(keys, idx)]
-                    if any(todo):
-                        recs = _run_batch(model, tokenizer, s, idx, b, settings_of[s.name], harm_judge, refusal_judge,
-                                          shots)
-                        for rec, k, i in zip(recs, keys, idx):
-                            rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i), "batch": batch}
-                        store.append(r for r, redo in zip(recs, todo) if redo)
-                        items_run += len(idx)
-                    bar.update(len(idx))
-                wanted += [
-                    store.records[record_key(state, s.name, s.ids[i], cfg)] | _labels(s, i) for i in range(len(s))
-                ]
+    bar = tqdm(total=len(states) * sum(len(s) for s in sets), desc="evaluate", unit="item",
+               disable=not progress or shard.rank != 0)
+    items_run, fingerprints, served_by, configs, n_batch = 0, {}, {}, {}, 0
+    try:
+        for state in gen_backend.order(states):
+            intervention = states[state]
+            with gen_backend.serve(model, intervention, tokenizer) as served:
+                # Keys carry every parameter of the intervention and a hash of the weights in this state, so records
+                # of another configuration — also under the same state name — are never reused.
+                fingerprints[state] = fp = f"{intervention.fingerprint()}:{state_fingerprint(model)}"
+                served_by[state] = served.backend
+                for s in sets:
+                    configs[state, s.name] = cfg = config_of(s, fp, served.key)
+                    bar.set_postfix_str(f"{state} · {s.name}")
+                    for b, idx in enumerate(_batches(s, batch_size)):
+                        n_batch += 1
+                        if not shard.mine(n_batch - 1):
+                            continue
+                        keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
+                        batch = _batch_digest(s, idx, b)
+                        todo = [not _reusable(store, k, s, i, batch, retry_failed) for k, i in zip(keys, idx)]
+                        if any(todo):
+                            recs = _run_batch(model, tokenizer, s, idx, b, settings_of[s.name], harm_judge,
+                                              refusal_judge, shots, served.generate)
+                            for rec, k, i in zip(recs, keys, idx):
+                                rec |= {"key": k, "state": state, "config": cfg, "item": _item_digest(s, i),
+                                        "batch": batch}
+                            store.append(r for r, redo in zip(recs, todo) if redo)
+                            items_run += len(idx)
+                        bar.update(len(idx) * shard.world)
+    finally:
+        if backend_owned:
+            gen_backend.close()
     bar.close()
+    if shard.parallel:
+        store = merge(out, shard)
+    # In the caller's state order, whatever order the backend served them in.
+    wanted = [store.records[record_key(state, s.name, s.ids[i], configs[state, s.name])] | _labels(s, i)
+              for state in states for s in sets for i in range(len(s))]
 
     rows = summarize(wanted, n_boot, seed)
     config = {
@@ -345,18 +374,19 @@ def evaluate(
         "over_refusal_judge": refusal_judge.name,
         "settings": settings.__dict__,
         "max_new_tokens": budgets,
-        "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint(), "config": iv.to_dict()}
-                   for name, iv in states.items()},
+        "states": {name: {"name": iv.name, "fingerprint": iv.fingerprint(), "config": iv.to_dict(),
+                          "backend": served_by[name]} for name, iv in states.items()},
         "datasets": {s.name: {"kind": s.kind, "n": len(s), "source": portable_name(s.source)} for s in sets},
         "limit": limit,
         "seed": seed,
         "n_boot": n_boot,
         "items_run": items_run,
+        "processes": shard.world,
         "state_fingerprints": fingerprints,
     }
     report = EvalReport(rows, wanted, summary_table(rows), comparison_table(rows), out, 0.0, config)
     report.seconds = round(time.perf_counter() - t0, 1)
-    if out is not None:
+    if out is not None and shard.rank == 0:
         _write(report)
     return report
 
@@ -384,7 +414,8 @@ def _run_batch(
     settings: GenerationSettings,
     harm_judge: Judge,
     refusal_judge: OverRefusalJudge,
-    shots: Mapping[str, Sequence[MCItem]] | None = None,
+    shots: Mapping[str, Sequence[MCItem]] | None,
+    generate_fn: Callable[[list[str], GenerationSettings, int], list[str]],
 ) -> list[dict]:
     if isinstance(s, MCSet):
         items = [s.items[i] for i in idx]
@@ -397,10 +428,7 @@ def _run_batch(
         ]
     prompts = [s.prompts[i] for i in idx]
     # One seed per batch position: a resumed run samples each batch exactly as the first run did.
-    replies = generate(
-        model, prompts, batch_size=len(prompts), seed=settings.seed + batch_index, tokenizer=tokenizer,
-        **settings.generate_kwargs(),
-    )
+    replies = generate_fn(prompts, settings, settings.seed + batch_index)
     if isinstance(s, QASet):
         return [
             {"dataset": s.name, "kind": "qa", "id": s.ids[i], "category": "", "prompt": p, "response": r,

@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_bridge, tmp_pa
 
 def test_rerun_of_a_finished_run_generates_nothing(tiny_bridge, tmp_path, monkeypatch):
     evaluate(tiny_bridge, [HARMFUL], out_dir=tmp_path, settings=SAMPLED, progress=False)
-    monkeypatch.setattr("sa_lens.evaluation.harness.generate", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr("sa_lens.evaluation.backends.generate", lambda *a, **k: pytest.fail("regenerated"))
     again = evaluate(tiny_bridge, [HARMFUL], out_dir=tmp_path, settings=SAMPLED, progress=False)
     assert again.rows[0]["asr_n"] == 7
 
@@ -312,7 +312,7 @@ def test_bad_inputs_get_clear_errors_not_tracebacks(tiny_bridge, tmp_path):
 
 
 def test_empty_replies_are_degenerate_for_every_judge_and_flagged_in_the_table(tiny_bridge, monkeypatch):
-    import sa_lens.evaluation.harness as harness
+    import sa_lens.evaluation.backends as backends
 
     class AlwaysSafe:  # a harm judge that would call an empty reply safe
         name = "always-safe"
@@ -322,12 +322,12 @@ def test_empty_replies_are_degenerate_for_every_judge_and_flagged_in_the_table(t
             self.seen += list(responses)
             return [Verdict.SAFE for _ in responses]
 
-    monkeypatch.setattr(harness, "generate", lambda model, prompts, **kw: ["" if i % 2 else "Sure." for i in range(len(prompts))])
+    monkeypatch.setattr(backends, "generate", lambda model, prompts, **kw: ["" if i % 2 else "Sure." for i in range(len(prompts))])
     judge = AlwaysSafe()
     report = evaluate(tiny_bridge, [HARMFUL], judge, settings=SAMPLED, batch_size=7, progress=False)
     verdicts = [r["verdict"] for r in report.records]
     assert verdicts.count("degenerate") == 3 and "" not in judge.seen
-    monkeypatch.setattr(harness, "generate", lambda model, prompts, **kw: [""] * len(prompts))
+    monkeypatch.setattr(backends, "generate", lambda model, prompts, **kw: [""] * len(prompts))
     report = evaluate(tiny_bridge, [HARMFUL], judge, settings=SAMPLED, progress=False)
     # Nothing to count: no ASR at all (not ASR 0 %), the degenerate share in its own column and in the table.
     row = report.rows[0]
