@@ -67,6 +67,7 @@ def parameter_digest(p: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[f
             c = chunk.to(torch.float64, copy=True)  # our own copy, so squaring it in place leaves p alone
             total += c.sum()
             squares += c.mul_(c).sum()
+            del c  # freed before the next chunk's copy: one float64 chunk alive at a time, not two
         return total.item(), squares.item()
 
 
