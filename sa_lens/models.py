@@ -373,6 +373,8 @@ def execution_device(module: nn.Module) -> torch.device | None:
     for sub in module.modules():
         for hook in _own_accelerate_hooks(sub):
             where = getattr(hook, "execution_device", None)
+            if isinstance(where, int) and not isinstance(where, bool) and torch.cuda.is_available():
+                return torch.device("cuda", where)  # accelerate names GPUs by index
             if where is not None:
                 return _indexed(torch.device(where))
     for p in module.parameters():

@@ -5,6 +5,7 @@ CPU/disk offload, or a monkeypatched CUDA."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,6 +197,18 @@ def test_hook_point_device_is_accelerates_execution_device_for_an_offloaded_laye
     cpu_offload(tiny_bridge.original_model.model.layers[1], execution_device=torch.device("cpu"))
     assert tiny_bridge.original_model.model.layers[1].mlp.down_proj.weight.device.type == "meta"
     assert hook_point_device(tiny_bridge, "blocks.1.hook_mlp_out") == torch.device("cpu")
+
+
+def test_hook_point_device_names_the_gpu_accelerate_dispatched_a_layer_to(tiny_bridge, fake_gpus, monkeypatch):
+    fake_gpus(2)
+    # What dispatch_model leaves on modules it sent to GPU 1: a hook whose execution device is the index (the
+    # parameters stay on the CPU here, so the hook's device must win over theirs).
+    layer = tiny_bridge.original_model.model.layers[1]
+    for module in (layer, layer.self_attn.o_proj):
+        monkeypatch.setattr(module, "_hf_hook", SimpleNamespace(execution_device=1), raising=False)
+    assert hook_point_device(tiny_bridge, "blocks.1.hook_resid_post") == torch.device("cuda", 1)
+    assert hook_point_device(tiny_bridge, "blocks.1.attn.hook_z") == torch.device("cuda", 1)
+    assert hook_point_device(tiny_bridge, "blocks.0.hook_resid_post") == torch.device("cpu")
 
 
 # --- hooks: each layer's tensors placed once, on their layer's device -----------------------------------------
