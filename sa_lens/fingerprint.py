@@ -3,7 +3,9 @@
 The evaluation engine keys its records by this hash (design.md §1a), so a resume never reuses replies generated
 from other weights. Per parameter it hashes the float64 sum and sum of squares, computed chunk by chunk on the
 parameter's own device, so the extra memory is one float64 chunk (``CHUNK_ELEMENTS`` × 8 bytes = 32 MiB) however
-large the tensor — the former whole-tensor ``p.double()`` copy took 8 GB for a 70 B model's embedding matrix.
+large the tensor. The former whole-tensor ``p.double()`` and its square took 16 bytes per entry: 8 GiB for Llama-3
+8B's 128256 × 4096 embedding, 16 GiB for a 70 B model's (measured on the former: 36 MiB extra instead of 8019 MiB, and
+4× faster; ``analyses/bench_fingerprint.py``, ``analyses/results/fingerprint/bench.json``).
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def parameter_digest(p: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[f
     Returns:
         ``(sum, sum of squares)`` as Python floats, summed chunk by chunk in a fixed order (deterministic for the
         same tensor on the same device and thread count).
+
+    Raises:
+        InputError: ``chunk_elements`` < 1.
     """
     if chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        raise InputError(f"chunk_elements must be >= 1, got {chunk_elements}")
     with torch.no_grad():
         total = torch.zeros((), dtype=torch.float64, device=p.device)
         squares = torch.zeros((), dtype=torch.float64, device=p.device)
