@@ -4,7 +4,7 @@ The evaluation engine keys its records by this hash (design.md §1a), so a resum
 from other weights. Per parameter it hashes the float64 sum and sum of squares, computed chunk by chunk on the
 parameter's own device, so the extra memory is one float64 chunk (``CHUNK_ELEMENTS`` × 8 bytes = 32 MiB) however
 large the tensor. The former whole-tensor ``p.double()`` and its square took 16 bytes per entry: 8 GiB for Llama-3
-8B's 128256 × 4096 embedding, 16 GiB for a 70 B model's (measured on the former: 36 MiB extra instead of 8019 MiB, and
+8B's 128256 × 4096 embedding, 16 GiB for a 70 B model's (measured on the 8B embedding: 36 MiB extra instead of 8019 MiB, and
 4× faster; ``analyses/bench_fingerprint.py``, ``analyses/results/fingerprint/bench.json``).
 """
 
