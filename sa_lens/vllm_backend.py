@@ -66,6 +66,10 @@ def _steps(intervention: Intervention) -> list[Intervention]:
     return [intervention]
 
 
+def _edits_weights(intervention: Intervention) -> bool:
+    return any(isinstance(step, (HarmRemoval, KnowledgeEdit)) for step in _steps(intervention))
+
+
 def unsupported(intervention: Intervention) -> str | None:
     """Why vLLM cannot serve this state, or None when it can (see the module docstring)."""
     for step in _steps(intervention):
@@ -149,6 +153,7 @@ class VLLMBackend:
         self._llm: Any = None
         self._folder: str | None = None
         self._dtype: str | None = None
+        self._serving_edits = False
         self.engine_starts = 0
 
     # ---- what can run ------------------------------------------------------------------------------------
@@ -163,8 +168,9 @@ class VLLMBackend:
                              "VLLMBackend(fallback=True) to serve them with the HF path.")
 
     def order(self, states: Mapping[str, Intervention]) -> list[str]:
-        # The original weights' engine first, then the edited ones: each weight state costs an engine start.
-        return sorted(states, key=lambda s: any(isinstance(x, (HarmRemoval, KnowledgeEdit)) for x in _steps(states[s])))
+        # Each change of weights costs an engine start: states on the weights the running engine holds (edited or
+        # not) go first, then the others, each group in the caller's order.
+        return sorted(states, key=lambda s: _edits_weights(states[s]) != self._serving_edits)
 
     def key(self, dtype: str) -> str:
         """The resume-key part: backend, version, dtype and parallel sizes."""
@@ -203,13 +209,17 @@ class VLLMBackend:
             stops = stop_token_ids(hf, tok)
             label = f"vllm {self.version} ({dtype}, TP {self.tensor_parallel_size}, PP {self.pipeline_parallel_size})"
 
-            def run(prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
+            def tokens(prompts: list[str], settings: GenerationSettings, seed: int) -> list[list[int]]:
                 rows = self._generate(llm, tok, prompts, settings, seed, stops)
                 if specs:
                     self._check_hook_calls(llm, rows)
-                return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+                return rows
 
-            yield Served(label, self.key(dtype), run)
+            def run(prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
+                return [tok.decode(r, skip_special_tokens=True).strip() for r in tokens(prompts, settings, seed)]
+
+            self._serving_edits = edits
+            yield Served(label, self.key(dtype), run, tokens)
 
     def _generate(self, llm: Any, tok: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings,
                   seed: int, stops: list[int]) -> list[list[int]]:
@@ -297,6 +307,7 @@ class VLLMBackend:
         with contextlib.suppress(Exception):  # an engine that already died has nothing left to shut
             self._llm.llm_engine.engine_core.shutdown()
         self._llm = self._folder = self._dtype = None
+        self._serving_edits = False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -43,11 +43,14 @@ class Served:
             before backends existed are still reused).
         generate: ``(prompts, settings, seed) → replies``, one decoded reply per prompt, in order; ``seed``
             seeds sampling for this batch.
+        tokens: the same as generated token ids (each row cut after its first stop token, which stays), where
+            the backend has them separately (vLLM); None for ``hf`` (use :func:`sa_lens.generate_tokens`).
     """
 
     backend: str
     key: str
     generate: Callable[[list[str], GenerationSettings, int], list[str]]
+    tokens: Callable[[list[str], GenerationSettings, int], list[list[int]]] | None = None
 
 
 class Backend(Protocol):
