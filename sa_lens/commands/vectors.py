@@ -112,6 +112,8 @@ def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if args.base is not None:
         return _run_apply_streamed(args)
+    if args.harmful is not None or args.no_trim:
+        raise InputError("--harmful and --no-trim go with --base (a streamed apply); a --harm-vector is applied as it was saved.")
     local_or_hub(args.target)
     if streamable(args.target):
         hv = HarmVector.load(args.harm_vector, target=args.target, restrict=args.restrict, sparse=True)

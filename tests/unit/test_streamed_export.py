@@ -193,6 +193,8 @@ def test_sa_lens_apply_streams_from_three_folders(tmp_path, capsys):
     assert "--base needs --harmful" in capsys.readouterr().err
     assert main(["apply", "--target", "org/model", "--base", str(b), "--harmful", str(h), "-o", str(tmp_path / "x")]) == 2
     assert "local safetensors folders only" in capsys.readouterr().err
+    assert main(["apply", "--target", str(t), "--harm-vector", "v.safetensors", "--harmful", str(h), "-o", str(tmp_path / "x")]) == 2
+    assert "go with --base" in capsys.readouterr().err
 
 
 def test_untrimmed_streamed_export_equals_mergekit_task_arithmetic_bit_for_bit(tiny_dir, tiny_dir_other, tmp_path):
