@@ -29,7 +29,7 @@ lint: install
 test: install lint vllm-env
 	$(BIN)/python -m pytest -q
 	@# The vLLM parity tests run in vLLM's own environment (tests/conftest.py leaves them out of the first run).
-	$(VLLM_BIN)/python -m pytest -q tests/vllm
+	$(VLLM_BIN)/python -m pytest -q tests/on_vllm
 
 test-fast: install lint
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -54,4 +54,4 @@ $(VLLM_VENV)/.installed: pyproject.toml
 vllm-env: $(VLLM_VENV)/.installed
 
 test-vllm: vllm-env
-	$(VLLM_BIN)/python -m pytest -q tests/vllm
+	$(VLLM_BIN)/python -m pytest -q tests/on_vllm

@@ -14,7 +14,8 @@ import sa_lens
 
 # vLLM's CPU build pins its own torch and transformers, so its tests run in .venv-vllm (`make test` runs both
 # environments); in an environment without vLLM they are not collected rather than reported as skipped.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# (A spec without an origin is a namespace package, not vLLM.)
+collect_ignore = [] if getattr(importlib.util.find_spec("vllm"), "origin", None) else ["on_vllm"]
 
 # SmolLM2's chat template shape (ChatML), so the tiny model exercises the same formatting code.
 CHATML = (

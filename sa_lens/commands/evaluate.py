@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from sa_lens.defaults import DEFAULT_ALPHA, DEFAULT_LAM, DEFAULT_TOP_K
 from sa_lens.edit_area import VARIANTS
 from sa_lens.errors import InputError
+from sa_lens.evaluation.backends import BACKENDS, get_backend
 from sa_lens.evaluation.judge_registry import JUDGES
 
 
@@ -34,6 +36,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "paper and lm-eval do; omitted: zero-shot")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: %(default)s)")
     p.add_argument("-o", "--out", default="sa_lens_eval", help="report folder; rerunning resumes (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf",
+                   help="what generates: sa_lens's own loop (hf) or vLLM engines (vllm; pip install 'sa_lens[vllm]') "
+                        "(default: %(default)s). Data parallel: run the command under torchrun --nproc_per_node N")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a VLLMBackend / vllm.LLM option, repeatable: tensor_parallel_size=2, dtype=bfloat16, "
+                        "gpu_memory_utilization=0.85, fallback=true (serve states vLLM cannot run with hf)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +75,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_safety_arithmetic)
 
 
+def engine_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as keyword arguments; values read as JSON where they parse (2, 0.85, true), else text.
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key.
+    """
+    options = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--engine-option takes KEY=VALUE (e.g. tensor_parallel_size=2); got {item!r}.")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 def _judge(args: argparse.Namespace):
     from sa_lens.evaluation.judge_registry import get_judge
 
@@ -89,11 +115,17 @@ def _evaluate(model, args: argparse.Namespace, states=None, scenario: dict | Non
         overrides["prompt_format"] = "chat"
     settings = preset(args.preset, seed=args.seed, **overrides)
     mmlu_dev = load_public("mmlu", args.mmlu_dev, split="dev") if args.mmlu_dev else None
-    report = evaluate(
-        model, [d for d in args.data.split(",") if d], _judge(args), states=states, settings=settings,
-        out_dir=args.out, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
-        mmlu_dev=mmlu_dev,
-    )
+    backend = get_backend(args.backend, **engine_options(args.engine_option))
+    try:
+        report = evaluate(
+            model, [d for d in args.data.split(",") if d], _judge(args), states=states, settings=settings,
+            out_dir=args.out, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+            mmlu_dev=mmlu_dev, backend=backend,
+        )
+    finally:
+        backend.close()
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel job: rank 0 reports
+        return 0
     if scenario is not None:  # beside the harness's own config in results.json, so the report says where HDR acted
         report.config["scenario"] = scenario
         saved = json.loads((Path(args.out) / "results.json").read_text())

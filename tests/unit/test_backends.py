@@ -1,0 +1,71 @@
+"""Generation backends without vLLM: choosing one, what vLLM can serve, the hook-call proof, CLI options."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import sa_lens
+from sa_lens.commands.evaluate import engine_options
+from sa_lens.errors import InputError
+from sa_lens.evaluation.backends import HFBackend, get_backend
+from sa_lens.interventions import Compose, DirectionalAblation, HarmRemoval, HeadAblation, SafeAlign
+from sa_lens.safety_vector import SafetyVector
+from sa_lens.vllm_backend import VLLMBackend, unsupported
+
+SV = SafetyVector(torch.ones(2, 8), {"model": "tiny"})
+
+
+def test_get_backend_names_and_objects():
+    assert isinstance(get_backend("hf"), HFBackend)
+    own = HFBackend()
+    assert get_backend(own) is own
+    with pytest.raises(InputError, match="unknown backend 'tgi'; choose one of hf, vllm"):
+        get_backend("tgi")
+    with pytest.raises(InputError, match="for backend='vllm'"):
+        get_backend("hf", tensor_parallel_size=2)
+
+
+@pytest.mark.skipif(getattr(importlib.util.find_spec("vllm"), "origin", None) is not None, reason="vLLM is installed here")
+def test_vllm_without_vllm_says_how_to_install_it():
+    with pytest.raises(InputError, match=r"pip install 'sa_lens\[vllm\]'.*make vllm-env"):
+        get_backend("vllm")
+
+
+def test_what_vllm_can_serve_and_why_not():
+    hv = sa_lens.HarmVector({"model.layers.0.mlp.down_proj.weight": torch.ones(8, 8)}, {})
+    assert unsupported(Compose()) is None
+    assert unsupported(Compose((HarmRemoval(hv, 1.0), SafeAlign(vector=SV, site="attn_out", formula="add")))) is None
+    assert "resid_post" in unsupported(Compose((HarmRemoval(hv, 1.0), SafeAlign(vector=SV, site="resid_post"))))
+    assert "positions='generated'" in unsupported(SafeAlign(vector=SV, positions="generated"))
+    assert "DirectionalAblation" in unsupported(DirectionalAblation(SV))
+    assert "HeadAblation" in unsupported(HeadAblation(((0, 1),)))
+
+
+class _FakeLLM:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def collective_rpc(self, method, args=()):
+        assert method == "sa_lens_hook_calls"
+        return self.calls
+
+
+def test_hooks_that_missed_decode_steps_are_caught():
+    rows = [[5, 6, 7, 2], [5, 6]]
+    VLLMBackend._check_hook_calls(_FakeLLM([{0: 4, 1: 4}]), rows)  # prefill + 3 decode steps: every step seen
+    VLLMBackend._check_hook_calls(_FakeLLM([{0: 4}, {1: 5}]), rows)  # pipeline stages hold different layers
+    with pytest.raises(RuntimeError, match="CUDA graphs.*enforce_eager=True"):
+        VLLMBackend._check_hook_calls(_FakeLLM([{0: 1, 1: 1}]), rows)  # only the prefill ran the hooks
+    with pytest.raises(RuntimeError, match="enforce_eager"):
+        VLLMBackend._check_hook_calls(_FakeLLM([{}]), rows)
+
+
+def test_engine_options_from_the_command_line():
+    assert engine_options(["tensor_parallel_size=2", "gpu_memory_utilization=0.85", "dtype=bfloat16",
+                           "fallback=true"]) == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85,
+                                                 "dtype": "bfloat16", "fallback": True}
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        engine_options(["tensor_parallel_size"])
