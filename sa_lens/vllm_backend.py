@@ -290,6 +290,10 @@ class VLLMBackend:
             options["gpu_memory_utilization"] = self.gpu_memory_utilization
         elif not torch.cuda.is_available():
             options.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        if not torch.cuda.is_available():
+            # vLLM's CPU build keeps one core for its front end by default: on a 2-core machine that halves the
+            # worker's threads (190 → 295 tokens/s measured here with none reserved). A caller's setting wins.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         self._llm = LLM(
             model=folder, dtype=dtype, skip_tokenizer_init=True, generation_config="vllm",
             enable_prefix_caching=False, enforce_eager=self.enforce_eager, seed=0,
