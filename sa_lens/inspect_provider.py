@@ -20,7 +20,10 @@ end-of-turn token), then decoded as :func:`sa_lens.generate` decodes. Inspect se
 concurrently; a worker thread collects the requests that arrive together (up to ``batch_size``), groups them by
 decoding settings, sorts each group by length as :func:`sa_lens.generate` does, and generates it as one
 left-padded batch. Greedy replies equal :func:`sa_lens.generate`'s on the same prompts
-(``tests/unit/test_inspect_provider.py``).
+(``tests/unit/test_inspect_provider.py``). With ``-M backend=vllm`` the state is served by a vLLM engine instead
+(:class:`sa_lens.vllm_backend.VLLMBackend`: weight edits as an export, Safe-Align as hooks in vLLM's workers), the
+batches go to it as token ids of the same rendered texts, and greedy replies are again :func:`sa_lens.generate`'s
+(``tests/on_vllm/test_inspect_on_vllm.py``); sampled replies come from vLLM's sampler, seeded per request.
 
 Randomness. Rows of a batch share one RNG stream, so a sample depends on its batch-mates, and batches form by
 timing. A seeded sampling request is therefore generated alone, in a batch of one seeded with its ``seed``: its
@@ -77,6 +80,7 @@ from inspect_ai.tool import ToolChoice, ToolInfo
 
 from sa_lens import interventions
 from sa_lens.errors import InputError
+from sa_lens.evaluation.backends import get_backend
 from sa_lens.evaluation.decoding import preset
 from sa_lens.generation import generate_tokens, hf_and_tokenizer, stop_token_ids
 from sa_lens.interventions import Compose, Intervention
@@ -199,6 +203,9 @@ class SaLensAPI(ModelAPI):
     - ``batch_wait``: seconds the worker waits for more requests after one arrives (default 0.05).
     - ``dtype`` (``float32`` default, ``bfloat16``, ``float16``), ``device`` (``cpu`` default, ``cuda``, …),
       ``device_map``, ``trust_remote_code``: as :func:`sa_lens.load_model`.
+    - ``backend``: ``hf`` (default, sa_lens's own loop) or ``vllm`` (:class:`sa_lens.vllm_backend.VLLMBackend`: the
+      state served by a vLLM engine, Safe-Align as hooks in its workers; greedy replies are the same, sampled
+      ones come from vLLM's sampler, seeded per request).
 
     Raises:
         InputError: an unknown model arg or a bad value, or a state that does not fit the model (its ``check``).
@@ -220,12 +227,14 @@ class SaLensAPI(ModelAPI):
         device: str = "cpu",
         device_map: str | None = None,
         trust_remote_code: bool = False,
+        backend: str = "hf",
         **model_args: Any,
     ) -> None:
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key, api_key_vars=[],
                          config=config or GenerateConfig())
         if model_args:
-            known = "interventions, chat_template, batch_size, batch_wait, dtype, device, device_map, trust_remote_code"
+            known = ("interventions, chat_template, batch_size, batch_wait, dtype, device, device_map, trust_remote_code, "
+                     "backend")
             raise InputError(f"unknown model args for sa_lens/{model_name}: {', '.join(sorted(model_args))}; "
                              f"known: {known}.")
         if base_url is not None:
@@ -238,6 +247,7 @@ class SaLensAPI(ModelAPI):
             raise InputError(f"-M chat_template must be true or false, got {chat_template!r}.")
         if str(dtype) not in _DTYPES:
             raise InputError(f"-M dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
+        self._backend = get_backend(backend)  # an unknown name (or vLLM missing) is refused before the model loads
         self.state = load_state(interventions)
         self.state_path = interventions
         self.chat_template = chat_template
@@ -248,7 +258,9 @@ class SaLensAPI(ModelAPI):
         _, self.tokenizer = hf_and_tokenizer(self.model, None)
         self._stops = set(stop_token_ids(self.model.original_model, self.tokenizer))
         self._exit = contextlib.ExitStack()
-        self._exit.enter_context(self.state.apply(self.model))  # checks the state against the model first
+        self._exit.callback(self._backend.close)  # after the state is left (the stack unwinds last in, first out)
+        # Checks the state against the model (and, on vLLM, that vLLM can serve it) before anything is changed.
+        self._served = self._exit.enter_context(self._backend.serve(self.model, self.state, None))
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -415,9 +427,14 @@ class SaLensAPI(ModelAPI):
         seed = decoding.seed if decoding.seed is not None else self._fresh_seeds.getrandbits(63)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            rows = generate_tokens(self.model, [texts[i] for i in order], decoding.max_new_tokens,
-                                   do_sample=decoding.do_sample, temperature=decoding.temperature,
-                                   top_k=decoding.top_k)
+            if self._served.from_texts is not None:  # vLLM: its own sampler, seeded per request from ``seed``
+                rows = self._served.from_texts([texts[i] for i in order], decoding.max_new_tokens,
+                                               do_sample=decoding.do_sample, temperature=decoding.temperature,
+                                               top_k=decoding.top_k, seed=seed)
+            else:
+                rows = generate_tokens(self.model, [texts[i] for i in order], decoding.max_new_tokens,
+                                       do_sample=decoding.do_sample, temperature=decoding.temperature,
+                                       top_k=decoding.top_k)
         seconds = (time.perf_counter() - t0) / len(texts)
         lengths = [len(ids) for ids in token_ids(self.tokenizer, [texts[i] for i in order])]
         replies: list[_Reply | None] = [None] * len(texts)

@@ -209,34 +209,39 @@ class VLLMBackend:
             stops = stop_token_ids(hf, tok)
             label = f"vllm {self.version} ({dtype}, TP {self.tensor_parallel_size}, PP {self.pipeline_parallel_size})"
 
-            def tokens(prompts: list[str], settings: GenerationSettings, seed: int) -> list[list[int]]:
-                rows = self._generate(llm, tok, prompts, settings, seed, stops)
+            def from_texts(texts: list[str], max_new_tokens: int, *, do_sample: bool = False,
+                           temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> list[list[int]]:
+                rows = self._generate(llm, tok, texts, max_new_tokens, do_sample, temperature, top_k, seed, stops)
                 if specs:
                     self._check_hook_calls(llm, rows)
                 return rows
+
+            def tokens(prompts: list[str], settings: GenerationSettings, seed: int) -> list[list[int]]:
+                texts = format_prompts(tok, prompts, chat_template=settings.prompt_format == "chat",
+                                       system_prompt=settings.system_prompt)
+                return from_texts(texts, settings.max_new_tokens, do_sample=settings.do_sample,
+                                  temperature=settings.temperature, top_k=settings.top_k, seed=seed)
 
             def run(prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
                 return [tok.decode(r, skip_special_tokens=True).strip() for r in tokens(prompts, settings, seed)]
 
             self._serving_edits = edits
-            yield Served(label, self.key(dtype), run, tokens)
+            yield Served(label, self.key(dtype), run, tokens, from_texts)
 
-    def _generate(self, llm: Any, tok: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings,
-                  seed: int, stops: list[int]) -> list[list[int]]:
+    def _generate(self, llm: Any, tok: PreTrainedTokenizerBase, texts: list[str], max_new_tokens: int,
+                  do_sample: bool, temperature: float, top_k: int | None, seed: int,
+                  stops: list[int]) -> list[list[int]]:
         from vllm import SamplingParams
 
-        texts = format_prompts(tok, prompts, chat_template=settings.prompt_format == "chat",
-                               system_prompt=settings.system_prompt)
         ids = token_ids(tok, texts, add_special_tokens=True)  # BOS exactly once, as the HF path tokenizes
         # Every knob set: vLLM would otherwise take generation_config.json's. EOS only through stop_token_ids,
         # the same list the HF path stops on; the stop token stays in the row, as there.
         params = [SamplingParams(
-            n=1, max_tokens=settings.max_new_tokens, min_tokens=0,
-            temperature=settings.temperature if settings.do_sample else 0.0,
-            top_k=(settings.top_k or 0) if settings.do_sample else 0, top_p=1.0, min_p=0.0,
+            n=1, max_tokens=max_new_tokens, min_tokens=0, temperature=temperature if do_sample else 0.0,
+            top_k=(top_k or 0) if do_sample else 0, top_p=1.0, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
             stop_token_ids=stops, ignore_eos=True, detokenize=False,
-            seed=seed * 1_000_003 + i if settings.do_sample else None,
+            seed=(seed * 1_000_003 + i) % 2**63 if do_sample else None,
         ) for i in range(len(ids))]
         outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]

@@ -45,12 +45,15 @@ class Served:
             seeds sampling for this batch.
         tokens: the same as generated token ids (each row cut after its first stop token, which stays), where
             the backend has them separately (vLLM); None for ``hf`` (use :func:`sa_lens.generate_tokens`).
+        from_texts: ``(texts, max_new_tokens, *, do_sample, temperature, top_k, seed) → token ids`` for texts
+            already formatted (a multi-turn chat rendered by the caller); None for ``hf``.
     """
 
     backend: str
     key: str
     generate: Callable[[list[str], GenerationSettings, int], list[str]]
     tokens: Callable[[list[str], GenerationSettings, int], list[list[int]]] | None = None
+    from_texts: Callable[..., list[list[int]]] | None = None
 
 
 class Backend(Protocol):

@@ -313,6 +313,12 @@ def test_unknown_model_args_are_refused_with_the_known_ones(tiny_dir):
         get_model(f"sa_lens/{tiny_dir}", memoize=False, intervention="x.json")
 
 
+def test_an_unknown_backend_is_refused_before_the_model_loads(tiny_dir, monkeypatch):
+    monkeypatch.setattr("sa_lens.inspect_provider.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(sa_lens.InputError, match="unknown backend 'tgi'; choose one of hf, vllm"):
+        get_model(f"sa_lens/{tiny_dir}", memoize=False, backend="tgi")
+
+
 def test_raw_format_takes_one_user_message_only(tiny_dir):
     api = SaLensAPI(str(tiny_dir), chat_template=False)
     try:
