@@ -2,7 +2,7 @@
 
 Run on a machine with a GPU and vLLM (``pip install -e ".[vllm]"``)::
 
-    python analyses/gpu_check.py                      # bf16 on cuda; prints JSON, writes analyses/results/gpu_check.json
+    python analyses/gpu_check.py                      # bf16 on cuda; prints JSON, writes analyses/results/gpu_check/cuda.json
     python analyses/gpu_check.py --device cpu         # the same code on vLLM's CPU build (fp32), as a smoke run
 
 Sections (each timed; one that fails is reported with its error and the others still run):
@@ -36,7 +36,7 @@ from sa_lens.interventions import Compose, HarmRemoval, SafeAlign
 from sa_lens.prompts import format_prompts
 from sa_lens.vllm_backend import VLLMBackend
 
-RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
+RESULTS = Path(__file__).parent / "results" / "gpu_check"  # cuda.json, or cpu.json for the smoke run
 
 
 def _states(model) -> dict:
@@ -166,7 +166,8 @@ def hdr_memory(n_params: float, device: str, dtype: torch.dtype) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with sa_lens.harm_removal(model, hv, lam=3.0) as hr:
+    hr = sa_lens.harm_removal(model, hv, lam=3.0)
+    with hr:
         restore = hr.restore_nbytes
     out = {"params": sum(v.numel() for v in params.values()), "model_bytes": model_bytes, "restore_nbytes": restore}
     if device == "cuda":
@@ -180,6 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--hdr-params", type=float, default=None, help="synthetic model size (default 3e9 cuda, 3e7 cpu)")
+    ap.add_argument("--sections", default="parity,hook_calls,throughput,tensor_parallel,hdr_memory",
+                    help="comma-separated subset to run (default: all)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -200,7 +203,10 @@ def main() -> None:
         "tensor_parallel": lambda: tensor_parallel(model, states, prompts64, dname),
         "hdr_memory": lambda: hdr_memory(args.hdr_params or (3e9 if cuda else 3e7), args.device, dtype),
     }
+    wanted = args.sections.split(",")
     for name, run in sections.items():
+        if name not in wanted:
+            continue
         t = time.perf_counter()
         try:
             summary[name] = run()
@@ -211,8 +217,8 @@ def main() -> None:
             backend.close()
     summary["total_s"] = round(time.perf_counter() - t_all, 1)
     print(json.dumps(summary, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.device}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
