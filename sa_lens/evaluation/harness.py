@@ -268,8 +268,8 @@ def evaluate(
     Raises:
         DataError: a data set cannot be loaded (unknown name, unreachable hub, malformed file …).
         ValueError: an unknown judge, preset or backend, a state the backend cannot serve, a data-parallel run
-            without ``out_dir``, batch_size < 1, no data sets, a state that is not an intervention, an ``out_dir`` that is a file, or a ``results.jsonl`` there that holds a line that is
-            not an evaluation record.
+            without ``out_dir``, batch_size < 1, no data sets, a state that is not an intervention, an ``out_dir``
+            that is a file, or a ``results.jsonl`` there that holds a line that is not an evaluation record.
     """
     t0 = time.perf_counter()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -320,7 +320,7 @@ def evaluate(
     def config_of(s: EvalSet, fingerprint: str, backend_key: str) -> str:
         if s.kind == "mc":  # scored on the model itself, whatever generates
             return f"{model_id}|{fingerprint}|mc-{s.scoring}|{mc_config if s.scoring == 'letter' else 'lmeval'}"
-        # The HF path adds nothing, so records written before backends existed are still reused.
+        # The HF path adds nothing: its keys keep the form they had before there were backends.
         digest = settings_of[s.name].digest() + (f"|{backend_key}" if backend_key else "")
         if s.kind == "qa":
             return f"{model_id}|{fingerprint}|{digest}|{BATCHING}|exact-match"
