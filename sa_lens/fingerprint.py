@@ -20,7 +20,7 @@ from torch import Tensor
 from sa_lens.errors import InputError
 from sa_lens.models import offloaded_weights
 
-__all__ = ["CHUNK_ELEMENTS", "parameter_digest", "state_fingerprint"]
+__all__ = ["CHUNK_ELEMENTS", "content_digest", "loaded_fingerprint", "mark_loaded", "parameter_digest", "state_fingerprint"]
 
 CHUNK_ELEMENTS = 2**22
 """Elements read (and converted to float64) at a time: 2**22 × 8 bytes = 32 MiB of extra memory per parameter."""
@@ -113,3 +113,41 @@ def state_fingerprint(model: Any) -> str:
     hooked = sorted(n for n, hp in getattr(model, "hook_dict", {}).items() if getattr(hp, "fwd_hooks", None))
     h.update(",".join(hooked).encode())
     return h.hexdigest()[:12]
+
+
+LOADED_ATTRIBUTE = "_sa_lens_loaded_fingerprint"
+
+
+def mark_loaded(model: Any) -> None:
+    """Record the fingerprint of ``model``'s weights as loaded from their folder (a plain HF model; see
+    :func:`loaded_fingerprint`)."""
+    object.__setattr__(model, LOADED_ATTRIBUTE, state_fingerprint(model))
+
+
+def loaded_fingerprint(model: Any) -> str | None:
+    """The fingerprint :func:`mark_loaded` recorded, or None for a model sa_lens did not load.
+
+    Comparing it with :func:`state_fingerprint` now tells whether the weights still are their folder's, which is
+    what serving the folder to another engine (vLLM) assumes.
+    """
+    return getattr(model, LOADED_ATTRIBUTE, None)
+
+
+def content_digest(model: Any, chunk_bytes: int = 1 << 26) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes, in ``chunk_bytes`` pieces copied to the CPU.
+
+    Unlike :func:`state_fingerprint` (sums, fast, blind to entries that trade places), two models share this
+    digest only when their weights are equal bit for bit: it names weight exports that are reused by name.
+
+    Returns:
+        64 hex characters.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{p.dtype}:{tuple(p.shape)};".encode())
+            flat = p.detach().reshape(-1)
+            step = max(1, chunk_bytes // max(1, flat.element_size()))
+            for i in range(0, flat.numel(), step):
+                h.update(flat[i : i + step].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

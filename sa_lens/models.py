@@ -171,6 +171,10 @@ def _placement(
                 "placeholders. Map them to a GPU index, 'cpu' or 'disk' (to build an empty model for inspection, "
                 "use accelerate.init_empty_weights instead)."
             )
+    elif isinstance(device_map, str) and device_map.strip().lower() == "meta":
+        raise InputError("device_map='meta' puts the whole model on the meta device, which holds no weights; use "
+                         "'auto', a GPU index map, 'cpu' or 'disk' (for an empty model to inspect, use "
+                         "accelerate.init_empty_weights).")
     elif device_map is not None and not isinstance(device_map, str):
         raise InputError(f"device_map must be a string ('auto', 'balanced', …) or a dict; got {device_map!r}.")
     if max_memory is not None:
@@ -229,6 +233,13 @@ def _refuse_spill(device_map_used: Mapping | None, n_devices: int | None) -> Non
                          "device_map='auto' with max_memory to offload on purpose.")
 
 
+def _mark_loaded(model: PreTrainedModel) -> None:
+    """:func:`sa_lens.fingerprint.mark_loaded` (imported here, not at module level: fingerprint imports models)."""
+    from sa_lens.fingerprint import mark_loaded as mark
+
+    mark(model)
+
+
 def load_hf_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
@@ -274,6 +285,7 @@ def load_hf_model(
     _refuse_spill(getattr(model, "hf_device_map", None), n_devices)
     if device_map is None:
         model = model.to(device)
+    _mark_loaded(model)
     return model.eval(), tokenizer
 
 
@@ -355,6 +367,7 @@ def load_model(
     keep_checkpoint_bos_rule(bridge.tokenizer, tokenizer)
     remember_checkpoint_tokenizer(bridge, tokenizer)
     enable_kv_cache(bridge)
+    _mark_loaded(bridge.original_model)  # so an engine serving this folder can tell whether the weights changed since
     return bridge
 
 

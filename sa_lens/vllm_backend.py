@@ -37,13 +37,15 @@ import torch
 
 from sa_lens.errors import InputError
 from sa_lens.evaluation.backends import Served, hf_generator
+from sa_lens.evaluation.distributed import Shard
 from sa_lens.export import save_checkpoint
-from sa_lens.fingerprint import state_fingerprint
+from sa_lens.fingerprint import content_digest, loaded_fingerprint, state_fingerprint
 from sa_lens.generation import hf_and_tokenizer, stop_token_ids
 from sa_lens.interventions import Compose, HarmRemoval, Intervention, KnowledgeEdit, SafeAlign
 from sa_lens.models import cache_dir
 from sa_lens.prompts import format_prompts, token_ids
 from sa_lens.provenance import model_name
+from sa_lens.safety_vector import processing_mode
 from sa_lens.vllm_worker import MODULE_OF_SITE
 
 if TYPE_CHECKING:
@@ -137,6 +139,14 @@ class VLLMBackend:
         if fixed:
             raise InputError(f"VLLMBackend sets {fixed} itself (token-id prompts, the steering extension, no "
                              "prefix cache across states); leave them out.")
+        for what, flag in (("enforce_eager", enforce_eager), ("fallback", fallback)):
+            if not isinstance(flag, bool):
+                raise InputError(f"{what} must be True or False, got {flag!r}.")
+        if Shard.from_env().parallel:
+            raise InputError(
+                "backend='vllm' under torchrun / accelerate launch is not supported: every rank would start an engine "
+                "on the same GPUs. Run one process and let vLLM parallelise (tensor_parallel_size=…, or the engine "
+                "option data_parallel_size=…), or use backend='hf' for data-parallel evaluation.")
         for what, n in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise InputError(f"{what} must be an integer ≥ 1, got {n!r}.")
@@ -188,6 +198,10 @@ class VLLMBackend:
             with intervention.apply(model):
                 yield Served(f"hf (fallback: {reason})", "", hf_generator(model, tokenizer))
             return
+        if processing_mode(model) == "processed":
+            raise InputError("vLLM serves the checkpoint's raw weights, but this bridge's were folded and centred by "
+                             "enable_compatibility_mode(), and its vectors are in those coordinates. Use backend='hf', "
+                             "or a bridge without compatibility mode.")
         hf, tok = hf_and_tokenizer(model, tokenizer)
         dtype = self.dtype or str(next(hf.parameters()).dtype).removeprefix("torch.")
         with contextlib.ExitStack() as stack:
@@ -204,7 +218,7 @@ class VLLMBackend:
             folder = self._export(model, tok) if edits else self._source(model, tok)
             llm = self._engine(folder, dtype)
             llm.collective_rpc("sa_lens_install", args=(specs,))
-            stack.callback(llm.collective_rpc, "sa_lens_remove")
+            stack.callback(self._remove_hooks, llm)
             llm.reset_prefix_cache()
             stops = stop_token_ids(hf, tok)
             label = f"vllm {self.version} ({dtype}, TP {self.tensor_parallel_size}, PP {self.pipeline_parallel_size})"
@@ -262,26 +276,45 @@ class VLLMBackend:
                 f"Safe-Align hooks fired on fewer engine steps than tokens were generated ({short or 'none'} calls, "
                 f"{need} tokens): CUDA graphs replayed without them. Use VLLMBackend(enforce_eager=True).")
 
+    def _remove_hooks(self, llm: Any) -> None:
+        try:
+            llm.collective_rpc("sa_lens_remove")
+        except Exception:  # a dead engine cannot be reused: drop it, and the next state starts a fresh one
+            self.close()
+
     # ---- weights and engines -----------------------------------------------------------------------------
 
     def _source(self, model: Any, tok: PreTrainedTokenizerBase) -> str:
+        """The folder (or hub id) of the weights the bridge holds, which vLLM then serves.
+
+        The model's own folder only while its weights are still those :func:`sa_lens.load_model` read from it; a
+        bridge edited by hand, or one sa_lens did not load, is exported like an edited state. A ``model_path``
+        given to the backend is trusted as it is.
+        """
         if self.model_path is not None:
             return self.model_path
         hf, _ = hf_and_tokenizer(model, tok)
         path = getattr(hf.config, "_name_or_path", "")
-        if not path:  # a model built in memory: export its weights like an edited state's
+        loaded = loaded_fingerprint(hf)
+        if not path or loaded is None or loaded != state_fingerprint(hf):
             return self._export(model, tok)
         return path
 
     def _export(self, model: Any, tok: PreTrainedTokenizerBase) -> str:
         hf, _ = hf_and_tokenizer(model, tok)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name(model))[-60:]
-        folder = (self.export_dir or cache_dir() / "vllm-exports") / f"{name}-{state_fingerprint(hf)}"
+        # Named by the weights' bytes (not the fast sums of the resume keys): a reused export is these weights.
+        folder = (self.export_dir or cache_dir() / "vllm-exports") / f"{name}-{content_digest(hf)[:20]}"
         if not (folder / "config.json").exists():
             tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             save_checkpoint(model, tmp, tok)
-            tmp.rename(folder)  # atomic: a crash never leaves a half export under the final name
+            try:
+                tmp.rename(folder)  # atomic: a crash never leaves a half export under the final name
+            except OSError:
+                if not (folder / "config.json").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same weights first
         return str(folder)
 
     def _engine(self, folder: str, dtype: str) -> Any:

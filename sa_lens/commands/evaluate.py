@@ -36,6 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "paper and lm-eval do; omitted: zero-shot")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: %(default)s)")
     p.add_argument("-o", "--out", default="sa_lens_eval", help="report folder; rerunning resumes (default: %(default)s)")
+    p.add_argument("--device", help="where the model runs (default: cuda:$LOCAL_RANK when a GPU is present, so each "
+                                    "torchrun process takes its own, else cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="hf",
                    help="what generates: sa_lens's own loop (hf) or vLLM engines (vllm; pip install 'sa_lens[vllm]') "
                         "(default: %(default)s). Data parallel: run the command under torchrun --nproc_per_node N")
@@ -75,6 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_safety_arithmetic)
 
 
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    import torch
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
 def engine_options(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings as keyword arguments; values read as JSON where they parse (2, 0.85, true), else text.
 
@@ -86,6 +96,10 @@ def engine_options(pairs: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--engine-option takes KEY=VALUE (e.g. tensor_parallel_size=2); got {item!r}.")
+        words = {"true": True, "false": False, "none": None, "null": None}
+        if value.strip().lower() in words:  # True / false / None as Python or JSON spells them
+            options[key.strip()] = words[value.strip().lower()]
+            continue
         try:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -138,7 +152,7 @@ def _evaluate(model, args: argparse.Namespace, states=None, scenario: dict | Non
 def _run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sa_lens.models import load_model
 
-    return _evaluate(load_model(args.model), args)
+    return _evaluate(load_model(args.model, device=_device(args)), args)
 
 
 def _pairs(args: argparse.Namespace, harmful_path: str) -> list[tuple[str, str]]:
@@ -180,7 +194,7 @@ def _run_safety_arithmetic(args: argparse.Namespace, parser: argparse.ArgumentPa
     # Each state's resume key holds its intervention's fingerprint (λ, α, the pairs' texts, τH′'s contents), so a
     # rerun into the same folder with another --alpha redoes the Safe-Align states and reuses Original and HDR.
     states = safety_arithmetic_states(hv, _pairs(args, args.harmful), args.lam, args.alpha)
-    return _evaluate(load_model(args.target), args, states)
+    return _evaluate(load_model(args.target, device=_device(args)), args, states)
 
 
 def _layer_summary(hv) -> dict:
@@ -232,4 +246,4 @@ def _run_edit_scenario(args: argparse.Namespace) -> int:
         "safe_align_layers": list(area.layers) if where == "area" else "all",
         "harm_vector": _layer_summary(hv),
     }
-    return _evaluate(load_model(args.target), args, states, scenario)
+    return _evaluate(load_model(args.target, device=_device(args)), args, states, scenario)

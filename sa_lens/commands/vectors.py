@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--harm-vector", help="a .safetensors file written by `sa-lens harm-vector`")
     source.add_argument("--base", help="θb's safetensors folder: stream τH = θH − θb (with --harmful) instead of a saved vector")
     p.add_argument("--harmful", help="θH's safetensors folder (with --base)")
-    p.add_argument("--top-k", type=float, default=DEFAULT_TOP_K, help="with --base: fraction kept, in (0, 1] (default: %(default)s)")
-    p.add_argument("--scope", choices=("global", "per_layer", "per_tensor"), default="global", help="with --base")
-    p.add_argument("--count", choices=COUNTS, default="official", help="with --base: which entries top-k keeps (sa_lens.topk)")
+    # None = not given: a saved --harm-vector was trimmed when it was built, so these are refused beside it.
+    p.add_argument("--top-k", type=float, help=f"with --base: fraction kept, in (0, 1] (default: {DEFAULT_TOP_K})")
+    p.add_argument("--scope", choices=("global", "per_layer", "per_tensor"), help="with --base (default: global)")
+    p.add_argument("--count", choices=COUNTS, help="with --base: which entries top-k keeps, sa_lens.topk (default: official)")
     p.add_argument("--no-trim", action="store_true", help="with --base: subtract the full task vector (HDR‡)")
     p.add_argument("--lam", type=float, default=DEFAULT_LAM, help="λ (default: %(default)s)")
     p.add_argument("--restrict", action="store_true", help="apply only the parameters the target shares with the vector")
@@ -112,8 +113,12 @@ def _run_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if args.base is not None:
         return _run_apply_streamed(args)
-    if args.harmful is not None or args.no_trim:
-        raise InputError("--harmful and --no-trim go with --base (a streamed apply); a --harm-vector is applied as it was saved.")
+    given = [flag for flag, value in (("--harmful", args.harmful), ("--no-trim", args.no_trim or None),
+                                      ("--top-k", args.top_k), ("--scope", args.scope), ("--count", args.count))
+             if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} go with --base (a streamed apply); a --harm-vector is applied as it was "
+                         "saved (trim it when you build it: sa-lens harm-vector --top-k …).")
     local_or_hub(args.target)
     if streamable(args.target):
         hv = HarmVector.load(args.harm_vector, target=args.target, restrict=args.restrict, sparse=True)
@@ -143,8 +148,9 @@ def _run_apply_streamed(args: argparse.Namespace) -> int:
                 "--harm-vector."
             )
     out = export_harm_removed_streamed(
-        args.base, args.harmful, args.target, args.out, args.lam, top_k=None if args.no_trim else args.top_k,
-        scope=args.scope, count=args.count, max_shard_size=args.max_shard_size,
+        args.base, args.harmful, args.target, args.out, args.lam,
+        top_k=None if args.no_trim else (DEFAULT_TOP_K if args.top_k is None else args.top_k),
+        scope=args.scope or "global", count=args.count or "official", max_shard_size=args.max_shard_size,
     )
     print(f"Saved θt − {args.lam}·τH′ to {out} (thresholds and the harm vector's digest in {out}/README.md).")
     return 0

@@ -39,8 +39,8 @@ class Served:
     Attributes:
         backend: what generates, for the report (``"hf"``, ``"vllm 0.32.0 (float32, TP 1, PP 1)"``, or a
             fallback's reason).
-        key: the part of a record's resume key that names the backend (``""`` for ``hf``, so records written
-            before backends existed are still reused).
+        key: the part of a record's resume key that names the backend (``""`` for ``hf``, whose keys keep the
+            form they had before there were backends; a state vLLM hands to HF as a fallback gets HF's key).
         generate: ``(prompts, settings, seed) → replies``, one decoded reply per prompt, in order; ``seed``
             seeds sampling for this batch.
         tokens: the same as generated token ids (each row cut after its first stop token, which stays), where

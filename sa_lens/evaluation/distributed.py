@@ -59,40 +59,81 @@ class Shard:
 
     def barrier(self) -> None:
         """Wait for every rank (a no-op in one process)."""
-        if not self.parallel:
-            return
-        import torch.distributed as dist
+        if self.parallel:
+            _group().barrier()
 
-        if not dist.is_initialized():
-            # gloo works on any machine; a job that set up NCCL itself keeps its own group.
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=4))
-        dist.barrier()
+    def total(self, n: int) -> int:
+        """The sum of ``n`` over all ranks (``n`` in one process)."""
+        if not self.parallel:
+            return n
+        import torch
+
+        dist = _group()
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def _group():
+    """torch.distributed with a process group: gloo (it works on any machine, CPU tensors included) unless the
+    caller already set one up."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=4))
+    return dist
+
+
+def _better(new: dict, old: dict | None) -> bool:
+    """Whether ``new`` should replace ``old`` under the same key: never a judged record by a FAILED one, since a
+    crashed run's rank file may still hold a FAILED judgement that a later run has redone."""
+    if old is None:
+        return True
+    return new != old and not (new.get("verdict") == "failed" and old.get("verdict") != "failed")
+
+
+def _fold(store: ResultStore, paths: list[Path]) -> None:
+    """Append to ``store`` each file's records that improve on its own (:func:`_better`), then delete the file."""
+    for path in paths:
+        store.append([r for k, r in ResultStore(path).records.items() if _better(r, store.records.get(k))])
+        path.unlink()  # after the append, which is flushed to disk
+
+
+def _rank_files(out: Path) -> list[Path]:
+    return sorted(out.glob(RANK_FILE.format(rank="*")))
 
 
 def open_store(out: Path | None, shard: Shard) -> ResultStore:
     """The store this rank reads from and appends to.
 
-    One process: ``results.jsonl``. A data-parallel job: this rank's own file, holding besides its own records
-    every record already in ``results.jsonl`` and in any rank file a crashed run left (all reusable).
+    One process: ``results.jsonl``, into which the rank files of a crashed data-parallel run are folded first.
+    A data-parallel job: this rank's own file, holding besides its own records every record already in
+    ``results.jsonl`` and in any rank file a crashed run left (all reusable, whatever the number of processes).
 
     Raises:
         ValueError: a data-parallel job without an output folder (ranks merge through files).
     """
-    if not shard.parallel:
-        return ResultStore(out / "results.jsonl" if out else None)
     if out is None:
-        raise InputError("a data-parallel evaluate (WORLD_SIZE > 1) merges the ranks' records through files; "
-                         "pass out_dir.")
+        if shard.parallel:
+            raise InputError("a data-parallel evaluate (WORLD_SIZE > 1) merges the ranks' records through files; "
+                             "pass out_dir (a folder every process can read).")
+        return ResultStore(None)
+    if not shard.parallel:
+        store = ResultStore(out / "results.jsonl")
+        _fold(store, _rank_files(out))
+        return store
     store = ResultStore(out / RANK_FILE.format(rank=shard.rank))
-    earlier: dict[str, dict] = {}
-    for path in [out / "results.jsonl", *sorted(out.glob(RANK_FILE.format(rank="*")))]:
-        earlier |= ResultStore(path).records
-    store.records = earlier | store.records
+    best: dict[str, dict] = {}
+    for path in [out / "results.jsonl", *_rank_files(out)]:
+        for k, r in ResultStore(path).records.items():
+            if _better(r, best.get(k)):
+                best[k] = r
+    store.records = best
     return store
 
 
 def merge(out: Path | None, shard: Shard) -> ResultStore:
-    """After the last batch: rank 0 moves every rank file into ``results.jsonl``; all ranks get the merged store.
+    """After the last batch: rank 0 folds every rank file into ``results.jsonl``; all ranks get the merged store.
 
     Returns:
         The store of ``results.jsonl`` with every rank's records.
@@ -102,10 +143,6 @@ def merge(out: Path | None, shard: Shard) -> ResultStore:
     assert out is not None
     shard.barrier()  # every rank has written its last batch
     if shard.rank == 0:
-        merged = ResultStore(out / "results.jsonl")
-        for path in sorted(out.glob(RANK_FILE.format(rank="*"))):
-            new = [r for k, r in ResultStore(path).records.items() if merged.records.get(k) != r]
-            merged.append(new)  # flushed to disk before the rank file goes
-            path.unlink()
+        _fold(ResultStore(out / "results.jsonl"), _rank_files(out))
     shard.barrier()  # the merged file is complete
     return ResultStore(out / "results.jsonl")

@@ -343,6 +343,7 @@ def evaluate(
                     bar.set_postfix_str(f"{state} · {s.name}")
                     for b, idx in enumerate(_batches(s, batch_size)):
                         n_batch += 1
+                        bar.update(len(idx))  # the job's batches as they pass, whichever rank runs them
                         if not shard.mine(n_batch - 1):
                             continue
                         keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
@@ -356,12 +357,12 @@ def evaluate(
                                         "batch": batch}
                             store.append(r for r, redo in zip(recs, todo) if redo)
                             items_run += len(idx)
-                        bar.update(len(idx) * shard.world)
     finally:
         if backend_owned:
             gen_backend.close()
     bar.close()
     if shard.parallel:
+        items_run = shard.total(items_run)
         store = merge(out, shard)
     # In the caller's state order, whatever order the backend served them in.
     wanted = [store.records[record_key(state, s.name, s.ids[i], configs[state, s.name])] | _labels(s, i)

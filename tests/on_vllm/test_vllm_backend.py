@@ -111,3 +111,27 @@ def test_a_state_vllm_cannot_serve_is_refused_before_any_generation_or_served_by
                               settings=preset("greedy", max_new_tokens=8), progress=False, n_boot=200)
     assert report.config["states"]["resid"]["backend"].startswith("hf (fallback: Safe-Align at site 'resid_post'")
     assert fallback.engine_starts == 0
+
+
+def test_weights_edited_by_hand_are_exported_not_served_from_the_folder_and_bad_options_refused(
+        model, monkeypatch, tmp_path):
+    be = VLLMBackend(export_dir=tmp_path)
+    folder = be._source(model, None)
+    assert folder == model.original_model.config._name_or_path  # untouched: the model's own folder
+    w = model.original_model.model.layers[0].mlp.down_proj.weight
+    keep = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w[0, 0] += 1.0  # an edit outside any state
+        edited = be._source(model, None)
+        assert edited != folder and edited.startswith(str(tmp_path))  # the weights it holds, exported
+    finally:
+        with torch.no_grad():
+            w.copy_(keep)
+    assert be._source(model, None) == folder
+    with pytest.raises(InputError, match="fallback must be True or False"):
+        VLLMBackend(fallback="False")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="under torchrun.*not supported"):
+        VLLMBackend()

@@ -67,5 +67,20 @@ def test_engine_options_from_the_command_line():
     assert engine_options(["tensor_parallel_size=2", "gpu_memory_utilization=0.85", "dtype=bfloat16",
                            "fallback=true"]) == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85,
                                                  "dtype": "bfloat16", "fallback": True}
+    assert engine_options(["fallback=False", "enforce_eager=FALSE", "max_model_len=None"]) == \
+        {"fallback": False, "enforce_eager": False, "max_model_len": None}  # never the truthy string 'False'
     with pytest.raises(InputError, match="KEY=VALUE"):
         engine_options(["tensor_parallel_size"])
+
+
+def test_exports_are_named_by_the_weights_bytes_not_the_resume_keys_sums(tiny_bridge):
+    from sa_lens.fingerprint import content_digest, loaded_fingerprint, state_fingerprint
+
+    hf = tiny_bridge.original_model
+    assert loaded_fingerprint(hf) == state_fingerprint(hf)  # load_model recorded the weights as read from the folder
+    before = content_digest(hf)
+    w = hf.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w[[0, 1]] = w[[1, 0]].clone()  # two rows trade places: the sums (and so the resume-key fingerprint) stay
+    assert state_fingerprint(hf) == loaded_fingerprint(hf)
+    assert content_digest(hf) != before

@@ -148,6 +148,7 @@ def test_device_defaults_to_the_cpu(tiny_dir, captured_boot):
     ({"n_devices": 2, "max_memory": {2: "20GiB"}}, "only bound GPUs 0..1"),
     ({"n_devices": 1, "max_memory": {0: "20GiB"}}, "nothing to split"),
     ({"device_map": {"model.embed_tokens": 0, "model.layers": "meta"}}, r"\['model.layers'\] on the meta device"),
+    ({"device_map": "meta"}, "device_map='meta' puts the whole model on the meta device"),
     ({"device_map": 3}, "device_map must be a string"),
 ])
 def test_placement_mistakes_are_refused_with_the_fix(tiny_dir, fake_gpus, captured_boot, kwargs, match):

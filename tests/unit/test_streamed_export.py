@@ -195,6 +195,10 @@ def test_sa_lens_apply_streams_from_three_folders(tmp_path, capsys):
     assert "local safetensors folders only" in capsys.readouterr().err
     assert main(["apply", "--target", str(t), "--harm-vector", "v.safetensors", "--harmful", str(h), "-o", str(tmp_path / "x")]) == 2
     assert "go with --base" in capsys.readouterr().err
+    # A saved vector was trimmed when built: trim options beside it would be silently ignored, so they are refused.
+    assert main(["apply", "--target", str(t), "--harm-vector", "v.safetensors", "--top-k", "0.001", "--count", "exact",
+                 "-o", str(tmp_path / "x")]) == 2
+    assert "--top-k, --count go with --base" in capsys.readouterr().err
 
 
 def test_untrimmed_streamed_export_equals_mergekit_task_arithmetic_bit_for_bit(tiny_dir, tiny_dir_other, tmp_path):
