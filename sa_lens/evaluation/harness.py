@@ -308,6 +308,8 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     shard = Shard.from_env()
     store = open_store(out, shard)
+    if all(s.kind == "mc" for s in sets):
+        backend = "hf"  # nothing to generate: multiple choice is scored on the model, so no engine is started
     backend_owned = isinstance(backend, str)  # a backend object stays the caller's, engine and all
     gen_backend = get_backend(backend)
     gen_backend.check(states)

@@ -84,3 +84,14 @@ def test_exports_are_named_by_the_weights_bytes_not_the_resume_keys_sums(tiny_br
         w[[0, 1]] = w[[1, 0]].clone()  # two rows trade places: the sums (and so the resume-key fingerprint) stay
     assert state_fingerprint(hf) == loaded_fingerprint(hf)
     assert content_digest(hf) != before
+
+
+@pytest.mark.skipif(getattr(importlib.util.find_spec("vllm"), "origin", None) is not None, reason="vLLM is installed here")
+def test_multiple_choice_alone_starts_no_engine(tiny_bridge):
+    from sa_lens.data.public import MCItem, MCSet
+
+    mc = MCSet("mmlu", "letter", tuple(MCItem(f"m{i}", f"What is {i}+1?", ("1", "2", "3", "4"), (0, 1, 0, 0))
+                                       for i in range(3)), "test")
+    # Without vLLM installed, asking for it would fail: nothing is generated, so it is never asked for.
+    report = sa_lens.evaluate(tiny_bridge, [mc], backend="vllm", progress=False, n_boot=200)
+    assert report.config["states"]["Original"]["backend"] == "hf"
