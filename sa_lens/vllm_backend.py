@@ -108,8 +108,11 @@ class VLLMBackend:
         engine_options: any other ``vllm.LLM`` argument (``max_model_len``, ``swap_space``, …).
 
     Raises:
-        ValueError: vLLM is not installed (the message says how to install it), or an option vLLM's
-            arguments are set by this backend (``model``, ``skip_tokenizer_init``, ``worker_extension_cls``).
+        ValueError: vLLM is not installed (the message says how to install it); an option this backend sets
+            itself (``model``, ``skip_tokenizer_init``, ``worker_extension_cls``, …); parallel sizes that are not
+            integers ≥ 1, flags that are not booleans; a torchrun / accelerate job (every rank would start an
+            engine on the same GPUs). :meth:`serve` refuses a state vLLM cannot serve (without ``fallback``) and a
+            bridge in compatibility mode.
     """
 
     name = "vllm"
