@@ -345,8 +345,8 @@ def evaluate(
                     bar.set_postfix_str(f"{state} · {s.name}")
                     for b, idx in enumerate(_batches(s, batch_size)):
                         n_batch += 1
-                        bar.update(len(idx))  # the job's batches as they pass, whichever rank runs them
                         if not shard.mine(n_batch - 1):
+                            bar.update(len(idx))  # another rank's batch: the bar counts the whole job's items
                             continue
                         keys = [record_key(state, s.name, s.ids[i], cfg) for i in idx]
                         batch = _batch_digest(s, idx, b)
@@ -359,6 +359,7 @@ def evaluate(
                                         "batch": batch}
                             store.append(r for r, redo in zip(recs, todo) if redo)
                             items_run += len(idx)
+                        bar.update(len(idx))
     finally:
         if backend_owned:
             gen_backend.close()
