@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import sa_lens
 from sa_lens import HarmVector, SafetyLens, SafetyVector, checkpoint_parameters, export_harm_removed, harm_removal
+from sa_lens.bypass import bypass_unhooked
 from sa_lens.errors import InputError
 from sa_lens.evaluation.multiple_choice import continuation_logprobs
 from sa_lens.generation import generate_tokens
@@ -31,6 +32,7 @@ OPERATIONS = {
     "icv": "ICV extraction (`SafetyVector.from_pairs`)",
     "safe_align_kv": "Safe-Align greedy: KV cache = no cache",
     "hf_parity": "greedy generation = HF `generate`, token for token",
+    "bypass": "unhooked components bypassed (`sa_lens.bypass`): logits = the bridge's (≤ 1e-4), tree restored",
     "stop_tokens": "generation stops at the template's end-of-turn token",
     "one_bos": "exactly one BOS (chat template and raw format, batched)",
     "head_mass": "τH per head (`analysis.weights.head_mass`)",
@@ -193,6 +195,24 @@ def test_bridge_generation_equals_hugging_face_generate(name, bridges, folders):
     theirs = generate_tokens(hf, _texts(tok, prompts), 8, tokenizer=tok)
     assert ours == theirs
     assert len({tuple(r) for r in ours}) > 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bypassing_unhooked_components_keeps_the_bridges_logits_and_tree(name, bridges, safety_vectors):
+    bridge = bridges(name)
+    hf = bridge.original_model
+    enc = tokenize_left_padded(bridge.tokenizer, _texts(bridge.tokenizer, [*HARMFUL, "hi"]))
+    hooks = SafetyLens(bridge).safety_hooks(safety_vectors(name), alpha=4.0)
+    tree = [(n, type(m)) for n, m in hf.named_modules()]
+    for fwd_hooks in ([], hooks):
+        with bridge.hooks(fwd_hooks=fwd_hooks), torch.inference_mode():
+            full = hf(**enc).logits
+            with bypass_unhooked(bridge) as n:
+                fast = hf(**enc).logits
+        assert n > 0
+        real = enc["attention_mask"].bool()  # sdpa and eager may disagree where a row is all padding
+        torch.testing.assert_close(fast[real], full[real], atol=1e-4, rtol=0)
+        assert [(n, type(m)) for n, m in hf.named_modules()] == tree
 
 
 @pytest.mark.parametrize("name", NAMES)
