@@ -8,19 +8,19 @@ hook point is a Python call. Generating 24 tokens for 32 chat prompts on SmolLM2
 model spent 5.0 s of CPU where plain ``transformers`` spent 4.0 s, most of it in copies, the second norm and the
 eager attention. A Safe-Align state hooks one point per layer (``blocks.L.mlp.hook_out``); nothing needs the rest.
 
-What it does. :func:`bypass_unhooked` walks the Hugging Face module tree and, for the duration of a call, puts
-each bridge component's ``original_component`` in its place when no hook point inside the component has a hook and
-no other hook sits on it. A component that is needed stays, and the walk goes on inside what it wraps (a hooked
-block keeps its hook points while its attention and norms are bypassed). Hooks on the wrapped Hugging Face modules
-stay where they are. Parameters are shared, so HDR's in-place edits are seen either way. On exit, also after an
-exception, every component is back where it was.
+What it does. :func:`bypass_unhooked` walks the Hugging Face module tree and, for the duration of a call, puts each
+bridge component's ``original_component`` in its place when no hook point inside the component has a hook and no
+other hook sits on it. A component that is needed stays, and the walk goes on inside what it wraps, so a block goes
+while its hooked MLP stays, and a hooked block keeps its hook points while its attention goes. Hooks on the wrapped
+Hugging Face modules stay where they are. Parameters are shared, so HDR's in-place edits are seen either way. On
+exit, also after an exception, every component is back where it was.
 
 Attention. When every attention component is bypassed, attention runs as Hugging Face runs it by default, with
 PyTorch's ``scaled_dot_product_attention`` (``sdpa``), unless the checkpoint's attention has logit soft-capping or
 attention sinks, which ``sdpa`` does not compute: then eager. While any attention component is hooked the
 bridge's eager attention stays, for all layers. With eager attention the bypassed model's logits equal the
-bridge's bit for bit; ``sdpa`` differs from eager by float rounding (≤ 1.3e-4 in fp32 logits on the default
-model), so a greedy reply equals what ``transformers``' own ``generate`` gives on the same checkpoint, the
+bridge's (bit for bit on Llama-style models, to float rounding on GPT-2); ``sdpa`` differs from eager by float
+rounding (≤ 1.3e-4 in fp32 logits on the default model), so a greedy reply equals what ``transformers``' own ``generate`` gives on the same checkpoint, the
 reference of lm-eval, HarmBench and vLLM parity checks.
 
 When it does nothing. A bridge in TransformerLens's compatibility mode (processed weights: folded layer norms,
@@ -54,11 +54,16 @@ def _torch_hooks(module: torch.nn.Module) -> Iterator[Any]:
         yield from table.values()
 
 
-def _needed(component: torch.nn.Module, hook_point: type, bridge_component: type) -> bool:
-    """Whether a hook depends on this component: a hook on any hook point inside it (TransformerLens's own or a
-    plain torch hook), or a torch hook on any bridge component inside it other than the bridge's plumbing.
-    Hooks on the wrapped Hugging Face modules do not count: they stay in the tree and fire either way."""
+def _needed(component: torch.nn.Module, wrapped: torch.nn.Module, hook_point: type, bridge_component: type) -> bool:
+    """Whether a hook depends on this component's own forward: a hook on one of its hook points (TransformerLens's
+    own or a plain torch hook), or a torch hook on it other than the bridge's plumbing. What stays reachable
+    through the wrapped module does not count: the walk decides for it there (a block whose MLP is hooked can
+    go, its MLP stays), and hooks on Hugging Face modules fire either way. A sub-component the wrapped module does
+    not reach (GPT-2's q/k/v split out of one fused projection) counts as the component's own."""
+    reachable = {id(m) for m in wrapped.modules()}
     for module in component.modules():
+        if id(module) in reachable:
+            continue
         if isinstance(module, hook_point):
             if module.fwd_hooks or module.bwd_hooks or next(_torch_hooks(module), None) is not None:
                 return True
@@ -86,8 +91,8 @@ def bypass_unhooked(bridge: TransformerBridge) -> Iterator[int]:
     Hugging Face module it wraps (see the module docstring for what counts and why).
 
     For forward passes and ``generate`` on ``bridge.original_model`` only (hooks registered inside the block on
-    bypassed points would not fire). Values equal the bridge's (bit for bit with eager attention, to float rounding
-    with ``sdpa``); hooks fire on the same tensors, as many times.
+    bypassed points would not fire). Values equal the bridge's to float rounding (bit for bit with eager attention
+    on Llama-style models); hooks fire on the same tensors, as many times.
 
     Yields:
         How many components were bypassed (0 when the bridge must run as is).
@@ -113,7 +118,7 @@ def bypass_unhooked(bridge: TransformerBridge) -> Iterator[int]:
             if wrapped is None:
                 visit(child)
                 continue
-            bypass = not _needed(child, HookPoint, GeneralizedComponent)
+            bypass = not _needed(child, wrapped, HookPoint, GeneralizedComponent)
             if isinstance(child, AttentionBridge):
                 attention.append((wrapped, bypass))
             if bypass:

@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from model_families import build_family_dir
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformers import AutoModelForCausalLM
 
@@ -64,18 +65,47 @@ def test_hooked_points_keep_their_components_and_fire_on_the_same_values(tiny_br
         run[0] = "bypassed"
         with bypass_unhooked(tiny_bridge):
             layers = tiny_bridge.original_model.model.layers
-            # What runs: the hooked MLP and its block stay (with their hook points); all else is bypassed.
-            runs = {"layer 0": layers[0], "layer 1": layers[1], "mlp 1": layers[1].original_component.mlp,
-                    "attention 1": layers[1].original_component.self_attn,
-                    "norm 1": layers[1].original_component.input_layernorm}
+            # What runs: the hooked MLP stays (with its hook points); all else, its block too, is bypassed.
+            runs = {"layer 0": layers[0], "layer 1": layers[1], "mlp 1": layers[1].mlp,
+                    "attention 1": layers[1].self_attn, "norm 1": layers[1].input_layernorm}
             bridged = {k for k, m in runs.items() if isinstance(m, GeneralizedComponent)}
             fast = _logits(tiny_bridge, enc)
-    assert bridged == {"layer 1", "mlp 1"}
+    assert bridged == {"mlp 1"}
     assert len(seen["bypassed"]) == len(seen["bridge"]) == 1
     real = enc["attention_mask"].bool()  # sdpa and eager may disagree at padding, which nothing reads
     torch.testing.assert_close(seen["bypassed"][0][real], seen["bridge"][0][real], atol=1e-4, rtol=0)
     torch.testing.assert_close(fast[real], full[real], atol=1e-4, rtol=0)
     assert not torch.allclose(fast, _logits(tiny_bridge, enc))  # the hook acted
+
+
+def test_a_hooked_block_stays_while_its_attention_and_mlp_go(tiny_bridge, enc):
+    seen = []
+    with tiny_bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: seen.append(x) or x * 0.5)]):
+        full = _logits(tiny_bridge, enc)
+        with bypass_unhooked(tiny_bridge):
+            layer = tiny_bridge.original_model.model.layers[0]
+            assert isinstance(layer, GeneralizedComponent)
+            assert not any(isinstance(m, GeneralizedComponent) for m in layer.original_component.children())
+            fast = _logits(tiny_bridge, enc)
+    real = enc["attention_mask"].bool()
+    assert len(seen) == 2
+    torch.testing.assert_close(fast[real], full[real], atol=1e-4, rtol=0)
+
+
+def test_a_query_hook_on_a_fused_projection_keeps_the_attention(tmp_path):
+    """GPT-2's q/k/v are split out of one fused projection: the HF attention never calls them, so it stays."""
+    bridge = sa_lens.load_model(build_family_dir("gpt2", tmp_path / "gpt2"))
+    enc = tokenize_left_padded(bridge.tokenizer, format_prompts(bridge.tokenizer, PROMPTS, chat_template=False))
+    seen = []
+    with bridge.hooks(fwd_hooks=[("blocks.1.attn.hook_q", lambda x, hook: seen.append(x) or x * 2.0)]):
+        full = _logits(bridge, enc)
+        with bypass_unhooked(bridge):
+            attention = bridge.original_model.transformer.h[1].attn
+            assert isinstance(attention, GeneralizedComponent)
+            fast = _logits(bridge, enc)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=0)  # one attention kept: eager everywhere
 
 
 def test_a_hooked_attention_keeps_eager_attention_and_the_bridges_values_bit_for_bit(tiny_bridge, enc):
