@@ -23,9 +23,10 @@ bridge's (bit for bit on Llama-style models, to float rounding on GPT-2); ``sdpa
 rounding (≤ 1.3e-4 in fp32 logits on the default model), so a greedy reply equals what ``transformers``' own ``generate`` gives on the same checkpoint, the
 reference of lm-eval, HarmBench and vLLM parity checks.
 
-When it does nothing. A bridge in TransformerLens's compatibility mode (processed weights: folded layer norms,
-centred writing weights) or with ``use_split_qkv_input``, ``use_attn_in``, ``use_attn_result`` or
-``use_hook_mlp_in`` on computes what its hook points describe, not what the wrapped modules compute; it runs as is.
+When it does nothing. A bridge in TransformerLens's compatibility mode or with processed weights (folded layer
+norms, centred writing weights: ``process_weights``) or with ``use_split_qkv_input``, ``use_attn_in``,
+``use_attn_result`` or ``use_hook_mlp_in`` on computes what its hook points describe, not what the wrapped modules
+compute; it runs as is.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _needed(component: torch.nn.Module, wrapped: torch.nn.Module, hook_point: ty
 
 
 def _runs_as_wrapped(bridge: TransformerBridge, bridge_component: type) -> bool:
-    if getattr(bridge, "compatibility_mode", False):
+    if getattr(bridge, "compatibility_mode", False) or getattr(bridge, "_weights_processed", False):
         return False
     if any(bool(getattr(bridge.cfg, flag, False)) for flag in _DECOMPOSED_FLAGS):
         return False

@@ -139,9 +139,13 @@ def test_the_tree_and_attention_come_back_after_an_exception(tiny_bridge):
     assert hf.config._attn_implementation == "eager"
 
 
-def test_compatibility_mode_runs_the_bridge_as_is(tiny_dir, enc):
+@pytest.mark.parametrize("mode", ["compatibility", "processed weights"])
+def test_compatibility_mode_and_processed_weights_run_the_bridge_as_is(tiny_dir, mode):
     bridge = sa_lens.load_model(tiny_dir)
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    if mode == "compatibility":
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    else:
+        bridge.process_weights()
     with bypass_unhooked(bridge) as n:
         assert n == 0 and bridge.original_model.config._attn_implementation == "eager"
 
