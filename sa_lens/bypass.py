@@ -17,11 +17,11 @@ exit, also after an exception, every component is back where it was.
 
 Attention. When every attention component is bypassed, attention runs as Hugging Face runs it by default, with
 PyTorch's ``scaled_dot_product_attention`` (``sdpa``), unless the checkpoint's attention has logit soft-capping or
-attention sinks, which ``sdpa`` does not compute: then eager. While any attention component is hooked the
-bridge's eager attention stays, for all layers. With eager attention the bypassed model's logits equal the
-bridge's (bit for bit on Llama-style models, to float rounding on GPT-2); ``sdpa`` differs from eager by float
-rounding (≤ 1.3e-4 in fp32 logits on the default model), so a greedy reply equals what ``transformers``' own ``generate`` gives on the same checkpoint, the
-reference of lm-eval, HarmBench and vLLM parity checks.
+attention sinks, which ``sdpa`` does not compute: then eager. While any attention component is hooked the bridge's
+eager attention stays, for all layers. With eager attention the bypassed model's logits equal the bridge's (bit for
+bit on Llama-style models, to float rounding on GPT-2); ``sdpa`` differs from eager by float rounding (≤ 1.3e-4 in
+fp32 logits on the default model), so a greedy reply equals what ``transformers``' own ``generate`` gives on the
+same checkpoint, the reference of lm-eval, HarmBench and vLLM parity checks.
 
 When it does nothing. A bridge in TransformerLens's compatibility mode or with processed weights (folded layer
 norms, centred writing weights: ``process_weights``) or with ``use_split_qkv_input``, ``use_attn_in``,
@@ -42,36 +42,30 @@ if TYPE_CHECKING:
 
 __all__ = ["bypass_unhooked"]
 
-# Hooks that only carry state between bridge components, never change a value, and are not needed once the
-# components they feed are bypassed: sa_lens's KV-cache routing and TransformerLens's residual captures for the
-# split-qkv fork and hook_mlp_in (which only matter with the config flags that switch the bypass off).
-_PLUMBING = ("_route_cache", "_maybe_wire_capture_hooks")
 _DECOMPOSED_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in")
-
-
-def _torch_hooks(module: torch.nn.Module) -> Iterator[Any]:
-    for table in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-                  module._backward_pre_hooks):
-        yield from table.values()
 
 
 def _needed(component: torch.nn.Module, wrapped: torch.nn.Module, hook_point: type, bridge_component: type) -> bool:
     """Whether a hook depends on this component's own forward: a hook on one of its hook points (TransformerLens's
-    own or a plain torch hook), or a torch hook on it other than the bridge's plumbing. What stays reachable
-    through the wrapped module does not count: the walk decides for it there (a block whose MLP is hooked can
-    go, its MLP stays), and hooks on Hugging Face modules fire either way. A sub-component the wrapped module does
-    not reach (GPT-2's q/k/v split out of one fused projection) counts as the component's own."""
+    own or a plain torch hook), or a torch hook on it that is not machinery (sa_lens's KV-cache routing,
+    TransformerLens's residual captures, which feed only the flags that switch the bypass off: see
+    :func:`sa_lens.model_state.is_machinery_hook`). What stays reachable through the wrapped module does not
+    count: the walk decides for it there (a block whose MLP is hooked can go, its MLP stays), and hooks on Hugging
+    Face modules fire either way. A sub-component the wrapped module does not reach (GPT-2's q/k/v split out of one
+    fused projection) counts as the component's own."""
+    from sa_lens.model_state import TORCH_HOOK_DICTS, is_machinery_hook  # it imports generation, which imports us
+
     reachable = {id(m) for m in wrapped.modules()}
     for module in component.modules():
         if id(module) in reachable:
             continue
+        hooks = [fn for table in TORCH_HOOK_DICTS for fn in getattr(module, table).values()]
         if isinstance(module, hook_point):
-            if module.fwd_hooks or module.bwd_hooks or next(_torch_hooks(module), None) is not None:
+            if module.fwd_hooks or module.bwd_hooks or hooks:
                 return True
-        elif isinstance(module, bridge_component):
-            # An unknown hook on a component keeps it: the cost of a wrong guess is speed, never a wrong value.
-            if any(not any(p in getattr(h, "__qualname__", "") for p in _PLUMBING) for h in _torch_hooks(module)):
-                return True
+        # An unknown hook on a component keeps it: the cost of a wrong guess is speed, never a wrong value.
+        elif isinstance(module, bridge_component) and not all(is_machinery_hook(fn) for fn in hooks):
+            return True
     return False
 
 

@@ -34,11 +34,11 @@ from sa_lens.eval_mode import eval_mode
 from sa_lens.generation import _route_cache
 from sa_lens.positions import GenerationPasses
 
-__all__ = ["analysis_state", "foreign_hooks", "in_analysis_state"]
+__all__ = ["TORCH_HOOK_DICTS", "analysis_state", "foreign_hooks", "in_analysis_state", "is_machinery_hook"]
 
 # The prefix of every hook sa_lens builds (steering, head ablation): fn.__name__ = "sa_lens.<owner>.<site>".
 OWN_HOOK_PREFIX = "sa_lens."
-_TORCH_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+TORCH_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 # Packages whose PyTorch hooks are their own machinery, not a caller's leftover change.
 _LIBRARY_PACKAGES = ("transformers", "transformer_lens", "accelerate", "torch")
 _F = TypeVar("_F", bound=Callable)
@@ -51,7 +51,7 @@ def _from_a_library(fn: Callable) -> bool:
     return package in _LIBRARY_PACKAGES
 
 
-def _is_allowed_plain_hook(fn: Callable) -> bool:
+def is_machinery_hook(fn: Callable) -> bool:
     """sa_lens's own PyTorch hooks (KV-cache routing, the pass counter) and the libraries' internal ones."""
     return fn is _route_cache or isinstance(getattr(fn, "__self__", None), GenerationPasses) or _from_a_library(fn)
 
@@ -76,9 +76,9 @@ def foreign_hooks(model: torch.nn.Module) -> list[str]:
                 if not (label.startswith(OWN_HOOK_PREFIX) or _from_a_library(fn)):
                     kind = "permanent " if handle.is_permanent else ""
                     found.append(f"{kind}TransformerLens {direction} hook {label!r} on {name or '<model>'}")
-        for attr in _TORCH_HOOK_DICTS:
+        for attr in TORCH_HOOK_DICTS:
             for hook_id, fn in getattr(module, attr).items():
-                if hook_id in wrapped or _is_allowed_plain_hook(fn):
+                if hook_id in wrapped or is_machinery_hook(fn):
                     continue
                 label = getattr(fn, "__qualname__", repr(fn))
                 found.append(f"PyTorch {attr.strip('_').replace('_hooks', '')} hook {label!r} on {names[id(module)]}")
