@@ -1,5 +1,8 @@
 # Two commands on a fresh machine: `make lab` (the main job) and `make test` (the test suite).
 PYTHON ?= python3
+# Idle OpenMP threads sleep rather than spin: on shared cores, and beside vLLM's worker or a second rank, spinning
+# threads took the cores from the ones with work (Hugging Face generate ran 10× slower under load).
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV := .venv
 BIN := $(VENV)/bin
 

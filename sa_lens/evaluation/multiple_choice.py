@@ -14,12 +14,15 @@ numbers as lm-eval 0.4's ``HFLM`` (per-option log-likelihoods within 1e-4 nats, 
 - ``HFLM.tok_encode``'s special tokens: the tokenizer's own default (``add_bos_token=None``) or as forced, and none
   when the text already starts with the BOS string.
 
-Runs through a bridge's underlying HF module, so HDR edits and Safe-Align hooks active around the call apply. The
-full harness (ARC, HellaSwag, any lm-eval task) is :func:`sa_lens.evaluation.utility.utility`.
+Runs through a bridge's underlying HF module, so HDR edits and Safe-Align hooks active around the call apply; bridge
+components no hook needs run as the modules they wrap (:func:`sa_lens.bypass.bypass_unhooked`). The full harness
+(ARC, HellaSwag, any lm-eval task) is :func:`sa_lens.evaluation.utility.utility`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sa_lens.bridge import is_bridge
+from sa_lens.bypass import bypass_unhooked
 from sa_lens.data.public import MCItem, MCSet
 from sa_lens.errors import InputError
 from sa_lens.eval_mode import eval_mode
@@ -237,22 +242,42 @@ def continuation_logprobs(
     unique = sorted(rows_of, key=len, reverse=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out = torch.empty(len(contexts))
-    for start in range(0, len(unique), batch_size):
-        batch = unique[start : start + batch_size]
-        ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
-        for r, seq in enumerate(batch):
-            ids[r, : len(seq)] = torch.tensor(seq)
-        # No attention mask, as lm-eval: right padding is never attended to by the causal positions before it, and
-        # without a padding mask attention takes its plain causal path.
-        with eval_mode(hf):  # a model left in train() would score through dropout
-            logits = hf(input_ids=ids.to(hf.device)).logits
-        for r, seq in enumerate(batch):
-            for i in rows_of[seq]:
-                cont = pairs[i][1]
-                # Token t is predicted at position t-1: the continuation's n tokens at the input's last n positions.
-                logp = torch.log_softmax(logits[r, len(seq) - len(cont) : len(seq)].float(), dim=-1).cpu()
-                out[i] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum()
+    # Bridge components no hook needs run as the modules they wrap (sa_lens.bypass): a 5-shot MMLU prompt is
+    # ~600 tokens, where the bridge's step-by-step eager attention costs most; hooks present now still fire.
+    bypass = bypass_unhooked(model) if is_bridge(model) else contextlib.nullcontext()
+    with eval_mode(hf), bypass:  # eval: a model left in train() would score through dropout
+        for start in range(0, len(unique), batch_size):
+            _score_batch(hf, unique[start : start + batch_size], rows_of, pairs, pad, out)
     return out
+
+
+def _score_batch(hf: PreTrainedModel, batch: list[tuple[int, ...]], rows_of: dict[tuple[int, ...], list[int]],
+                 pairs: list[tuple[list[int], list[int]]], pad: int, out: Tensor) -> None:
+    """One forward pass over ``batch`` (right-padded); writes each row's continuation log-probability into ``out``."""
+    ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
+    for r, seq in enumerate(batch):
+        ids[r, : len(seq)] = torch.tensor(seq)
+    # Only the positions that predict a continuation token go through the unembedding: a 5-shot MMLU row is ~600
+    # tokens and scores one, and [rows, tokens, vocab] logits are most of the pass's cost (and memory) otherwise.
+    wanted = sorted({p for seq in batch for i in rows_of[seq] for p in range(len(seq) - len(pairs[i][1]), len(seq))})
+    column = {p: j for j, p in enumerate(wanted)}
+    kwargs = {"logits_to_keep": torch.tensor(wanted, device=hf.device)} if _keeps_logits(hf) else {}
+    # No attention mask, as lm-eval: right padding is never attended to by the causal positions before it, and
+    # without a padding mask attention takes its plain causal path.
+    logits = hf(input_ids=ids.to(hf.device), **kwargs).logits
+    for r, seq in enumerate(batch):
+        for i in rows_of[seq]:
+            cont = pairs[i][1]
+            # Token t is predicted at position t-1: the continuation's n tokens at the input's last n positions.
+            at = range(len(seq) - len(cont), len(seq))
+            cols = [column[p] for p in at] if kwargs else list(at)
+            logp = torch.log_softmax(logits[r, cols].float(), dim=-1).cpu()
+            out[i] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum()
+
+
+def _keeps_logits(hf: PreTrainedModel) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do; a custom one may not)."""
+    return "logits_to_keep" in inspect.signature(type(hf).forward).parameters
 
 
 def item_logprobs(

@@ -4,7 +4,8 @@ The paper reports utility of BASE models as MMLU (5-shot), TruthfulQA, HellaSwag
 conventions (paper-notes.md §4.5). :func:`utility` runs lm-eval's own tasks through lm-eval's own ``HFLM`` wrapped
 around the model's Hugging Face module — for a bridge, ``bridge.original_model``, whose submodules are the bridge's
 components, so the hooks and in-place edits of an :class:`~sa_lens.interventions.Intervention` applied around the
-run act on every forward pass. ``engine="builtin"`` runs the same MMLU and TruthfulQA prompts through
+run act on every forward pass; bridge components no hook needs run as the modules they wrap
+(:func:`sa_lens.bypass.bypass_unhooked`, Hugging Face's speed and attention). ``engine="builtin"`` runs the same MMLU and TruthfulQA prompts through
 :mod:`sa_lens.evaluation.multiple_choice` instead (no task machinery, same numbers; ``analyses/utility_parity.py``).
 
 Data: with ``data_dir`` MMLU and TruthfulQA are read from local copies laid out like ``../shared/data``
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.bridge import is_bridge
+from sa_lens.bypass import bypass_unhooked
 from sa_lens.data import DataError
 from sa_lens.data.public import PUBLIC_SETS, MCItem, MCSet, load_public
 from sa_lens.errors import InputError
@@ -163,18 +165,28 @@ def _builtin_items(model: Any, tokenizer: Any, task: str, shots: int, data_dir: 
 # ---- engine: lm-eval ---------------------------------------------------------------------------------------
 
 
+_LOCAL_TASK_FOLDERS = ("mmlu/default", "truthfulqa")
+"""lm-eval's folders (under ``lm_eval/tasks``) holding the configs of the tasks read from local copies."""
+
+
 @functools.cache
-def _task_manager() -> Any:
+def _task_manager(local_only: bool = False) -> Any:
+    """lm-eval's task index, built once per process. All of lm-eval's task YAMLs take ~25 s to index on 2 CPU
+    cores; a run that reads only local MMLU / TruthfulQA copies needs the configs of their two folders (~40 ms)."""
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()  # indexes lm-eval's task YAMLs once (seconds)
+    if not local_only:
+        return TaskManager()
+    tasks = Path(lm_eval.__file__).parent / "tasks"
+    return TaskManager(include_path=[str(tasks / f) for f in _LOCAL_TASK_FOLDERS], include_defaults=False)
 
 
 def _lm_eval_config(name: str) -> dict[str, Any]:
     """lm-eval's own config of a leaf task (prompt, shots, metrics), ``include`` and ``!function`` resolved."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = _task_manager().task_index.get(name)
+    entry = _task_manager(local_only=True).task_index.get(name)
     if entry is None or entry.yaml_path is None:
         raise InputError(f"lm-eval {_lm_eval_version()} has no task {name!r}.")
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
@@ -231,7 +243,7 @@ def _lm_eval_items(model: Any, tokenizer: Any, tasks: list[str], shots: dict[str
         local = data_dir is not None and task in _SCORING
         specs += _local_task_configs(task, data_dir) if local else [task]  # type: ignore[arg-type]
     try:
-        loaded = _task_manager().load(specs)
+        loaded = _task_manager(local_only=all(isinstance(s, dict) for s in specs)).load(specs)
     except KeyError as exc:
         raise InputError(f"lm-eval {_lm_eval_version()} does not know a task of {tasks}: {exc}.") from exc
     except Exception as exc:  # the hub unreachable, a gated set, a missing cache: every one ends the same way
@@ -247,7 +259,12 @@ def _lm_eval_items(model: Any, tokenizer: Any, tasks: list[str], shots: dict[str
     try:
         lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=batch_size, add_bos_token=add_bos_token,
                   device=str(hf.device))
-        with state.apply(model) if state is not None else contextlib.nullcontext():
+        # The state's hooks go in first, so the bypass keeps the components they need (sa_lens.bypass).
+        with contextlib.ExitStack() as stack:
+            if state is not None:
+                stack.enter_context(state.apply(model))
+            if is_bridge(model):
+                stack.enter_context(bypass_unhooked(model))
             out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
     finally:
         tok.pad_token = pad

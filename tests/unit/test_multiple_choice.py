@@ -133,3 +133,49 @@ def test_inputs_beyond_the_context_window_lose_their_left_as_in_lm_eval(tiny_bri
     kept = (ctx_ids + cont_ids)[-(window + 1) :]  # causal: the last token adds no logits to the ones scored
     got = continuation_logprobs(tiny_bridge, [ctx], [cont])[0]
     assert torch.isclose(got, _direct(tiny_bridge.original_model, kept, len(cont_ids)), atol=1e-4)
+
+
+def test_only_the_scored_positions_are_unembedded_and_scores_equal_full_logits(tiny_bridge, monkeypatch):
+    import sa_lens.evaluation.multiple_choice as mc
+
+    ctxs = ["Q: What is two plus two?\nA:", "Q: sky?\nA:", "Q: sky?\nA:"]
+    conts = [" four", " The sky is blue", " blue"]
+    hf = tiny_bridge.original_model
+    kept, forward = [], hf.forward
+
+    def spy(*args, **kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "forward", spy)
+    few = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=3)
+    tok = checkpoint_tokenizer(tiny_bridge)
+    pairs = [encode_pair(tok, c, x) for c, x in zip(ctxs, conts)]
+    want = sorted({p for ctx, cont in pairs for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)})
+    assert len(kept) == 1 and kept[0].tolist() == want  # the positions predicting a continuation token, no others
+    monkeypatch.setattr(mc, "_keeps_logits", lambda hf: False)  # a model whose forward has no logits_to_keep
+    full = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=3)
+    assert kept[-1] is None
+    assert torch.allclose(few, full, atol=1e-5)
+
+
+def test_scoring_bypasses_unhooked_bridge_components_and_keeps_hooked_ones(tiny_bridge):
+    hf = tiny_bridge.original_model
+    components = {"attn": tiny_bridge.blocks[0].attn, "mlp": tiny_bridge.blocks[0].mlp}
+    seen: dict[str, list[bool]] = {"attn": [], "mlp": []}
+    # A hook on the wrapped Hugging Face module fires either way; it records whether the bridge component was in
+    # the model's tree (needed) or had been swapped for the module it wraps (bypassed) during the pass.
+    handles = [c.original_component.register_forward_hook(
+        lambda *a, k=k, c=c: seen[k].append(any(m is c for m in hf.modules()))) for k, c in components.items()]
+    try:
+        plain = continuation_logprobs(tiny_bridge, ["Q: sky?\nA:"], [" blue"])
+        assert seen == {"attn": [False], "mlp": [False]}  # both bypassed
+        bump = ("blocks.0.hook_mlp_out", lambda x, hook: x + 1.0)
+        with tiny_bridge.hooks(fwd_hooks=[bump]):
+            steered = continuation_logprobs(tiny_bridge, ["Q: sky?\nA:"], [" blue"])
+        assert seen == {"attn": [False, False], "mlp": [False, True]}  # the hooked MLP stayed and fired
+        assert not torch.equal(steered, plain)
+        assert all(any(m is c for m in hf.modules()) for c in components.values())  # the tree restored
+    finally:
+        for h in handles:
+            h.remove()

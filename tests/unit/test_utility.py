@@ -118,7 +118,7 @@ def test_prompts_equal_lm_eval_contexts(data_dir):
     test = load_public("mmlu", data_dir / "mmlu", split="test")
     shots = mmlu_shots(load_public("mmlu", data_dir / "mmlu", split="dev"))
     tqa = load_public("truthfulqa-mc2", data_dir / "truthfulqa")
-    tasks = _task_manager().load(_local_task_configs("mmlu", data_dir) + _local_task_configs("truthfulqa_mc2", data_dir))
+    tasks = _task_manager(local_only=True).load(_local_task_configs("mmlu", data_dir) + _local_task_configs("truthfulqa_mc2", data_dir))
     biology = tasks["tasks"]["mmlu_high_school_biology"]
     biology.set_config(key="num_fewshot", value=5)
     doc = biology.test_docs()[1]
