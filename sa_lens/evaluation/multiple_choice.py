@@ -176,7 +176,7 @@ def encode_pair(
         ``(context_ids, continuation_ids)``.
 
     Raises:
-        InputError: a continuation that encodes to no tokens.
+        InputError: a continuation that encodes to no tokens, or a non-empty context that does.
     """
     if context == "":
         cont = tokenizer.encode(continuation, add_special_tokens=False)
@@ -191,6 +191,9 @@ def encode_pair(
         cont_ids = whole[len(ctx_ids):]
     if not cont_ids:
         raise InputError(f"the continuation {continuation!r} has no tokens to score after its context.")
+    if not ctx_ids:  # a whitespace-only context with a tokenizer that adds no BOS: nothing predicts the first token
+        raise InputError(f"the context {context!r} encodes to no tokens, so nothing predicts the continuation's first "
+                         "token; pass '' (lm-eval's empty context: the BOS/EOS token) or add_bos_token=True.")
     return ctx_ids, cont_ids
 
 
@@ -208,7 +211,8 @@ def continuation_logprobs(
     Tokens come from :func:`encode_pair`; rows sharing context + continuation minus its last token share one
     forward pass (MMLU's four letters cost one pass, not four), longest first, right-padded (padding sits after
     the last scored token, so it cannot change a score). Inputs longer than the model's context lose tokens on their
-    left, as in lm-eval.
+    left, as in lm-eval. Only each batch's last positions, from the first one that predicts a continuation token,
+    are unembedded (``logits_to_keep``), unless a hook sits on the unembedding: then every position is.
 
     Args:
         model: a bridge (by default its checkpoint's own tokenizer, not TransformerLens's always-BOS copy;
@@ -245,39 +249,51 @@ def continuation_logprobs(
     # Bridge components no hook needs run as the modules they wrap (sa_lens.bypass): a 5-shot MMLU prompt is
     # ~600 tokens, where the bridge's step-by-step eager attention costs most; hooks present now still fire.
     bypass = bypass_unhooked(model) if is_bridge(model) else contextlib.nullcontext()
+    keep_logits = _keeps_logits(model, hf)
     with eval_mode(hf), bypass:  # eval: a model left in train() would score through dropout
         for start in range(0, len(unique), batch_size):
-            _score_batch(hf, unique[start : start + batch_size], rows_of, pairs, pad, out)
+            _score_batch(hf, unique[start : start + batch_size], rows_of, pairs, pad, out, keep_logits)
     return out
 
 
 def _score_batch(hf: PreTrainedModel, batch: list[tuple[int, ...]], rows_of: dict[tuple[int, ...], list[int]],
-                 pairs: list[tuple[list[int], list[int]]], pad: int, out: Tensor) -> None:
-    """One forward pass over ``batch`` (right-padded); writes each row's continuation log-probability into ``out``."""
-    ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
+                 pairs: list[tuple[list[int], list[int]]], pad: int, out: Tensor, keep_logits: bool) -> None:
+    """One forward pass over ``batch`` (right-padded, longest first); writes each row's continuation
+    log-probability into ``out``."""
+    width = len(batch[0])
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
     for r, seq in enumerate(batch):
         ids[r, : len(seq)] = torch.tensor(seq)
-    # Only the positions that predict a continuation token go through the unembedding: a 5-shot MMLU row is ~600
-    # tokens and scores one, and [rows, tokens, vocab] logits are most of the pass's cost (and memory) otherwise.
-    wanted = sorted({p for seq in batch for i in rows_of[seq] for p in range(len(seq) - len(pairs[i][1]), len(seq))})
-    column = {p: j for j, p in enumerate(wanted)}
-    kwargs = {"logits_to_keep": torch.tensor(wanted, device=hf.device)} if _keeps_logits(hf) else {}
+    # Only the last positions, from the first one that predicts a continuation token, go through the unembedding: a
+    # 5-shot MMLU row is ~600 tokens and scores one, and [rows, tokens, vocab] logits are most of the pass's cost
+    # (and memory) otherwise. An int, not an index tensor: it has no device (a model split over GPUs ends on another
+    # one) and every model that takes logits_to_keep takes an int.
+    first = min(len(seq) - len(pairs[i][1]) for seq in batch for i in rows_of[seq])
+    kwargs = {"logits_to_keep": width - first} if keep_logits else {}
     # No attention mask, as lm-eval: right padding is never attended to by the causal positions before it, and
     # without a padding mask attention takes its plain causal path.
     logits = hf(input_ids=ids.to(hf.device), **kwargs).logits
+    offset = width - logits.shape[1]  # 0 when the model gave every position (it ignored logits_to_keep)
     for r, seq in enumerate(batch):
         for i in rows_of[seq]:
             cont = pairs[i][1]
             # Token t is predicted at position t-1: the continuation's n tokens at the input's last n positions.
-            at = range(len(seq) - len(cont), len(seq))
-            cols = [column[p] for p in at] if kwargs else list(at)
-            logp = torch.log_softmax(logits[r, cols].float(), dim=-1).cpu()
+            start = len(seq) - len(cont) - offset
+            logp = torch.log_softmax(logits[r, start : start + len(cont)].float(), dim=-1).cpu()
             out[i] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum()
 
 
-def _keeps_logits(hf: PreTrainedModel) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do; a custom one may not)."""
-    return "logits_to_keep" in inspect.signature(type(hf).forward).parameters
+def _keeps_logits(model: TransformerBridge | PreTrainedModel, hf: PreTrainedModel) -> bool:
+    """Whether to pass ``logits_to_keep``: the model's forward takes it (transformers' causal LMs do; a custom one
+    may not), and no hook on the unembedding expects every position (a bridge's ``unembed`` hook points, or a
+    torch hook on the output embedding)."""
+    if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
+        return False
+    if any(name.startswith("unembed.") and getattr(hp, "fwd_hooks", None)
+           for name, hp in getattr(model, "hook_dict", {}).items()):
+        return False
+    head = hf.get_output_embeddings()
+    return head is None or not (head._forward_hooks or head._forward_pre_hooks)
 
 
 def item_logprobs(

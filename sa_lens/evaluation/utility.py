@@ -187,6 +187,8 @@ def _lm_eval_config(name: str) -> dict[str, Any]:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = _task_manager(local_only=True).task_index.get(name)
+    if entry is None or entry.yaml_path is None:  # a lm-eval that keeps the task elsewhere: the whole index
+        entry = _task_manager().task_index.get(name)
     if entry is None or entry.yaml_path is None:
         raise InputError(f"lm-eval {_lm_eval_version()} has no task {name!r}.")
     cfg = load_yaml(entry.yaml_path, resolve_func=True)

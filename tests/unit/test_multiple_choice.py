@@ -138,8 +138,12 @@ def test_inputs_beyond_the_context_window_lose_their_left_as_in_lm_eval(tiny_bri
 def test_only_the_scored_positions_are_unembedded_and_scores_equal_full_logits(tiny_bridge, monkeypatch):
     import sa_lens.evaluation.multiple_choice as mc
 
-    ctxs = ["Q: What is two plus two?\nA:", "Q: sky?\nA:", "Q: sky?\nA:"]
-    conts = [" four", " The sky is blue", " blue"]
+    # Rows 2 and 3 share one input (the same joint text, split at different points): continuations of 4+ and 1 tokens.
+    ctxs = ["Q: What is two plus two?\nA:", "Q: sky?\nA:", "Q: sky?\nA: The sky is", "Q: sky?\nA:"]
+    conts = [" four", " The sky is blue", " blue", " blue"]
+    tok = checkpoint_tokenizer(tiny_bridge)
+    pairs = [encode_pair(tok, c, x) for c, x in zip(ctxs, conts)]
+    assert pairs[1][0] + pairs[1][1][:-1] == pairs[2][0] + pairs[2][1][:-1] and len(pairs[1][1]) > len(pairs[2][1])
     hf = tiny_bridge.original_model
     kept, forward = [], hf.forward
 
@@ -148,15 +152,31 @@ def test_only_the_scored_positions_are_unembedded_and_scores_equal_full_logits(t
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(hf, "forward", spy)
-    few = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=3)
-    tok = checkpoint_tokenizer(tiny_bridge)
-    pairs = [encode_pair(tok, c, x) for c, x in zip(ctxs, conts)]
-    want = sorted({p for ctx, cont in pairs for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)})
-    assert len(kept) == 1 and kept[0].tolist() == want  # the positions predicting a continuation token, no others
-    monkeypatch.setattr(mc, "_keeps_logits", lambda hf: False)  # a model whose forward has no logits_to_keep
-    full = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=3)
+    few = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=4)
+    width = max(len(c) + len(x) - 1 for c, x in pairs)
+    first = min(len(c) - 1 for c, _ in pairs)  # the earliest position that predicts a continuation token
+    assert kept == [width - first] and width - first < width  # from there on, not every position
+    monkeypatch.setattr(mc, "_keeps_logits", lambda model, hf: False)  # a model whose forward has no logits_to_keep
+    full = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=4)
     assert kept[-1] is None
     assert torch.allclose(few, full, atol=1e-5)
+    one = torch.stack([continuation_logprobs(tiny_bridge, [c], [x])[0] for c, x in zip(ctxs, conts)])
+    assert torch.allclose(few, one, atol=1e-4)
+
+
+def test_a_hook_on_the_unembedding_sees_every_position(tiny_bridge):
+    seen = []
+    with tiny_bridge.hooks(fwd_hooks=[("unembed.hook_in", lambda x, hook: seen.append(x.shape[1]))]):
+        continuation_logprobs(tiny_bridge, ["Q: What is two plus two?\nA:"], [" four"])
+    ctx, cont = encode_pair(checkpoint_tokenizer(tiny_bridge), "Q: What is two plus two?\nA:", " four")
+    assert seen == [len(ctx) + len(cont) - 1]
+
+
+def test_a_context_that_encodes_to_nothing_is_refused(tiny_bridge):
+    tok = checkpoint_tokenizer(tiny_bridge)
+    assert tok(" ")["input_ids"] and not tok("")["input_ids"]  # no BOS added: a lone space is its only token
+    with pytest.raises(InputError, match="encodes to no tokens"):
+        encode_pair(tok, "   ", "blue")
 
 
 def test_scoring_bypasses_unhooked_bridge_components_and_keeps_hooked_ones(tiny_bridge):
