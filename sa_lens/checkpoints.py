@@ -88,7 +88,7 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.path}: no such checkpoint folder.")
         files = self._weight_map()
         self.files: tuple[Path, ...] = tuple(sorted(set(files.values())))
-        headers = {file: _read_header(file) for file in self.files}
+        headers = {file: read_header(file) for file in self.files}
         unlisted = sorted(n for n, f in files.items() if n not in headers[f])
         if unlisted:
             raise InputError(f"{self.path}: the index names '{unlisted[0]}' but its shard does not hold it; the checkpoint is corrupted.")
@@ -99,7 +99,7 @@ class Checkpoint:
 
     def _weight_map(self) -> dict[str, Path]:
         if self.path.is_file():
-            return {name: self.path for name in _read_header(self.path)}
+            return {name: self.path for name in read_header(self.path)}
         index = self.path / INDEX_FILE
         if index.exists():
             try:
@@ -116,7 +116,7 @@ class Checkpoint:
             return files
         single = self.path / SINGLE_FILE
         if single.exists():
-            return {name: single for name in _read_header(single)}
+            return {name: single for name in read_header(single)}
         refuse_pickle_weights(self.path, ", or build τH in memory with HarmVector.from_models")
         raise FileNotFoundError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; not a checkpoint folder.")
 
@@ -175,7 +175,12 @@ def refuse_pickle_weights(folder: Path, other_fix: str = "") -> None:
         )
 
 
-def _read_header(file: Path) -> dict[str, TensorSpec]:
+def read_header(file: Path) -> dict[str, TensorSpec]:
+    """Name → dtype and shape of every tensor in one safetensors file, from its header (no tensor is read).
+
+    Raises:
+        InputError: a file that is not readable safetensors.
+    """
     try:
         with safe_open(str(file), "pt") as f:
             return {n: TensorSpec(file, f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}

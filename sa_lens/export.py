@@ -32,8 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.hub import convert_file_size_to_int
 
 from sa_lens.bridge import checkpoint_tokenizer, is_bridge
-from sa_lens.checkpoints import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, TensorSpec
-from sa_lens.checkpoints import _read_header as read_header
+from sa_lens.checkpoints import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, Checkpoint, TensorSpec, read_header
 from sa_lens.defaults import DEFAULT_LAM
 from sa_lens.errors import InputError
 from sa_lens.harm_removal import apply_harm_removal, check_lam, harm_removal

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Union
@@ -135,7 +135,14 @@ def _trim_meta(meta: dict, top_k: float, scope: str, count: str) -> dict:
     return kept | {"top_k": float(top_k), "scope": scope} | ({"count": count} if count != "official" else {})
 
 
-def _group_of(scope: str):
+def scope_grouping(scope: Scope) -> Callable[[str], str]:
+    """The top-k trim's grouping: a parameter name → the key of the group its entries are ranked in (one group for
+    ``global``, the official code's rule, paper-notes §2.3; one per decoder layer for ``per_layer``; one per tensor
+    for ``per_tensor``).
+
+    Raises:
+        InputError: an unknown scope.
+    """
     if scope == "global":
         return lambda name: "all"
     if scope == "per_tensor":
@@ -251,7 +258,7 @@ class HarmVector:
         if top_k is not None:
             check_top_k(top_k)
             check_count(count)
-        group_of = _group_of(scope)
+        group_of = scope_grouping(scope)
         cb, ch = Checkpoint(base), Checkpoint(harmful)
         names = paired_names(cb, ch, layers, kinds)
         meta = {"base": str(base), "harmful": str(harmful), "top_k": None, "scope": None}
@@ -332,7 +339,7 @@ class HarmVector:
         Raises:
             ValueError: ``top_k`` not in (0, 1], an unknown scope or an unknown count.
         """
-        group_of = _group_of(scope)  # top_k and count are checked by trim_stream, before any work
+        group_of = scope_grouping(scope)  # top_k and count are checked by trim_stream, before any work
         shapes = {n: tuple(t.shape) for n, t in self.deltas.items()}
         kept = trim_stream(lambda: whole_tensors((n, self.dense(n)) for n in shapes), shapes, group_of, top_k,
                            count=count)

@@ -49,7 +49,7 @@ from sa_lens.export import (
     read_tensor,
 )
 from sa_lens.harm_removal import apply_harm_removal, check_lam
-from sa_lens.harm_vector import HarmVector, Scope, _group_of
+from sa_lens.harm_vector import HarmVector, Scope, scope_grouping
 from sa_lens.provenance import portable_name
 from sa_lens.sparse_delta import SparseDelta
 from sa_lens.topk import (
@@ -148,7 +148,7 @@ def export_harm_removed_streamed(
     if top_k is not None:
         check_top_k(top_k)
     check_count(count)
-    group_of = _group_of(scope)
+    group_of = scope_grouping(scope)
     out = Path(out_dir)
     check_out_dir(out, [Path(base), Path(harmful), Path(target)])
     cb, ch, ct = Checkpoint(base), Checkpoint(harmful), Checkpoint(target)
@@ -202,7 +202,7 @@ def thresholds(
     Args:
         base, harmful: the two checkpoints.
         names: the tensors of τ, in the exact count's tie order (sorted by name).
-        group_of: a name's group (``sa_lens.harm_vector._group_of(scope)``).
+        group_of: a name's group (``sa_lens.harm_vector.scope_grouping(scope)``).
         top_k: fraction kept per group, or None for every entry.
         count: ``"official"`` or ``"exact"``.
         progress: tqdm bars.
