@@ -40,33 +40,36 @@ import torch
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["bypass_unhooked"]
+__all__ = ["bypass_unhooked", "hooked"]
 
 _DECOMPOSED_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in")
 
 
-def _needed(component: torch.nn.Module, wrapped: torch.nn.Module, hook_point: type, bridge_component: type) -> bool:
-    """Whether a hook depends on this component's own forward: a hook on one of its hook points (TransformerLens's
-    own or a plain torch hook), or a torch hook on it that is not machinery (sa_lens's KV-cache routing,
-    TransformerLens's residual captures, which feed only the flags that switch the bypass off: see
-    :func:`sa_lens.model_state.is_machinery_hook`). What stays reachable through the wrapped module does not
-    count: the walk decides for it there (a block whose MLP is hooked can go, its MLP stays), and hooks on Hugging
-    Face modules fire either way. A sub-component the wrapped module does not reach (GPT-2's q/k/v split out of one
-    fused projection) counts as the component's own."""
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether a hook a caller put there sits on ``module`` itself (not on its submodules).
+
+    On a TransformerLens hook point, any hook: its own handles (``fwd_hooks`` / ``bwd_hooks``) or any PyTorch hook.
+    Elsewhere, a PyTorch hook that is not machinery (sa_lens's KV-cache routing, TransformerLens's residual
+    captures, which feed only the flags that switch the bypass off: :func:`sa_lens.model_state.is_machinery_hook`).
+    """
     from sa_lens.model_state import TORCH_HOOK_DICTS, is_machinery_hook  # it imports generation, which imports us
 
+    hooks = [fn for table in TORCH_HOOK_DICTS for fn in getattr(module, table).values()]
+    if hasattr(module, "fwd_hooks"):  # a hook point: its handles wrap the caller's function in library code
+        return bool(module.fwd_hooks or module.bwd_hooks or hooks)
+    # An unknown hook keeps what it sits on: the cost of a wrong guess is speed, never a wrong value.
+    return not all(is_machinery_hook(fn) for fn in hooks)
+
+
+def _needed(component: torch.nn.Module, wrapped: torch.nn.Module, hook_point: type, bridge_component: type) -> bool:
+    """Whether a hook depends on this component's own forward: :func:`hooked` on one of its hook points or on it.
+    What stays reachable through the wrapped module does not count: the walk decides for it there (a block whose
+    MLP is hooked can go, its MLP stays), and hooks on Hugging Face modules fire either way. A sub-component the
+    wrapped module does not reach (GPT-2's q/k/v split out of one fused projection) counts as the component's
+    own."""
     reachable = {id(m) for m in wrapped.modules()}
-    for module in component.modules():
-        if id(module) in reachable:
-            continue
-        hooks = [fn for table in TORCH_HOOK_DICTS for fn in getattr(module, table).values()]
-        if isinstance(module, hook_point):
-            if module.fwd_hooks or module.bwd_hooks or hooks:
-                return True
-        # An unknown hook on a component keeps it: the cost of a wrong guess is speed, never a wrong value.
-        elif isinstance(module, bridge_component) and not all(is_machinery_hook(fn) for fn in hooks):
-            return True
-    return False
+    return any(isinstance(module, (hook_point, bridge_component)) and hooked(module)
+               for module in component.modules() if id(module) not in reachable)
 
 
 def _runs_as_wrapped(bridge: TransformerBridge, bridge_component: type) -> bool:

@@ -32,7 +32,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sa_lens.bridge import is_bridge
-from sa_lens.bypass import bypass_unhooked
+from sa_lens.bypass import bypass_unhooked, hooked
 from sa_lens.data.public import MCItem, MCSet
 from sa_lens.errors import InputError
 from sa_lens.eval_mode import eval_mode
@@ -249,7 +249,7 @@ def continuation_logprobs(
     # Bridge components no hook needs run as the modules they wrap (sa_lens.bypass): a 5-shot MMLU prompt is
     # ~600 tokens, where the bridge's step-by-step eager attention costs most; hooks present now still fire.
     bypass = bypass_unhooked(model) if is_bridge(model) else contextlib.nullcontext()
-    keep_logits = _keeps_logits(model, hf)
+    keep_logits = _keeps_logits(hf)
     with eval_mode(hf), bypass:  # eval: a model left in train() would score through dropout
         for start in range(0, len(unique), batch_size):
             _score_batch(hf, unique[start : start + batch_size], rows_of, pairs, pad, out, keep_logits)
@@ -283,17 +283,14 @@ def _score_batch(hf: PreTrainedModel, batch: list[tuple[int, ...]], rows_of: dic
             out[i] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum()
 
 
-def _keeps_logits(model: TransformerBridge | PreTrainedModel, hf: PreTrainedModel) -> bool:
+def _keeps_logits(hf: PreTrainedModel) -> bool:
     """Whether to pass ``logits_to_keep``: the model's forward takes it (transformers' causal LMs do; a custom one
-    may not), and no hook on the unembedding expects every position (a bridge's ``unembed`` hook points, or a
-    torch hook on the output embedding)."""
+    may not), and no hook on the unembedding (its hook points on a bridge, or a PyTorch hook) expects every
+    position (:func:`sa_lens.bypass.hooked`, the rule the bypass keeps components by)."""
     if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
         return False
-    if any(name.startswith("unembed.") and getattr(hp, "fwd_hooks", None)
-           for name, hp in getattr(model, "hook_dict", {}).items()):
-        return False
     head = hf.get_output_embeddings()
-    return head is None or not (head._forward_hooks or head._forward_pre_hooks)
+    return head is None or not any(hooked(m) for m in head.modules())
 
 
 def item_logprobs(

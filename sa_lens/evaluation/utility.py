@@ -5,8 +5,9 @@ conventions (paper-notes.md §4.5). :func:`utility` runs lm-eval's own tasks thr
 around the model's Hugging Face module — for a bridge, ``bridge.original_model``, whose submodules are the bridge's
 components, so the hooks and in-place edits of an :class:`~sa_lens.interventions.Intervention` applied around the
 run act on every forward pass; bridge components no hook needs run as the modules they wrap
-(:func:`sa_lens.bypass.bypass_unhooked`, Hugging Face's speed and attention). ``engine="builtin"`` runs the same MMLU and TruthfulQA prompts through
-:mod:`sa_lens.evaluation.multiple_choice` instead (no task machinery, same numbers; ``analyses/utility_parity.py``).
+(:func:`sa_lens.bypass.bypass_unhooked`, Hugging Face's speed and attention). ``engine="builtin"`` runs the same
+MMLU and TruthfulQA prompts through :mod:`sa_lens.evaluation.multiple_choice` instead (no task machinery, same
+numbers; ``analyses/utility_parity.py``).
 
 Data: with ``data_dir`` MMLU and TruthfulQA are read from local copies laid out like ``../shared/data``
 (``mmlu/{dev,test}/<subject>_{split}.csv``, ``truthfulqa/mc_task.json``) and handed to lm-eval's task configs

@@ -156,7 +156,7 @@ def test_only_the_scored_positions_are_unembedded_and_scores_equal_full_logits(t
     width = max(len(c) + len(x) - 1 for c, x in pairs)
     first = min(len(c) - 1 for c, _ in pairs)  # the earliest position that predicts a continuation token
     assert kept == [width - first] and width - first < width  # from there on, not every position
-    monkeypatch.setattr(mc, "_keeps_logits", lambda model, hf: False)  # a model whose forward has no logits_to_keep
+    monkeypatch.setattr(mc, "_keeps_logits", lambda hf: False)  # a model whose forward has no logits_to_keep
     full = continuation_logprobs(tiny_bridge, ctxs, conts, batch_size=4)
     assert kept[-1] is None
     assert torch.allclose(few, full, atol=1e-5)
@@ -169,6 +169,20 @@ def test_a_hook_on_the_unembedding_sees_every_position(tiny_bridge):
     with tiny_bridge.hooks(fwd_hooks=[("unembed.hook_in", lambda x, hook: seen.append(x.shape[1]))]):
         continuation_logprobs(tiny_bridge, ["Q: What is two plus two?\nA:"], [" four"])
     ctx, cont = encode_pair(checkpoint_tokenizer(tiny_bridge), "Q: What is two plus two?\nA:", " four")
+    assert seen == [len(ctx) + len(cont) - 1]
+
+
+def test_a_torch_hook_on_a_plain_models_lm_head_sees_every_position(tiny_dir):
+    import sa_lens
+
+    hf, tok = sa_lens.load_hf_model(tiny_dir)
+    seen = []
+    handle = hf.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    try:
+        continuation_logprobs(hf, ["Q: What is two plus two?\nA:"], [" four"], tokenizer=tok)
+    finally:
+        handle.remove()
+    ctx, cont = encode_pair(tok, "Q: What is two plus two?\nA:", " four")
     assert seen == [len(ctx) + len(cont) - 1]
 
 
